@@ -1,15 +1,19 @@
 """The `Policy` protocol: every routing policy is one file behind it.
 
 Selection only reads: a policy never reserves load or mutates queues (the proxy reserves on the
-chosen worker and releases in `finally`). The optional hooks default to no-ops.
+chosen worker and releases in `finally`). The optional hooks default to no-ops (`PolicyBase`).
+Extended by the policies' author: `explain`, `PolicyContext`, `OverlapSource`, `PolicyBase`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from router.types import Decision, RoutingRequest, Worker
+from cache_index.hashing import BlockHash
+from router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 
 class NoWorkerAvailable(Exception):
@@ -28,3 +32,39 @@ class Policy(Protocol):
         ...
 
     def on_worker_removed(self, url: str) -> None: ...
+
+    def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
+        """Score every candidate as `select` would, best first, with no side effect at all (not even
+        advancing a counter or an RNG): what `/admin/route/explain` shows."""
+        ...
+
+
+class OverlapSource(Protocol):
+    """Anything that says how many leading blocks of a prompt each worker holds (RadixIndex, InflightIndex)."""
+
+    def match(self, block_hashes: Sequence[BlockHash]) -> Mapping[str, int]: ...
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """The router's shared state a policy may read (never write): given to `make_policy`.
+
+    `kv_index`: the event-fed index (kv_aware). `inflight`: prompts routed and not finished, per worker
+    (kv_aware's prediction for blocks not yet confirmed by events). `clock`: seconds, monotonic.
+    """
+
+    kv_index: OverlapSource | None = None
+    inflight: OverlapSource | None = None
+    clock: Callable[[], float] = time.monotonic
+
+
+class PolicyBase:
+    """No-op hooks, so a policy file only writes what it uses."""
+
+    name: str = ""
+
+    def on_routed(self, request: RoutingRequest, worker: Worker) -> None:
+        return None
+
+    def on_worker_removed(self, url: str) -> None:
+        return None

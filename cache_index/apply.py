@@ -1,0 +1,196 @@
+"""Applies one worker's decoded KV-event batches to the radix index, translating engine hashes to ours.
+
+Why translate: an engine's hash is opaque (its algorithm changed across SGLang versions and may be
+namespaced), so kvroute recomputes its own chained hash from the tokens every `BlockStored` carries
+and keeps, per worker in the index, the engine-hash -> our-hash map that `BlockRemoved` and parent
+links need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+from cache_index.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
+from cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
+from cache_index.radix import StoredBlock
+
+__all__ = ["ApplyStats", "KvEventApplier", "KvIndex"]
+
+
+class KvIndex(Protocol):
+    """The part of `RadixIndex` the applier writes to."""
+
+    def store(self, worker: str, parent: BlockHash | None, blocks: Sequence[StoredBlock]) -> object: ...
+
+    def remove(self, worker: str, engine_hashes: Sequence[EngineBlockHash]) -> int: ...
+
+    def our_hash(self, worker: str, engine_hash: EngineBlockHash) -> BlockHash | None: ...
+
+    def clear(self, worker: str) -> object: ...
+
+
+@dataclass
+class ApplyStats:
+    """Counters per applier (one applier may serve many workers). Units: pages, except `events`."""
+
+    events: int = 0
+    stored: int = 0
+    removed: int = 0
+    clears: int = 0
+    orphan: int = 0
+    """Pages skipped: their parent's engine hash is unknown (typically events after a gap/reset)."""
+    mismatch: int = 0
+    """Pages skipped: page size != the router's block size, or tokens not a whole number of pages."""
+    other_medium: int = 0
+    """Pages of a tier other than GPU, ignored (no `cpu_index`)."""
+    namespaced: int = 0
+    """Pages skipped: under a LoRA adapter with no known seed, or a cache salt (not reusable by others)."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class KvEventApplier:
+    """Applies decoded batches of one or more workers to `index`.
+
+    Tiers: only GPU pages (medium "GPU" or None) go to `index`, since only they save prefill work.
+    Pages of another medium (HiCache "CPU_PINNED", ...) go to `cpu_index` when one is given, else are
+    counted in `other_medium` and dropped; a `BlockRemoved` goes to the index of its own medium.
+    LoRA: pages with a `lora_id`/`lora_name` are hashed with `lora_seeds[lora_id or lora_name]`, and
+    skipped (counted) when no seed is known, so they never match base-model prompts.
+    Never raises on event content: what cannot be placed is counted and skipped.
+    """
+
+    def __init__(
+        self,
+        index: KvIndex,
+        *,
+        block_size: int,
+        seed: int = 0,
+        cpu_index: KvIndex | None = None,
+        lora_seeds: Mapping[int | str, int] | None = None,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.index = index
+        self.cpu_index = cpu_index
+        self.block_size = block_size
+        self.seed = seed
+        self.lora_seeds: Mapping[int | str, int] = lora_seeds or {}
+        self.stats = ApplyStats()
+
+    def _target(self, medium: str | None) -> KvIndex | None:
+        return self.index if medium is None or medium == MEDIUM_GPU else self.cpu_index
+
+    def apply(self, worker: str, batch: KvEventBatch) -> None:
+        """Apply every event of `batch`, in order, for `worker`.
+
+        Consecutive well-formed `BlockStored` events that continue one chain (each parented on the
+        previous one's last hash, same page size, tier and namespace: what SGLang <= 0.5.10 sends,
+        one page per event) are applied as one merged store, as 0.5.23 merges them at the source:
+        same result, a fraction of the per-event cost.
+        """
+        st = self.stats
+        evs = batch.events
+        n = len(evs)
+        i = 0
+        while i < n:
+            ev = evs[i]
+            i += 1
+            st.events += 1
+            if type(ev) is BlockStored:
+                j = _chain_end(evs, i - 1)
+                if j == i:
+                    self._store(worker, ev, ev.block_hashes, ev.token_ids)
+                else:
+                    run = evs[i - 1 : j]
+                    hashes = [h for e in run for h in e.block_hashes]  # type: ignore[union-attr]
+                    tokens = [t for e in run for t in e.token_ids]  # type: ignore[union-attr]
+                    st.events += j - i
+                    i = j
+                    self._store(worker, ev, hashes, tokens)
+            elif type(ev) is BlockRemoved:
+                target = self._target(ev.medium)
+                if target is None:
+                    st.other_medium += len(ev.block_hashes)
+                else:
+                    st.removed += target.remove(worker, [EngineBlockHash(h) for h in ev.block_hashes])
+            elif type(ev) is AllBlocksCleared:
+                st.clears += 1
+                self.index.clear(worker)
+                if self.cpu_index is not None:
+                    self.cpu_index.clear(worker)
+
+    def _store(self, worker: str, ev: BlockStored, hashes: Sequence[int], tokens: Sequence[int]) -> None:
+        """Store the chain `hashes`/`tokens` (ev's own, or a merged run starting at ev) for worker."""
+        st = self.stats
+        n = len(hashes)
+        target = self._target(ev.medium)
+        if target is None:
+            st.other_medium += n
+            return
+        bs = self.block_size
+        if ev.block_size != bs or len(tokens) != n * bs:
+            st.mismatch += n
+            return
+        seed = self.seed
+        if ev.cache_salt is not None:
+            st.namespaced += n
+            return
+        lora = ev.lora_id if ev.lora_id is not None else ev.lora_name
+        if lora is not None:
+            lora_seed = self.lora_seeds.get(lora)
+            if lora_seed is None:
+                st.namespaced += n
+                return
+            seed = lora_seed
+        parent: BlockHash | None = None
+        if ev.parent_block_hash is not None:
+            parent = target.our_hash(worker, EngineBlockHash(ev.parent_block_hash))
+            if parent is None:
+                st.orphan += n
+                return
+        ours = hash_blocks(tokens, bs, seed, parent if parent is not None else 0)
+        pairs = zip(ours, hashes, strict=True)
+        target.store(worker, parent, [StoredBlock(h, EngineBlockHash(e)) for h, e in pairs])
+        st.stored += n
+
+    def forget(self, worker: str) -> None:
+        """Drop everything known about `worker` (after an unrecoverable gap in its stream)."""
+        self.index.clear(worker)
+        if self.cpu_index is not None:
+            self.cpu_index.clear(worker)
+
+
+def _whole(ev: BlockStored) -> bool:
+    return len(ev.token_ids) == len(ev.block_hashes) * ev.block_size
+
+
+def _chain_end(evs: Sequence[object], start: int) -> int:
+    """End (exclusive) of the run of BlockStored events from `start` that continue one chain."""
+    first = evs[start]
+    assert type(first) is BlockStored
+    if not _whole(first):
+        return start + 1
+    last = first.block_hashes[-1] if first.block_hashes else None
+    j = start + 1
+    while j < len(evs):
+        nx = evs[j]
+        if not (
+            type(nx) is BlockStored
+            and last is not None
+            and nx.parent_block_hash == last
+            and nx.block_hashes
+            and nx.block_size == first.block_size
+            and _whole(nx)
+            and nx.medium == first.medium
+            and nx.lora_id == first.lora_id
+            and nx.lora_name == first.lora_name
+            and nx.cache_salt == first.cache_salt
+        ):
+            break
+        last = nx.block_hashes[-1]
+        j += 1
+    return j

@@ -1,0 +1,266 @@
+"""Triton kernels over the paged KV pool: store new K/V, paged decode attention (split-KV), paged prefill.
+
+All three address K/V through a page table: token ``n`` of a sequence lives at pool row
+``block_table[n // PAGE] * PAGE + n % PAGE``. GQA is handled by mapping query head ``h`` to KV head
+``h // G``. Scores use exp2 with the log2(e) factor folded into the scale (one multiply per score).
+Import needs ``triton``; callers check :func:`available` first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+    return True
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < ROW
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=m)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=m)
+    tl.store(kc_ptr + slot * ROW + offs, k, mask=m)
+    tl.store(vc_ptr + slot * ROW + offs, v, mask=m)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write ``k``/``v`` ``[T, Hkv, D]`` into pool rows ``slots`` ``[T]`` of one layer's cache."""
+    t = k.shape[0]
+    if t == 0:
+        return
+    row = k.shape[1] * k.shape[2]
+    k2 = k.reshape(t, row)
+    v2 = v.reshape(t, row)
+    if k2.stride(1) != 1:
+        k2 = k2.contiguous()
+    if v2.stride(1) != 1:
+        v2 = v2.contiguous()
+    _store_kv_kernel[(t,)](k2, v2, k_cache, v_cache, slots, k2.stride(0), v2.stride(0),
+                           ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
+                           stride_qb, stride_qh, stride_cs, stride_ch, stride_btb,
+                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                           qk_scale, split_len,
+                           PAGE: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    seq_len = tl.load(len_ptr + b)
+    start = sp * split_len
+    end = tl.minimum(seq_len, start + split_len)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    gm = g < G
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gm[:, None], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < end
+        page = tl.load(bt_row + n // PAGE, mask=nm, other=0).to(tl.int64)
+        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(nm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    nonempty = l_i > 0
+    safe_l = tl.where(nonempty, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    lse = tl.where(nonempty, m_i + tl.math.log2(safe_l), float("-inf"))
+    o_off = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :]
+    tl.store(o_ptr + o_off, out, mask=gm[:, None])
+    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + sp, lse, mask=gm)
+
+
+@triton.jit
+def _decode_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, num_splits,
+                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+                          D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    sm = s < num_splits
+    lse = tl.load(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + s, mask=sm, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.math.exp2(lse - mx)
+    w = tl.where(sm, w, 0.0)
+    part = tl.load(o_part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + s[:, None] * stride_ps
+                   + d[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    target_programs: int = 1056  # ~8 waves' worth of CTAs on 132 SMs, to hide the ragged tail
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, max_len: int, page_size: int, out: torch.Tensor | None = None,
+                 tuning: DecodeTuning = DecodeTuning()) -> torch.Tensor:
+    """One query token per sequence over its paged K/V. ``q`` ``[B, H, D]``; returns ``[B, H, D]``."""
+    bsz, nh, dim = q.shape
+    nkv = k_cache.shape[1]
+    group = nh // nkv
+    if out is None:
+        out = torch.empty_like(q)
+    if bsz == 0:
+        return out
+    bn = tuning.block_n
+    max_blocks = max(1, triton.cdiv(max_len, bn))
+    splits = max(1, min(max_blocks, triton.cdiv(tuning.target_programs, bsz * nkv), 64))
+    split_len = triton.cdiv(max_blocks, splits) * bn
+    splits = triton.cdiv(max(max_len, 1), split_len)
+    o_part = torch.empty((bsz, nh, splits, dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((bsz, nh, splits), dtype=torch.float32, device=q.device)
+    qk_scale = LOG2E / math.sqrt(dim)
+    _decode_partial_kernel[(bsz, nkv, splits)](
+        q, k_cache, v_cache, block_table, seq_lens, o_part, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        qk_scale, split_len,
+        PAGE=page_size, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=bn,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+    _decode_reduce_kernel[(bsz, nh)](
+        o_part, lse, out, splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        D=dim, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, prefix_ptr, newlen_ptr, cuq_ptr,
+                    blk_req_ptr, blk_start_ptr,
+                    stride_qt, stride_qh, stride_cs, stride_ch, stride_btb, stride_ot, stride_oh,
+                    qk_scale,
+                    PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // G
+    req = tl.load(blk_req_ptr + pid)
+    qs = tl.load(blk_start_ptr + pid)
+    prefix = tl.load(prefix_ptr + req)
+    n_new = tl.load(newlen_ptr + req)
+    q_off = tl.load(cuq_ptr + req).to(tl.int64)
+    m = qs + tl.arange(0, BLOCK_M)
+    mm = m < n_new
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (q_off + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=mm[:, None], other=0.0)
+    qpos = prefix + m
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    bt_row = bt_ptr + req.to(tl.int64) * stride_btb
+    kv_end = prefix + tl.minimum(qs + BLOCK_M, n_new)
+    # Keys below every query of the block need no causal mask.
+    full_end = ((prefix + qs + 1) // BLOCK_N) * BLOCK_N
+    full_end = tl.minimum(full_end, kv_end)
+    for n0 in range(0, full_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
+        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
+        k = tl.load(kc_ptr + row[:, None] + d[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < kv_end
+        page = tl.load(bt_row + n // PAGE, mask=nm, other=0).to(tl.int64)
+        row = (page * PAGE + n % PAGE) * stride_cs + kvh * stride_ch
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where((n[None, :] <= qpos[:, None]) & nm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + (q_off + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mm[:, None])
+
+
+@dataclass(frozen=True)
+class PrefillTuning:
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def prefill_block_map(new_lens: list[int], block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: (request index, first new-token index). Built on the host, one copy to device."""
+    reqs: list[int] = []
+    starts: list[int] = []
+    for i, n in enumerate(new_lens):
+        for s in range(0, n, block_m):
+            reqs.append(i)
+            starts.append(s)
+    both = torch.tensor([reqs, starts], dtype=torch.int32).to(device, non_blocking=True)
+    return both[0], both[1]
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                  prefix_lens: torch.Tensor, new_lens: torch.Tensor, cu_q: torch.Tensor,
+                  blk_req: torch.Tensor, blk_start: torch.Tensor, page_size: int,
+                  out: torch.Tensor | None = None, tuning: PrefillTuning = PrefillTuning()) -> torch.Tensor:
+    """New tokens (``q`` ``[T, H, D]``, packed by ``cu_q``) over cached pages plus themselves, causal.
+
+    Their own K/V must already be in the pool (``store_kv`` first). ``blk_req``/``blk_start`` come from
+    :func:`prefill_block_map` with the same ``tuning.block_m``.
+    """
+    t, nh, dim = q.shape
+    nkv = k_cache.shape[1]
+    if out is None:
+        out = torch.empty_like(q)
+    nblocks = blk_req.shape[0]
+    if t == 0 or nblocks == 0:
+        return out
+    _prefill_kernel[(nblocks, nh)](
+        q, k_cache, v_cache, out, block_table, prefix_lens, new_lens, cu_q, blk_req, blk_start,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1), LOG2E / math.sqrt(dim),
+        PAGE=page_size, G=nh // nkv, D=dim, BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+    return out

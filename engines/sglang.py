@@ -1,0 +1,170 @@
+"""Async client of one SGLang server: control calls (health, info, load, flush, abort) and raw forwarding.
+
+All calls share the caller's aiohttp session (one connection pool per router). Every low-level
+failure leaves this module as an `engines.errors` exception raised `from` the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from engines.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+)
+
+
+def map_exception(url: str, exc: BaseException, *, started: bool = False) -> UpstreamError:
+    """One mapping from aiohttp/asyncio failures to kvroute's upstream errors.
+
+    `started`: the response had begun (a drop then is a broken stream, not a connect failure).
+    """
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, TimeoutError):  # includes aiohttp's ServerTimeoutError / SocketTimeoutError
+        return UpstreamTimeout(url, f"timed out ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientPayloadError) or started:
+        return UpstreamStreamBroken(url, f"stream broken: {exc!s}" or type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamConnectError(url, f"{type(exc).__name__}: {exc!s}")
+    return UpstreamConnectError(url, repr(exc))
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine's own view of its load, summed over data-parallel ranks."""
+
+    running: int
+    queued: int
+    token_usage: float | None  # fraction of KV capacity in use, when the engine says
+
+
+class SGLangClient:
+    """One engine endpoint. Cheap to create: holds only the URL, the shared session and timeouts."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, *, control_timeout_s: float = 5.0) -> None:
+        self.session = session
+        self.url = url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=control_timeout_s or None)
+        self._load_path: str | None = None  # learned: /get_load (<=0.5.10) or /v1/loads (newer)
+
+    async def _request(self, method: str, path: str, *, json_body: Any = None) -> bytes:
+        data = orjson.dumps(json_body) if json_body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        try:
+            async with self.session.request(
+                method, self.url + path, data=data, headers=headers, timeout=self._timeout
+            ) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    raise UpstreamHTTPError(self.url, resp.status, body[:2048])
+                return body
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise map_exception(self.url, exc) from exc
+
+    async def _get_json(self, path: str, fallback: str | None = None) -> Any:
+        try:
+            body = await self._request("GET", path)
+        except UpstreamHTTPError as exc:
+            if fallback is None or exc.status != 404:
+                raise
+            body = await self._request("GET", fallback)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(self.url, f"{path}: not JSON") from exc
+
+    async def health(self) -> None:
+        await self._request("GET", "/health")
+
+    async def server_info(self) -> dict[str, Any]:
+        info = await self._get_json("/server_info", "/get_server_info")
+        if not isinstance(info, dict):
+            raise UpstreamProtocolError(self.url, "/server_info: not an object")
+        return info
+
+    async def model_info(self) -> dict[str, Any]:
+        info = await self._get_json("/model_info", "/get_model_info")
+        if not isinstance(info, dict):
+            raise UpstreamProtocolError(self.url, "/model_info: not an object")
+        return info
+
+    async def models(self) -> list[dict[str, Any]]:
+        data = await self._get_json("/v1/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
+
+    async def get_load(self) -> EngineLoad:
+        """`/get_load` (list of per-rank dicts, SGLang <= 0.5.10) or `/v1/loads` (`{"loads": [...]}`)."""
+        paths = [self._load_path] if self._load_path else ["/get_load", "/v1/loads"]
+        last: UpstreamError | None = None
+        for path in paths:
+            try:
+                data = await self._get_json(path)
+            except UpstreamHTTPError as exc:
+                last = exc
+                if exc.status == 404:
+                    continue
+                raise
+            self._load_path = path
+            return parse_load(data, self.url)
+        assert last is not None
+        raise last
+
+    async def flush_cache(self) -> tuple[int, str]:
+        """Returns (status, message); SGLang answers 400 while requests are running."""
+        try:
+            body = await self._request("POST", "/flush_cache")
+            return 200, body.decode("utf-8", "replace")
+        except UpstreamHTTPError as exc:
+            return exc.status, exc.body.decode("utf-8", "replace")
+
+    async def abort(self, rid: str) -> None:
+        await self._request("POST", "/abort_request", json_body={"rid": rid})
+
+    async def open(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """Send `body` as is and return the response once its headers arrived (caller reads and releases)."""
+        try:
+            return await self.session.post(self.url + path, data=body, headers=headers, timeout=timeout)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise map_exception(self.url, exc) from exc
+
+
+def parse_load(data: Any, url: str = "") -> EngineLoad:
+    ranks: list[Any]
+    if isinstance(data, dict) and isinstance(data.get("loads"), list):
+        ranks = data["loads"]
+    elif isinstance(data, list):
+        ranks = data
+    elif isinstance(data, dict):
+        ranks = [data]
+    else:
+        raise UpstreamProtocolError(url, "load: unexpected shape")
+    running = queued = 0
+    usages: list[float] = []
+    for r in ranks:
+        if not isinstance(r, dict):
+            continue
+        running += int(r.get("num_running_reqs", r.get("num_reqs", 0)) or 0)
+        queued += int(r.get("num_waiting_reqs", 0) or 0)
+        u = r.get("token_usage")
+        if isinstance(u, int | float):
+            usages.append(float(u))
+    return EngineLoad(running, queued, sum(usages) / len(usages) if usages else None)

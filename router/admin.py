@@ -1,0 +1,248 @@
+"""Admin REST API under `/admin/`: workers, policy, index stats, route explain, counters.
+
+Guarded by a bearer token (`--admin-token` / `KVROUTE_ADMIN_TOKEN`); with no token configured,
+only loopback clients may call it. Every answer, errors included, is JSON (see docs/admin-api.md).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.errors import ApiError, bad_request
+from router.policies.base import NoWorkerAvailable
+from router.types import WorkerRole
+from router.workers import RegistryError, WorkerRegistry
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(request: web.Request, token: str | None) -> None:
+    """401 without the right bearer token; 403 from a non-loopback client when no token is configured."""
+    if token:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(
+                401,
+                "admin API needs 'Authorization: Bearer <admin token>'",
+                "authentication_error",
+                "unauthorized",
+            )
+    elif not _is_loopback(request.remote):
+        raise ApiError(
+            403,
+            "admin API is open to loopback clients only (no --admin-token configured)",
+            "permission_error",
+            "forbidden",
+        )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"malformed JSON: {exc}", "invalid_json") from exc
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", "invalid_json")
+    return data
+
+
+def _url_arg(request: web.Request, body: dict[str, Any]) -> str:
+    url = request.query.get("url") or body.get("url")
+    if not isinstance(url, str) or not url:
+        raise bad_request("'url' (query parameter or body field) is required", "missing_url")
+    return url
+
+
+class AdminApi:
+    """Handlers over the router core and the registry; mounted by `router.app`."""
+
+    def __init__(self, router: Any, registry: WorkerRegistry, token: str | None) -> None:
+        self.router = router
+        self.registry = registry
+        self.token = token
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/admin/workers", self.list_workers)
+        r.add_post("/admin/workers", self.add_worker)
+        r.add_delete("/admin/workers", self.remove_worker)
+        r.add_post("/admin/workers/remove", self.remove_worker)
+        r.add_post("/admin/workers/drain", self.drain_worker)
+        r.add_post("/admin/workers/undrain", self.undrain_worker)
+        r.add_get("/admin/policy", self.get_policy)
+        r.add_put("/admin/policy", self.set_policy)
+        r.add_post("/admin/policy", self.set_policy)
+        r.add_get("/admin/index", self.index_stats)
+        r.add_post("/admin/route/explain", self.explain)
+        r.add_get("/admin/counters", self.counters)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/admin/") or request.path == "/admin":
+            check_access(request, self.token)
+        return await handler(request)
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        return _json({"workers": self.registry.describe_all()})
+
+    async def add_worker(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        url = _url_arg(request, body)
+        role_s = body.get("role", "regular")
+        try:
+            role = WorkerRole(role_s)
+        except ValueError as exc:
+            raise bad_request(
+                f"'role' must be one of regular, prefill, decode; got {role_s!r}", "invalid_role"
+            ) from exc
+        kv = body.get("kv_events")
+        if kv is not None and not isinstance(kv, str):
+            raise bad_request("'kv_events' must be a zmq endpoint string", "invalid_kv_events")
+        try:
+            worker = self.registry.add(url, role=role, kv_events=kv)
+        except RegistryError as exc:
+            raise ApiError(
+                409 if "already" in str(exc) else 400,
+                str(exc),
+                "invalid_request_error",
+                "worker_conflict" if "already" in str(exc) else "invalid_url",
+            ) from exc
+        return _json({"worker": self.registry.describe(worker.url)}, status=202)
+
+    async def remove_worker(self, request: web.Request) -> web.Response:
+        url = _url_arg(request, await _body(request))
+        try:
+            await self.registry.remove(url)
+        except RegistryError as exc:
+            raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+        return _json({"removed": url})
+
+    async def drain_worker(self, request: web.Request) -> web.Response:
+        url = _url_arg(request, await _body(request))
+        try:
+            self.registry.drain(url)
+        except RegistryError as exc:
+            raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+        return _json({"worker": self.registry.describe(url)})
+
+    async def undrain_worker(self, request: web.Request) -> web.Response:
+        url = _url_arg(request, await _body(request))
+        try:
+            self.registry.undrain(url)
+        except RegistryError as exc:
+            raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+        return _json({"worker": self.registry.describe(url)})
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        return _json(self.router.policy_info())
+
+    async def set_policy(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        name = body.get("name")
+        params = body.get("params") or {}
+        if not isinstance(name, str) or not name:
+            raise bad_request("'name' (policy name) is required", "missing_name")
+        if not isinstance(params, dict):
+            raise bad_request("'params' must be an object", "invalid_params")
+        try:
+            self.router.set_policy(name, params)
+        except ValueError as exc:
+            raise bad_request(str(exc), "invalid_policy") from exc
+        return _json(self.router.policy_info())
+
+    async def index_stats(self, request: web.Request) -> web.Response:
+        return _json(self.router.index_stats())
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """Score a prompt against every worker as the policy would, without sending it anywhere."""
+        body = await _body(request)
+        prompt = body.get("prompt")
+        text = body.get("text", prompt if isinstance(prompt, str) else None)
+        ids = body.get("input_ids", prompt if isinstance(prompt, list) else None)
+        role_s = body.get("role", "regular")
+        try:
+            role = WorkerRole(role_s)
+            rr = self.router.routing_request(
+                input_ids=ids,
+                text=text,
+                messages=body.get("messages"),
+                session_key=body.get("session_key"),
+                model=body.get("model"),
+                max_tokens=body.get("max_tokens"),
+            )
+        except ValueError as exc:
+            raise bad_request(f"cannot route this prompt: {exc}", "invalid_prompt") from exc
+        scores = self.router.explain(rr, role)
+        decision: dict[str, Any] | None
+        try:
+            d = self.router.select(rr, role=role)
+            decision = {
+                "worker": d.worker,
+                "ranked": list(d.ranked),
+                "cached_blocks": d.cached_blocks,
+                "reason": d.reason,
+                "policy": d.policy,
+            }
+        except NoWorkerAvailable as exc:
+            decision = {"worker": None, "error": str(exc)}
+        states = {w.url: w.state.value for w in self.router.workers()}
+        return _json(
+            {
+                "prompt_tokens": rr.prompt_tokens,
+                "blocks": len(rr.block_hashes),
+                "block_size": rr.block_size,
+                "policy": self.router.policy_info()["name"],
+                "decision": decision,
+                "scores": [
+                    {
+                        "url": s.url,
+                        "state": states.get(s.url),
+                        "cost": s.cost,
+                        "cached_blocks": s.cached_blocks,
+                        "terms": s.terms,
+                    }
+                    for s in scores
+                ],
+            }
+        )
+
+    async def counters(self, request: web.Request) -> web.Response:
+        stats = self.router.index_stats()
+        return _json(
+            {
+                "ready": self.registry.ready(),
+                "policy": self.router.policy_info()["name"],
+                "workers": {
+                    u: {k: v for k, v in d.items() if k != "stream"} for u, d in stats["workers"].items()
+                },
+                "blind_workers": stats.get("blind_workers", []),
+                "dropped_batches": stats.get("dropped_batches", 0),
+            }
+        )

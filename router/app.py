@@ -1,0 +1,222 @@
+"""The aiohttp application factory: serving routes, admin API and metrics over one `Router`.
+
+Usable in-process (tests, `kvroute demo`) and by `kvroute serve`. State lives on the app under
+`web.AppKey`s; the client session, the registry's tasks and the event subscribers start and stop
+through `cleanup_ctx`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cache_index.hashing import HFTokenizer, Tokenizer
+from engines.errors import UpstreamError
+from router.admin import AdminApi
+from router.config import RouterConfig
+from router.core import Router
+from router.errors import ApiError, error_response
+from router.metrics import Metrics
+from router.proxy import CHAT, COMPLETIONS, GENERATE, Proxy, RouteSpec
+from router.workers import WorkerRegistry
+
+log = logging.getLogger("kvroute.app")
+
+CONFIG = web.AppKey("config", RouterConfig)
+ROUTER = web.AppKey("router", Router)
+METRICS = web.AppKey("metrics", Metrics)
+REGISTRY = web.AppKey("registry", WorkerRegistry)
+PROXY = web.AppKey("proxy", Proxy)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_router(config: RouterConfig) -> Router:
+    tokenizer: Tokenizer | None = HFTokenizer(config.tokenizer) if config.tokenizer else None
+    return Router(
+        block_size=config.block_size,
+        policy=config.policy,
+        policy_params=config.policy_params_dict,
+        tokenizer=tokenizer,
+        model_seed=config.model_seed,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON in the route's API format; never a traceback."""
+    openai = request.path.startswith("/v1/")
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err, openai=openai)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status, "http_error"
+        )
+        return error_response(ApiError(exc.status, exc.reason, "invalid_request_error", code), openai=openai)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(
+            ApiError(500, "internal router error (see the router log)", "server_error", "internal_error"),
+            openai=openai,
+        )
+
+
+def create_app(config: RouterConfig, router: Router | None = None) -> web.Application:
+    """The router app. `router`: an existing core to serve (in-process use); built from `config` if None."""
+    core = router if router is not None else build_router(config)
+    metrics = Metrics()
+    registry = WorkerRegistry(core, config, metrics)
+    admin = AdminApi(core, registry, config.admin_token)
+    app = web.Application(
+        middlewares=[error_middleware, admin.middleware],
+        client_max_size=config.max_body_bytes or 2**62,
+        handler_args={"max_field_size": 65536},
+    )
+    app[CONFIG] = config
+    app[ROUTER] = core
+    app[METRICS] = metrics
+    app[REGISTRY] = registry
+    app.cleanup_ctx.append(_lifecycle)
+
+    def gen(spec: RouteSpec) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await request.app[PROXY].handle(request, spec)
+
+        return handler
+
+    r = app.router
+    for spec in (GENERATE, COMPLETIONS, CHAT):
+        r.add_post(spec.path, gen(spec))
+    r.add_get("/v1/models", models)
+    r.add_get("/health", liveness)
+    r.add_get("/liveness", liveness)
+    r.add_get("/readiness", readiness)
+    r.add_get("/metrics", metrics_handler)
+    r.add_post("/flush_cache", flush_cache)
+    r.add_get("/flush_cache", flush_cache)
+    r.add_get("/get_loads", get_loads)
+    admin.add_routes(app)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """One shared client session (pool without a per-host cap), the registry, then teardown in reverse."""
+    config = app[CONFIG]
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=False
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass through as the engine sent them (with its Content-Encoding)
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    app[SESSION] = session
+    app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session)
+    await app[REGISTRY].start(session)
+    try:
+        yield
+    finally:
+        await app[REGISTRY].close()
+        await app[PROXY].close()
+        await app[ROUTER].close()
+        await session.close()
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def liveness(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readiness(request: web.Request) -> web.Response:
+    reg = request.app[REGISTRY]
+    healthy = reg.healthy_urls()
+    if healthy:
+        return _json({"status": "ready", "healthy_workers": len(healthy)})
+    return _json({"status": "not ready", "healthy_workers": 0, "registered_workers": len(reg.urls())}, 503)
+
+
+async def models(request: web.Request) -> web.Response:
+    """Union of the workers' models (ids as each engine serves them)."""
+    data = [
+        {"id": m, "object": "model", "created": 0, "owned_by": "sglang"}
+        for m in request.app[REGISTRY].models()
+    ]
+    return _json({"object": "list", "data": data})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    app = request.app
+    core = app[ROUTER]
+    stats = core.index_stats()
+    app[METRICS].refresh(core.workers(), stats.get("workers", {}), stats.get("blind_workers", []))
+    app[REGISTRY].check_blind()
+    resp = web.Response(body=app[METRICS].exposition())
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    """Fan out to every healthy or draining worker; 200 only if all of them flushed."""
+    reg = request.app[REGISTRY]
+    urls = [w.url for w in request.app[ROUTER].workers() if w.state.value in ("healthy", "draining")]
+    results = await asyncio.gather(*(reg.client(u).flush_cache() for u in urls), return_exceptions=True)
+    out: dict[str, Any] = {}
+    ok = True
+    for url, res in zip(urls, results, strict=True):
+        if isinstance(res, BaseException):
+            ok = False
+            out[url] = {"status": None, "message": str(res)}
+        else:
+            ok = ok and res[0] == 200
+            out[url] = {"status": res[0], "message": res[1][:500]}
+    return _json({"success": ok, "workers": out}, 200 if ok else 502)
+
+
+async def get_loads(request: web.Request) -> web.Response:
+    """Each worker's engine load (live /get_load) next to the router's own counters."""
+    reg = request.app[REGISTRY]
+    workers = request.app[ROUTER].workers()
+
+    async def one(url: str) -> dict[str, Any]:
+        try:
+            load = await reg.client(url).get_load()
+            return {"running": load.running, "queued": load.queued, "token_usage": load.token_usage}
+        except UpstreamError as exc:
+            return {"error": exc.message}
+
+    engine = await asyncio.gather(*(one(w.url) for w in workers))
+    return _json(
+        {
+            "workers": [
+                {
+                    "url": w.url,
+                    "state": w.state.value,
+                    "engine": e,
+                    "router": {
+                        "in_flight": w.load.in_flight,
+                        "pending_prefill_tokens": w.load.pending_prefill_tokens,
+                        "active_blocks": w.load.active_blocks,
+                    },
+                }
+                for w, e in zip(workers, engine, strict=True)
+            ]
+        }
+    )

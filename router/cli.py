@@ -1,0 +1,219 @@
+"""The `kvroute` command: a dispatch table of subcommands (`serve`, `sim`, `demo`; more to come).
+
+`serve` flag names follow SGLang's router (`--worker-urls`, `--policy`, `--host`, `--port`, and its
+`--max-payload-size`, `--request-timeout-secs`, `--retry-max-retries`, `--cb-*`, `--health-*` as
+aliases), so replacing `python -m sglang_router.launch_router` is a change of command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from router.config import ConfigError, RouterConfig, build_config
+
+log = logging.getLogger("kvroute")
+
+# (flags, config field, type, help). Every default is None: unset flags fall through to env/file/defaults.
+_SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
+    (("--host",), "host", str, "address to bind (default 127.0.0.1)"),
+    (("--port",), "port", int, "port to bind (default 30000; 0 = any free port)"),
+    (("--policy",), "policy", str, "routing policy (default kv_aware)"),
+    (("--block-size",), "block_size", int, "tokens per KV block = the engines' --page-size (default 16)"),
+    (
+        ("--tokenizer", "--tokenizer-path"),
+        "tokenizer",
+        str,
+        "local Hugging Face tokenizer dir or tokenizer.json",
+    ),
+    (("--model-seed",), "model_seed", str, "block-hash namespace (model identity); default shared"),
+    (("--admin-token",), "admin_token", str, "bearer token for /admin/* (env KVROUTE_ADMIN_TOKEN)"),
+    (
+        ("--max-body-bytes", "--max-payload-size"),
+        "max_body_bytes",
+        int,
+        "request body limit in bytes (0 = none)",
+    ),
+    (("--connect-timeout-secs",), "connect_timeout_s", float, "seconds to connect to an engine (0 = none)"),
+    (("--request-timeout-secs",), "request_timeout_s", float, "seconds per upstream request (0 = none)"),
+    (("--stream-idle-timeout-secs",), "stream_idle_timeout_s", float, "seconds between chunks (0 = none)"),
+    (
+        ("--max-retries", "--retry-max-retries"),
+        "max_retries",
+        int,
+        "other workers tried before a reply (0 = none)",
+    ),
+    (("--health-check-interval-secs",), "health_check_interval_s", float, "seconds between checks (0 = off)"),
+    (("--health-failure-threshold",), "health_failure_threshold", int, "failed checks before unhealthy"),
+    (("--cb-failure-threshold",), "circuit_failure_threshold", int, "failures opening the breaker (0 = off)"),
+    (
+        ("--cb-success-threshold",),
+        "circuit_success_threshold",
+        int,
+        "half-open successes closing the breaker",
+    ),
+    (("--cb-timeout-duration-secs",), "circuit_cooldown_s", float, "seconds a breaker stays open"),
+    (
+        ("--load-poll-interval-secs",),
+        "load_poll_interval_s",
+        float,
+        "seconds between /get_load polls (0 = off)",
+    ),
+    (("--log-level",), "log_level", str, "debug | info | warning | error"),
+]
+
+
+def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run the KV-cache-aware router.")
+    p.add_argument("--config", default=None, help="TOML/YAML/JSON config file (CLI > KVROUTE_* env > file)")
+    p.add_argument("--worker-urls", nargs="*", default=None, help="engine URLs to register at start-up")
+    p.add_argument(
+        "--kv-events",
+        nargs="*",
+        default=None,
+        metavar="URL=ENDPOINT",
+        help="event endpoint of a worker, overriding /server_info (e.g. http://w:30000=tcp://w:5557)",
+    )
+    p.add_argument(
+        "--policy-param",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="policy parameter, repeatable; values read as JSON when they parse",
+    )
+    for flags, dest, typ, help_ in _SERVE_FLAGS:
+        p.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+    p.add_argument("--disable-retries", action="store_true", help="same as --max-retries 0")
+    p.add_argument("--disable-circuit-breaker", action="store_true", help="same as --cb-failure-threshold 0")
+    p.add_argument(
+        "--disable-health-check", action="store_true", help="same as --health-check-interval-secs 0"
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RouterConfig:
+    cli: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS}
+    cli["config"] = args.config
+    cli["worker_urls"] = args.worker_urls
+    cli["kv_events"] = args.kv_events
+    cli["policy_params"] = args.policy_param
+    if args.disable_retries:
+        cli["max_retries"] = 0
+    if args.disable_circuit_breaker:
+        cli["circuit_failure_threshold"] = 0
+    if args.disable_health_check:
+        cli["health_check_interval_s"] = 0
+    return build_config(cli, environ=os.environ if environ is None else environ)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(config: RouterConfig, ready: Callable[[str], None] | None = None) -> None:
+    """Run the router until SIGINT/SIGTERM; `ready(url)` is called once it listens."""
+    from aiohttp import web
+
+    from router.app import create_app
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+    log.info(
+        "kvroute listening on %s (policy=%s, block_size=%d, workers=%d)",
+        url,
+        config.policy,
+        config.block_size,
+        len(config.worker_urls),
+    )
+    if ready:
+        ready(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_async(coro: Any) -> Any:
+    """Run on uvloop when installed (it is a dependency), else the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    args = build_serve_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"kvroute serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    try:
+        run_async(serve(config))
+    except OSError as exc:
+        print(f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sim(argv: Sequence[str]) -> int:
+    from engines.sim.fleet import main as sim_main
+
+    return int(sim_main(list(argv)) or 0)
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    from router.demo import main as demo_main
+
+    return demo_main(list(argv))
+
+
+# Subcommand -> (handler, one-line help). Later: "bench", "plan", "engine".
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "serve": (cmd_serve, "run the router (flags as SGLang's router)"),
+    "sim": (cmd_sim, "run a simulated SGLang fleet"),
+    "demo": (cmd_demo, "simulated fleet + router: round_robin vs kv_aware on a shared-prefix load"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: kvroute COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\n`kvroute COMMAND --help` for a command's flags.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    entry = COMMANDS.get(argv[0])
+    if entry is None:
+        print(f"kvroute: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return entry[0](argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

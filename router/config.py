@@ -1,0 +1,240 @@
+"""The router's one configuration object, merged from CLI flags > `KVROUTE_*` environment > file > defaults.
+
+Every field says its unit and the value that disables it. Field names are the CLI flag names with
+dashes (`max_body_bytes` <-> `--max-body-bytes`) and the environment names upper-cased with the
+`KVROUTE_` prefix (`KVROUTE_MAX_BODY_BYTES`). List fields read from the environment are comma-separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "KVROUTE_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    # --- serving
+    host: str = "127.0.0.1"  # address to bind; "0.0.0.0" for every interface
+    port: int = 30000  # TCP port; 0 picks a free one
+    max_body_bytes: int = 32 * 1024 * 1024  # request body limit in bytes (413 above it); 0 = no limit
+    request_id_header: str = "X-Request-Id"  # propagated to engines, created when absent
+    session_header: str = "X-Session-Id"  # consistent_hash affinity key; the OpenAI `user` field otherwise
+    # --- fleet
+    worker_urls: tuple[str, ...] = ()  # engines registered at start-up (more via the admin API)
+    kv_events: tuple[tuple[str, str], ...] = ()  # (worker url, zmq endpoint) overrides of /server_info
+    block_size: int = 16  # tokens per KV block; must equal every engine's --page-size (checked)
+    tokenizer: str | None = None  # local Hugging Face tokenizer dir/file; None = built-in byte tokenizer
+    model_seed: str = ""  # namespace of block hashes (model identity); "" = one shared namespace
+    # --- routing
+    policy: str = "kv_aware"  # random | round_robin | least_load | power_of_two | consistent_hash | ...
+    policy_params: tuple[tuple[str, str], ...] = ()  # policy parameters as given (k=v), typed by the policy
+    # --- upstream timeouts and retries
+    connect_timeout_s: float = 5.0  # seconds to open a connection to an engine; 0 = no limit
+    request_timeout_s: float = 600.0  # seconds for a whole upstream request; 0 = no limit
+    stream_idle_timeout_s: float = 300.0  # seconds between two chunks of a response; 0 = no limit
+    max_retries: int = 2  # extra workers tried before anything reached the client; 0 = no retry
+    # --- registry
+    control_timeout_s: float = 5.0  # seconds for health/info/load calls; 0 = no limit
+    health_check_interval_s: float = 10.0  # seconds between health checks per worker; 0 = disabled
+    health_failure_threshold: int = 3  # consecutive failed checks that mark a worker unhealthy
+    registration_retry_s: float = 1.0  # seconds between /health tries while a worker registers
+    circuit_failure_threshold: int = 5  # consecutive request failures that open the breaker; 0 = no breaker
+    circuit_cooldown_s: float = 30.0  # seconds an open breaker waits before a half-open probe
+    circuit_success_threshold: int = 2  # successes in half-open that close the breaker
+    load_poll_interval_s: float = 5.0  # seconds between /get_load polls per worker; 0 = disabled
+    blind_check_interval_s: float = 30.0  # seconds between checks for workers serving with no events; 0 = off
+    # --- admin
+    admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
+    log_level: str = "info"  # debug | info | warning | error
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port out of range: {self.port}")
+        for name in (
+            "max_body_bytes",
+            "max_retries",
+            "health_failure_threshold",
+            "circuit_failure_threshold",
+            "circuit_success_threshold",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        for f in fields(self):
+            if f.name.endswith("_s") and getattr(self, f.name) < 0:
+                raise ConfigError(f"{f.name} must be >= 0 seconds")
+        for url in self.worker_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"worker url must start with http:// or https://: {url!r}")
+
+    @property
+    def policy_params_dict(self) -> dict[str, Any]:
+        """Params typed for the policy: each value read as JSON (`0.5`, `true`, `null`), else a string."""
+        out: dict[str, Any] = {}
+        for k, v in self.policy_params:
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                out[k] = v
+        return out
+
+    @property
+    def kv_events_dict(self) -> dict[str, str]:
+        return {normalize_url(u): e for u, e in self.kv_events}
+
+
+def normalize_url(url: str) -> str:
+    return url.strip().rstrip("/")
+
+
+def parse_pairs(items: Any, what: str) -> tuple[tuple[str, str], ...]:
+    """`k=v` strings (or a mapping) -> tuple of pairs; the first `=` splits (URLs contain none before it)."""
+    if items is None:
+        return ()
+    if isinstance(items, Mapping):
+        return tuple((str(k), _scalar_str(v)) for k, v in items.items())
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    out = []
+    for item in items:
+        if isinstance(item, list | tuple) and len(item) == 2:
+            out.append((str(item[0]), str(item[1])))
+            continue
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what}: expected KEY=VALUE, got {item!r}")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
+
+
+def parse_kv_events(items: Any) -> tuple[tuple[str, str], ...]:
+    """`URL=ENDPOINT` items; split at the `=` that precedes the zmq scheme (URLs may contain `=`)."""
+    if items is None:
+        return ()
+    if isinstance(items, Mapping):
+        return tuple((normalize_url(str(k)), str(v)) for k, v in items.items())
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    out = []
+    for item in items:
+        s = str(item)
+        cut = max(s.rfind("=tcp://"), s.rfind("=ipc://"), s.rfind("=inproc://"))
+        if cut <= 0:
+            raise ConfigError(f"kv_events: expected WORKER_URL=tcp://HOST:PORT, got {s!r}")
+        out.append((normalize_url(s[:cut]), s[cut + 1 :]))
+    return tuple(out)
+
+
+def _scalar_str(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Convert a file/env/CLI value to the field's type (the dataclass annotations are strings)."""
+    f = {f.name: f for f in fields(RouterConfig)}.get(name)
+    if f is None:
+        raise ConfigError(f"unknown configuration key: {name!r}")
+    t = str(f.type)
+    if name == "worker_urls":
+        if isinstance(raw, str):
+            raw = [s for s in raw.replace(",", " ").split() if s]
+        return tuple(normalize_url(str(u)) for u in raw)
+    if name == "kv_events":
+        return parse_kv_events(raw)
+    if name == "policy_params":
+        return parse_pairs(raw, "policy_params")
+    if raw is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{name} may not be empty")
+    try:
+        if t.startswith("int"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: expected {t.split(' ')[0]}, got {raw!r}") from exc
+    if "None" in t and isinstance(raw, str) and raw == "":
+        return None
+    return str(raw)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """TOML, YAML or JSON by extension; keys are field names (dashes allowed); a `[kvroute]` table unwraps."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text.decode())
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise ConfigError("YAML config needs PyYAML (pip install pyyaml), or use TOML/JSON") from exc
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file must be .toml, .yaml/.yml or .json: {p}")
+    except ConfigError:
+        raise
+    except Exception as exc:  # each parser has its own error type; report them the same way
+        raise ConfigError(f"cannot parse config file {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a table/object")
+    if isinstance(data.get("kvroute"), dict):
+        data = data["kvroute"]
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    names = {f.name for f in fields(RouterConfig)}
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in names:
+                out[name] = value
+    return out
+
+
+def build_config(
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> RouterConfig:
+    """Merge the sources: CLI > environment > file > defaults. CLI values of None mean 'not given'."""
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    env = from_env(os.environ if environ is None else environ)
+    path = config_file or cli.pop("config", None) or env.pop("config", None)
+    cli.pop("config", None)
+    merged: dict[str, Any] = load_file(path) if path else {}
+    merged.update(env)
+    merged.update(cli)
+    values = {k: _coerce(k, v) for k, v in merged.items()}
+    return RouterConfig(**values)
+
+
+def replace(config: RouterConfig, **changes: Any) -> RouterConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,409 @@
+"""`Router`: the routing brain as a library (no HTTP): workers, tokenize-once, policies, load, KV events.
+
+The HTTP app is a thin layer over it; used in-process, it makes the same decisions:
+
+    router = Router(block_size=16, policy="kv_aware")
+    router.add_worker(Worker("http://w0:30000", state=WorkerState.HEALTHY))
+    req = router.routing_request(text="...")          # tokenized and hashed once
+    decision = router.select(req)                      # read-only; decision.ranked for retries
+    ticket = router.on_routed(decision, req)           # reserve load (then release in `finally`)
+    router.on_first_token(ticket); router.on_finished(ticket, cached_tokens=...)
+
+Single-threaded: call it from one thread (the asyncio loop). Event batches come from
+`apply_kv_events` (fed by you) or from `subscribe` (a `KvEventSubscriber` feeding it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cache_index.apply import KvEventApplier
+from cache_index.events import KvEventBatch
+from cache_index.hashing import (
+    BlockHash,
+    ByteTokenizer,
+    Tokenizer,
+    hash_blocks,
+    hash_text_blocks,
+    namespace_seed,
+    render_plain_chat,
+)
+from cache_index.radix import RadixIndex
+from engines.kv_events import KvEventSubscriber
+from router.load import LoadTracker, Ticket, TicketState
+from router.policies import POLICIES, make_policy
+from router.policies.base import NoWorkerAvailable, Policy, PolicyContext
+from router.types import Decision, RoutingRequest, Worker, WorkerRole, WorkerScore
+
+__all__ = ["NoWorkerAvailable", "Router", "WorkerStats"]
+
+
+@dataclass
+class WorkerStats:
+    """Counters per worker, for metrics and for spotting workers routed to blind."""
+
+    routed: int = 0
+    finished: int = 0
+    prefilled: int = 0  # finished requests that reached a first token with >= 1 full prompt block
+    reported_prompt_tokens: int = 0  # prompt tokens of requests whose engine reported cached_tokens
+    cached_tokens: int = 0  # engine-reported (meta_info.cached_tokens): the ground truth
+    predicted_cached_tokens: int = 0  # what routing expected, for the same requests
+    output_tokens: int = 0
+    event_batches: int = 0
+    last_event_at: float | None = None  # router clock (monotonic seconds)
+    resets: int = 0  # index of this worker forgotten (event gap without replay, or by hand)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cached_token_ratio"] = self.cached_token_ratio
+        return d
+
+    @property
+    def cached_token_ratio(self) -> float | None:
+        if self.reported_prompt_tokens == 0:
+            return None
+        return self.cached_tokens / self.reported_prompt_tokens
+
+
+class Router:
+    """Routing decisions and their bookkeeping for one fleet (one model namespace, one block size).
+
+    Invariants: a worker's index entries, in-flight prompts and policy state go with `remove_worker`;
+    `select` and `explain` never change load or indexes; load counters never go negative (tickets).
+    """
+
+    def __init__(
+        self,
+        block_size: int = 16,
+        policy: str = "kv_aware",
+        policy_params: dict[str, Any] | None = None,
+        tokenizer: Tokenizer | None = None,
+        model_seed: str = "",
+        text_chunk_bytes: int = 64,
+        text_fallback: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`tokenizer` None: the byte tokenizer (what the simulated engine uses). `text_fallback`: hash
+        text/messages as chunks of `text_chunk_bytes` UTF-8 bytes instead of tokenizing (fleets with no
+        tokenizer: approximate, self-consistent for cache_aware, never matching engine events).
+        `model_seed`: namespace of the block hashes (the model name), equal to the one events are hashed
+        with, so prompts and events agree."""
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if text_chunk_bytes <= 0:
+            raise ValueError(f"text_chunk_bytes must be positive, got {text_chunk_bytes}")
+        self.block_size = block_size
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.text_fallback = text_fallback
+        self.text_chunk_bytes = text_chunk_bytes
+        self.seed = namespace_seed(model_seed)
+        self.clock = clock
+        self._workers: dict[str, Worker] = {}
+        self._stats: dict[str, WorkerStats] = {}
+        self.index = RadixIndex()
+        self._applier = KvEventApplier(self.index, block_size=block_size, seed=self.seed)
+        self.load = LoadTracker(self._workers)
+        self._context = PolicyContext(kv_index=self.index, inflight=self.load.inflight, clock=clock)
+        self._policy_name = policy
+        self._policy: Policy = make_policy(policy, policy_params, self._context)
+        self._subscriber: KvEventSubscriber | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped_batches = 0  # batches for workers not (or no longer) registered
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def add_worker(self, worker: Worker) -> Worker:
+        """Register `worker` (its state decides whether it is routable). ValueError on a duplicate url
+        or a page size that differs from the block size (a silent mismatch breaks KV routing)."""
+        if worker.url in self._workers:
+            raise ValueError(f"worker {worker.url} is already registered")
+        err = self.page_size_error(worker)
+        if err:
+            raise ValueError(err)
+        self._workers[worker.url] = worker
+        self._stats[worker.url] = WorkerStats()
+        return worker
+
+    def page_size_error(self, worker: Worker) -> str | None:
+        """Why `worker` cannot be routed with this block size, or None (also for an unknown page size)."""
+        if worker.page_size is not None and worker.page_size != self.block_size:
+            return (
+                f"worker {worker.url} has page_size {worker.page_size} but the router's block size is "
+                f"{self.block_size}: run the engine with --page-size {self.block_size} or the router "
+                f"with --block-size {worker.page_size}"
+            )
+        return None
+
+    def remove_worker(self, url: str) -> Worker | None:
+        """Forget `url`: its index entries, in-flight prompts, policy state and event subscription."""
+        worker = self._workers.pop(url, None)
+        if worker is None:
+            return None
+        self._stats.pop(url, None)
+        self.index.remove_worker(url)
+        self.load.remove_worker(url)
+        self._policy.on_worker_removed(url)
+        if self._subscriber is not None and url in self._subscriber.workers:
+            # remove_worker is sync; the socket closes on the loop (awaited by `close`). Batches that
+            # arrive before it does are dropped by `apply_kv_events` (unknown worker).
+            with contextlib.suppress(RuntimeError):  # no running loop: `close` removes it
+                task = asyncio.get_running_loop().create_task(self._subscriber.remove(url))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return worker
+
+    def get_worker(self, url: str) -> Worker | None:
+        return self._workers.get(url)
+
+    def workers(self, role: WorkerRole | None = None) -> list[Worker]:
+        return [w for w in self._workers.values() if role is None or w.role is role]
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def routing_request(
+        self,
+        *,
+        input_ids: Sequence[int] | None = None,
+        text: str | None = None,
+        messages: Sequence[dict[str, Any]] | None = None,
+        session_key: str | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> RoutingRequest:
+        """Tokenize once (input_ids, else the tokenizer, else text chunks) and hash the full blocks.
+
+        ValueError, with a message fit for a 400, for an empty prompt or ill-typed fields.
+        """
+        if session_key is not None and not isinstance(session_key, str):
+            raise ValueError("session key must be a string")
+        if model is not None and not isinstance(model, str):
+            raise ValueError("model must be a string")
+        if max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0
+        ):
+            raise ValueError("max_tokens must be a non-negative integer")
+        hashes: list[BlockHash]
+        if input_ids is not None:
+            ids = _check_ids(input_ids)
+            hashes, n_tokens = hash_blocks(ids, self.block_size, self.seed), len(ids)
+        else:
+            if text is not None:
+                if not isinstance(text, str):
+                    raise ValueError("text must be a string")
+            elif messages is not None:
+                if not isinstance(messages, (list, tuple)) or not messages:
+                    raise ValueError("messages must be a non-empty list")
+            else:
+                raise ValueError("the request has no prompt (input_ids, text or messages)")
+            if self.text_fallback:
+                text = text if text is not None else render_plain_chat(messages or ())
+                hashes = hash_text_blocks(text, self.text_chunk_bytes, self.seed)
+                # Blocks count as block_size tokens each so that loads stay in one unit.
+                n_tokens = len(text.encode("utf-8")) * self.block_size // self.text_chunk_bytes
+                n_tokens = max(n_tokens, 1 if text else 0)
+            else:
+                ids = self.tokenizer.encode(text) if text is not None else self.tokenizer.apply_chat_template(
+                    messages or ()
+                )
+                hashes, n_tokens = hash_blocks(ids, self.block_size, self.seed), len(ids)
+        if n_tokens == 0:
+            raise ValueError("the prompt is empty")
+        return RoutingRequest(
+            block_hashes=tuple(hashes),
+            prompt_tokens=n_tokens,
+            block_size=self.block_size,
+            session_key=session_key,
+            text=text,
+            model=model,
+            expected_output_tokens=max_tokens,
+        )
+
+    def candidates(
+        self, request: RoutingRequest, role: WorkerRole | None = None, exclude: Iterable[str] = ()
+    ) -> list[Worker]:
+        """Routable workers of `role` (None: regular workers) minus `exclude`. If the request names a
+        model that some of them serve, only those (and workers of unknown model) are kept; a model no
+        worker serves filters nothing (clients often send placeholder names)."""
+        role = role or WorkerRole.REGULAR
+        skip = set(exclude)
+        cands = [w for w in self._workers.values() if w.role is role and w.routable and w.url not in skip]
+        if request.model is not None and any(w.model == request.model for w in cands):
+            cands = [w for w in cands if w.model in (request.model, None)]
+        return cands
+
+    def select(
+        self, request: RoutingRequest, *, role: WorkerRole | None = None, exclude: Iterable[str] = ()
+    ) -> Decision:
+        """The policy's decision among the candidates; NoWorkerAvailable when there are none."""
+        cands = self.candidates(request, role, exclude)
+        if not cands:
+            r = (role or WorkerRole.REGULAR).value
+            raise NoWorkerAvailable(f"no healthy {r} worker available ({len(self._workers)} registered)")
+        return self._policy.select(request, cands)
+
+    def explain(self, request: RoutingRequest, role: WorkerRole | None = None) -> list[WorkerScore]:
+        """Score every worker of `role`, in any state, as the policy would; sends nothing, changes nothing."""
+        role = role or WorkerRole.REGULAR
+        ws = [w for w in self._workers.values() if w.role is role]
+        return self._policy.explain(request, ws) if ws else []
+
+    # --- request lifecycle -----------------------------------------------------------------------
+
+    def on_routed(self, decision_or_url: Decision | str, request: RoutingRequest) -> Ticket:
+        """The request is being sent: reserve its load on the worker and let the policy learn."""
+        if isinstance(decision_or_url, Decision):
+            url, cached = decision_or_url.worker, decision_or_url.cached_blocks
+        else:
+            url, cached = decision_or_url, 0
+        worker = self._workers.get(url)
+        if worker is None:
+            raise KeyError(f"unknown worker {url!r}")
+        if cached == 0 and request.block_hashes:
+            cached = self.overlap(url, request.block_hashes)
+        ticket = self.load.on_routed(
+            url,
+            request.prompt_tokens,
+            request.prompt_tokens - cached * self.block_size,
+            self.block_size,
+            block_hashes=request.block_hashes,
+            cached_blocks_predicted=cached,
+        )
+        self._policy.on_routed(request, worker)
+        self._stats[url].routed += 1
+        return ticket
+
+    def on_first_token(self, ticket: Ticket) -> None:
+        self.load.on_first_token(ticket)
+
+    def on_tokens(self, ticket: Ticket, n: int) -> None:
+        self.load.on_tokens(ticket, n)
+
+    def on_finished(
+        self, ticket: Ticket, cached_tokens: int | None = None, output_tokens: int | None = None
+    ) -> None:
+        """Release the ticket (idempotent: also for aborts) and record the engine's cached_tokens."""
+        if ticket.finished:
+            return
+        reached_first_token = ticket.state is TicketState.RUNNING
+        self.load.on_finished(ticket)
+        st = self._stats.get(ticket.url)
+        if st is None:  # worker removed meanwhile
+            return
+        st.finished += 1
+        if reached_first_token and ticket.prompt_tokens >= self.block_size:
+            st.prefilled += 1
+        if cached_tokens is not None:
+            st.reported_prompt_tokens += ticket.prompt_tokens
+            st.cached_tokens += min(max(0, cached_tokens), ticket.prompt_tokens)
+            st.predicted_cached_tokens += min(ticket.cached_blocks_predicted * self.block_size, ticket.prompt_tokens)
+        st.output_tokens += output_tokens if output_tokens is not None else ticket.output_tokens
+
+    def update_engine_load(
+        self, url: str, running: int | None, queued: int | None, token_usage: float | None
+    ) -> None:
+        self.load.update_engine_load(url, running, queued, token_usage)
+
+    def overlap(self, url: str, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks of the prompt believed held by `url` (events, or its in-flight prompts)."""
+        return max(self.index.match(block_hashes).get(url, 0), self.load.inflight.match(block_hashes).get(url, 0))
+
+    # --- KV events -------------------------------------------------------------------------------
+
+    def apply_kv_events(self, url: str, batch: KvEventBatch) -> None:
+        """Apply one decoded batch of `url`'s events to the index (dropped if `url` is unknown)."""
+        st = self._stats.get(url)
+        if st is None:
+            self.dropped_batches += 1
+            return
+        self._applier.apply(url, batch)
+        st.event_batches += 1
+        st.last_event_at = self.clock()
+
+    def reset_worker_index(self, url: str) -> None:
+        """Forget what `url` holds (after an event gap that could not be replayed)."""
+        self._applier.forget(url)
+        st = self._stats.get(url)
+        if st is not None:
+            st.resets += 1
+
+    async def subscribe(
+        self, url: str, endpoint: str, replay_endpoint: str | None = None, topic: str = ""
+    ) -> None:
+        """Follow `url`'s KV-event stream (ZeroMQ SUB) into the index; replaces an earlier subscription."""
+        if url not in self._workers:
+            raise KeyError(f"unknown worker {url!r}")
+        if self._subscriber is None:
+            self._subscriber = KvEventSubscriber(self.apply_kv_events, self.reset_worker_index)
+        await self._subscriber.add(url, endpoint, replay_endpoint=replay_endpoint, topic=topic)
+
+    async def unsubscribe(self, url: str) -> None:
+        if self._subscriber is not None:
+            await self._subscriber.remove(url)
+
+    async def close(self) -> None:
+        """Close every event subscription (call on shutdown)."""
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._subscriber is not None:
+            await self._subscriber.close()
+
+    # --- policy and introspection ----------------------------------------------------------------
+
+    def set_policy(self, name: str, params: dict[str, Any] | None = None) -> None:
+        """Switch policy; on ValueError the current one stays. Learned policy state starts afresh."""
+        self._policy = make_policy(name, params, self._context)
+        self._policy_name = name
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def policy_info(self) -> dict[str, Any]:
+        config = getattr(self._policy, "config", None)
+        params = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+        return {"name": self._policy_name, "params": params, "available": sorted(POLICIES)}
+
+    def worker_stats(self, url: str) -> WorkerStats | None:
+        return self._stats.get(url)
+
+    def blind_workers(self, min_requests: int = 1) -> list[str]:
+        """Workers that prefilled at least `min_requests` requests but never sent one KV event."""
+        return [u for u, st in self._stats.items() if st.prefilled >= min_requests and st.event_batches == 0]
+
+    def index_stats(self) -> dict[str, Any]:
+        subscribed = set(self._subscriber.workers) if self._subscriber is not None else set()
+        per_worker = {}
+        for url, st in self._stats.items():
+            d = st.as_dict()
+            d["blocks"] = self.index.block_count(url)
+            d["subscribed"] = url in subscribed
+            if url in subscribed and self._subscriber is not None:
+                d["stream"] = self._subscriber.stats(url)
+            per_worker[url] = d
+        return {
+            "block_size": self.block_size,
+            "index": self.index.stats(),
+            "apply": self._applier.stats.as_dict(),
+            "dropped_batches": self.dropped_batches,
+            "inflight_blocks": len(self.load.inflight),
+            "workers": per_worker,
+            "blind_workers": self.blind_workers(),
+        }
+
+
+def _check_ids(input_ids: Any) -> list[int]:
+    if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
+        raise ValueError("input_ids must be a list of integers")
+    if not input_ids:
+        raise ValueError("input_ids is empty")
+    for t in input_ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2**32:
+            raise ValueError("input_ids must be integers in [0, 2**32)")
+    return list(input_ids)

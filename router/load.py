@@ -1,0 +1,236 @@
+"""Per-worker load as the router counts it, by request tickets, plus the prompts each worker has in flight.
+
+A request's life: `on_routed` (in flight, its uncached prompt is pending prefill) -> `on_first_token`
+(the prompt is prefilled: pending prefill becomes active KV blocks) -> `on_tokens` (active blocks grow
+with the output) -> `on_finished` (everything the ticket added is taken back; idempotent, so it is also
+the right call for aborts, errors and client disconnects, typically from a `finally`).
+
+Invariants
+- Every `WorkerLoad` counter stays >= 0: a ticket subtracts exactly what it added, clamped at 0.
+- A ticket adds to the `WorkerLoad` object of the worker it was routed to; if that worker is removed and
+  re-added (a new `Worker`), releasing an old ticket never touches the new worker's counters.
+- Engine polls (`update_engine_load`) never change the router's own counters (they would be released
+  twice); they are stored beside them and read as a floor by the policies (`policies.scoring`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cache_index.hashing import BlockHash
+from router.types import Worker, WorkerLoad
+
+
+class TicketState(enum.Enum):
+    ROUTED = "routed"  # sent, no first token yet: its uncached prompt is pending prefill
+    RUNNING = "running"  # first token seen: its KV blocks are active
+    FINISHED = "finished"  # released (finished, aborted or failed)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One routed request's contribution to its worker's load; the handle the caller reports progress on."""
+
+    id: int
+    url: str
+    prompt_tokens: int
+    uncached_tokens: int
+    block_size: int
+    block_hashes: tuple[BlockHash, ...] = ()
+    cached_blocks_predicted: int = 0  # what routing believed the worker held (for accuracy metrics)
+    state: TicketState = TicketState.ROUTED
+    output_tokens: int = 0
+    # What this ticket has added to `_load` (subtracted exactly on release).
+    _load: WorkerLoad = field(default_factory=WorkerLoad, repr=False)
+    _pending_added: int = field(default=0, repr=False)
+    _active_added: int = field(default=0, repr=False)
+    _inflight_indexed: bool = field(default=False, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is TicketState.FINISHED
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    """KV pages needed for `tokens` tokens (a partial page occupies a whole page)."""
+    return -(-tokens // block_size)
+
+
+class InflightIndex:
+    """Which worker has which prompt blocks in flight: the blocks the event-fed index cannot know yet.
+
+    Why: in a burst of requests sharing a prefix, every request arrives before the first one has been
+    prefilled, so no `BlockStored` event exists yet and an event-only router would scatter them.
+    A prompt routed to `w` is counted as held by `w` for as long as its request is in flight: until the
+    prefill it is queued there (followers will hit it once it is done), and from then on SGLang holds it
+    locked in its radix cache (a running request's prefix cannot be evicted). So this prediction is never
+    stale and needs no TTL; it ends with the ticket.
+
+    Refcounted per (block, worker), because several in-flight prompts on one worker share blocks.
+    `match` walks the chained hashes from the first and stops at the first block no worker holds:
+    O(matched depth x holders), like `RadixIndex.match`.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[BlockHash, dict[str, int]] = {}
+
+    def add(self, url: str, hashes: Iterable[BlockHash]) -> None:
+        for h in hashes:
+            per = self._holders.setdefault(h, {})
+            per[url] = per.get(url, 0) + 1
+
+    def discard(self, url: str, hashes: Iterable[BlockHash]) -> None:
+        for h in hashes:
+            per = self._holders.get(h)
+            if per is None or url not in per:
+                continue
+            if per[url] <= 1:
+                del per[url]
+                if not per:
+                    del self._holders[h]
+            else:
+                per[url] -= 1
+
+    def match(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """{worker: leading blocks of `hashes` in flight there}; workers with none are absent."""
+        out: dict[str, int] = {}
+        alive: set[str] | None = None
+        for depth, h in enumerate(hashes):
+            per = self._holders.get(h)
+            if not per:
+                break
+            alive = set(per) if alive is None else alive.intersection(per)
+            if not alive:
+                break
+            for url in alive:
+                out[url] = depth + 1
+        return out
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+
+class LoadTracker:
+    """Counts in-flight requests, pending prefill tokens and active KV blocks per worker, by ticket.
+
+    `workers` is the live registry (url -> Worker), read at `on_routed` only. Single-threaded (asyncio).
+    """
+
+    def __init__(self, workers: Mapping[str, Worker]) -> None:
+        self._workers = workers
+        self._ids = itertools.count(1)
+        self._tickets: dict[str, dict[int, Ticket]] = {}  # url -> open tickets
+        self.inflight = InflightIndex()
+
+    def on_routed(
+        self,
+        url: str,
+        prompt_tokens: int,
+        uncached_tokens: int,
+        block_size: int,
+        *,
+        block_hashes: Sequence[BlockHash] = (),
+        cached_blocks_predicted: int = 0,
+    ) -> Ticket:
+        """Reserve load on `url` for one request; returns the ticket to report progress and release on."""
+        worker = self._workers.get(url)
+        if worker is None:
+            raise KeyError(f"unknown worker {url!r}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        prompt_tokens = max(0, int(prompt_tokens))
+        uncached = min(prompt_tokens, max(0, int(uncached_tokens)))
+        t = Ticket(
+            id=next(self._ids),
+            url=url,
+            prompt_tokens=prompt_tokens,
+            uncached_tokens=uncached,
+            block_size=block_size,
+            block_hashes=tuple(block_hashes),
+            cached_blocks_predicted=cached_blocks_predicted,
+            _load=worker.load,
+        )
+        t._load.in_flight += 1
+        t._load.pending_prefill_tokens += uncached
+        t._pending_added = uncached
+        if t.block_hashes:
+            self.inflight.add(url, t.block_hashes)
+            t._inflight_indexed = True
+        self._tickets.setdefault(url, {})[t.id] = t
+        return t
+
+    def on_first_token(self, ticket: Ticket) -> None:
+        """Prefill done: the pending prefill becomes the prompt's active KV blocks. No-op unless ROUTED."""
+        if ticket.state is not TicketState.ROUTED:
+            return
+        load = ticket._load
+        load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - ticket._pending_added)
+        ticket._pending_added = 0
+        ticket.state = TicketState.RUNNING
+        self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
+
+    def on_tokens(self, ticket: Ticket, n: int) -> None:
+        """`n` more output tokens: active blocks grow when the context crosses a page boundary.
+
+        Tokens reported before the first token imply it (a non-streaming response reports them at once).
+        """
+        if ticket.finished or n <= 0:
+            return
+        if ticket.state is TicketState.ROUTED:
+            self.on_first_token(ticket)
+        ticket.output_tokens += n
+        self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
+
+    def on_finished(self, ticket: Ticket) -> None:
+        """Release everything the ticket added. Idempotent; right for completions, aborts and errors."""
+        if ticket.finished:
+            return
+        load = ticket._load
+        load.in_flight = max(0, load.in_flight - 1)
+        load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - ticket._pending_added)
+        load.active_blocks = max(0, load.active_blocks - ticket._active_added)
+        ticket._pending_added = ticket._active_added = 0
+        ticket.state = TicketState.FINISHED
+        if ticket._inflight_indexed:
+            self.inflight.discard(ticket.url, ticket.block_hashes)
+            ticket._inflight_indexed = False
+        open_ = self._tickets.get(ticket.url)
+        if open_ is not None:
+            open_.pop(ticket.id, None)
+            if not open_:
+                del self._tickets[ticket.url]
+
+    def update_engine_load(
+        self, url: str, running: int | None, queued: int | None, token_usage: float | None
+    ) -> None:
+        """Store the engine's own view (`/get_load`); policies read it as a floor, see module docstring."""
+        worker = self._workers.get(url)
+        if worker is None:
+            return
+        load = worker.load
+        load.engine_running = None if running is None else max(0, int(running))
+        load.engine_queued = None if queued is None else max(0, int(queued))
+        load.engine_token_usage = None if token_usage is None else min(1.0, max(0.0, float(token_usage)))
+
+    def remove_worker(self, url: str) -> None:
+        """Forget a removed worker's in-flight prompts; its open tickets still release (into the old load)."""
+        for t in self._tickets.pop(url, {}).values():
+            if t._inflight_indexed:
+                self.inflight.discard(url, t.block_hashes)
+                t._inflight_indexed = False
+
+    def open_tickets(self, url: str | None = None) -> int:
+        if url is not None:
+            return len(self._tickets.get(url, {}))
+        return sum(len(v) for v in self._tickets.values())
+
+    def _set_active(self, ticket: Ticket, blocks: int) -> None:
+        delta = blocks - ticket._active_added
+        if delta == 0:
+            return
+        load = ticket._load
+        load.active_blocks = max(0, load.active_blocks + delta)
+        ticket._active_added = blocks

@@ -1,0 +1,221 @@
+"""Every Prometheus object of the router, on one per-app registry, prefix `kvroute_`.
+
+Labels (bounded: routes and policies are fixed sets, workers are the registered fleet):
+- `route`: the client path (`/generate`, `/v1/completions`, `/v1/chat/completions`).
+- `policy`: the routing policy that chose the worker.
+- `worker`: the engine's base URL; `"none"` when no worker was chosen.
+- `status`: HTTP status returned to the client, as a string.
+- `kind`: error class (`upstream_unreachable`, `upstream_timeout`, `upstream_5xx`, `upstream_429`,
+  `stream_broken`, `client_disconnect`, `no_worker`, `bad_request`).
+- `reason`: why a retry happened (same values as `kind`).
+- `state`: worker state (`pending`, `healthy`, `unhealthy`, `draining`, `rejected`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from router.types import Worker, WorkerState
+
+# Latency buckets in seconds: sub-millisecond (router overhead, cached prefills) up to long generations.
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+_RATIO = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    """The router's metrics. Create one per app (tests run many apps in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "kvroute_requests",
+            "Requests answered, by route, policy, worker and status.",
+            ["route", "policy", "worker", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "kvroute_errors",
+            "Failed requests and failed attempts, by route, worker and kind.",
+            ["route", "worker", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvroute_retries",
+            "Attempts re-sent to the next-best worker, by route and reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kvroute_ttft_seconds",
+            "Time from request arrival to the first token sent back.",
+            ["policy", "worker"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "kvroute_tpot_seconds",
+            "Mean time per output token after the first, per request.",
+            ["policy", "worker"],
+            buckets=_TPOT,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvroute_e2e_seconds",
+            "Time from request arrival to the end of the response.",
+            ["route", "policy"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "kvroute_prompt_tokens", "Prompt tokens reported by the engines.", ["worker"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "kvroute_cached_tokens",
+            "Prompt tokens the engines served from their prefix cache (cached_tokens).",
+            ["worker"],
+            registry=r,
+        )
+        self.cached_ratio = Histogram(
+            "kvroute_cached_token_ratio",
+            "Per request: engine-reported cached_tokens / prompt_tokens.",
+            ["policy"],
+            buckets=_RATIO,
+            registry=r,
+        )
+        self.predicted_blocks = Counter(
+            "kvroute_predicted_cached_blocks",
+            "Blocks the router believed cached on the chosen worker.",
+            ["worker"],
+            registry=r,
+        )
+        self.index_blocks = Gauge(
+            "kvroute_index_blocks", "Blocks the index holds per worker.", ["worker"], registry=r
+        )
+        self.in_flight = Gauge(
+            "kvroute_worker_in_flight",
+            "Requests routed and not finished, per worker.",
+            ["worker"],
+            registry=r,
+        )
+        self.pending_prefill = Gauge(
+            "kvroute_worker_pending_prefill_tokens",
+            "Uncached prompt tokens routed with no first token yet, per worker.",
+            ["worker"],
+            registry=r,
+        )
+        self.active_blocks = Gauge(
+            "kvroute_worker_active_blocks", "KV blocks held by running requests.", ["worker"], registry=r
+        )
+        self.engine_running = Gauge(
+            "kvroute_worker_engine_running", "Running requests per /get_load.", ["worker"], registry=r
+        )
+        self.engine_queued = Gauge(
+            "kvroute_worker_engine_queued", "Queued requests per /get_load.", ["worker"], registry=r
+        )
+        self.worker_state = Gauge(
+            "kvroute_worker_state",
+            "1 for the worker's current state, else 0.",
+            ["worker", "state"],
+            registry=r,
+        )
+        self.event_lag = Gauge(
+            "kvroute_event_lag_seconds",
+            "Age of the last KV event applied per worker (engine timestamp to now).",
+            ["worker"],
+            registry=r,
+        )
+        self.event_gaps = Gauge(
+            "kvroute_event_gaps",
+            "Sequence gaps seen in a worker's KV event stream since it registered (count).",
+            ["worker"],
+            registry=r,
+        )
+        self.events = Gauge(
+            "kvroute_events",
+            "KV events applied per worker since it registered (count).",
+            ["worker"],
+            registry=r,
+        )
+        self.blind_workers = Gauge(
+            "kvroute_blind_workers",
+            "Workers serving traffic whose KV events never arrived (routing blind).",
+            registry=r,
+        )
+        self.worker_blind = Gauge(
+            "kvroute_worker_blind",
+            "1 when this worker serves traffic with no KV events.",
+            ["worker"],
+            registry=r,
+        )
+        self.circuit_opened = Counter(
+            "kvroute_circuit_opened", "Times a worker's circuit breaker opened.", ["worker"], registry=r
+        )
+        self.health_check_failures = Counter(
+            "kvroute_health_check_failures", "Failed health checks.", ["worker"], registry=r
+        )
+
+    def refresh(
+        self, workers: Iterable[Worker], index_stats: Mapping[str, Any], blind: Iterable[str]
+    ) -> None:
+        """Pull the gauges from the router's state; called at scrape time (no per-event cost)."""
+        blind_set = set(blind)
+        for w in workers:
+            u = w.url
+            self.in_flight.labels(u).set(w.load.in_flight)
+            self.pending_prefill.labels(u).set(w.load.pending_prefill_tokens)
+            self.active_blocks.labels(u).set(w.load.active_blocks)
+            if w.load.engine_running is not None:
+                self.engine_running.labels(u).set(w.load.engine_running)
+            if w.load.engine_queued is not None:
+                self.engine_queued.labels(u).set(w.load.engine_queued)
+            for s in WorkerState:
+                self.worker_state.labels(u, s.value).set(1 if w.state is s else 0)
+            self.worker_blind.labels(u).set(1 if u in blind_set else 0)
+            st = index_stats.get(u)
+            if isinstance(st, Mapping):
+                _set(self.index_blocks, u, st, "blocks")
+                stream = st.get("stream")
+                if isinstance(stream, Mapping):
+                    _set(self.event_lag, u, stream, "lag_s")
+                    _set(self.event_gaps, u, stream, "gaps")
+                    _set(self.events, u, stream, "events")
+        self.blind_workers.set(len(blind_set))
+
+    def forget_worker(self, url: str) -> None:
+        """Drop a removed worker's gauge series (counters keep their history)."""
+        for g in (
+            self.in_flight,
+            self.pending_prefill,
+            self.active_blocks,
+            self.engine_running,
+            self.engine_queued,
+            self.worker_blind,
+            self.index_blocks,
+            self.event_lag,
+            self.event_gaps,
+            self.events,
+        ):
+            try:
+                g.remove(url)
+            except KeyError:
+                pass
+        for s in WorkerState:
+            try:
+                self.worker_state.remove(url, s.value)
+            except KeyError:
+                pass
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _set(gauge: Gauge, url: str, stats: Mapping[str, Any], *keys: str) -> None:
+    for k in keys:
+        v = stats.get(k)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            gauge.labels(url).set(v)
+            return

@@ -1,0 +1,71 @@
+"""Summaries, tables and CLI parsing of the comparison runner, on hand-made results (no processes)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.compare import (
+    BenchConfig,
+    RouterSpec,
+    RunResult,
+    markdown_table,
+    parse_args,
+    percentile,
+    summarize,
+    sweep_table,
+)
+from bench.loadgen import RequestResult
+from bench.workloads import Request
+from bench.workloads.ceiling import prefix_reuse_ceiling
+
+
+def _res(rid: str, ttft: float, itl: list[float], cached: int, prompt: int, done: float) -> RequestResult:
+    return RequestResult(rid, "r", True, prompt, 0.0, ttft_s=ttft, e2e_s=ttft + sum(itl), itl_s=itl,
+                         output_tokens=len(itl) + 1, cached_tokens=cached, done_s=done)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_summary_figures() -> None:
+    reqs = [Request("a", 0.0, "aaaabbbbcc", 2), Request("b", 1.0, "aaaabbbbdd", 2)]
+    ceiling = prefix_reuse_ceiling(reqs, 4)  # 8 of 20 prompt tokens
+    results = [
+        _res("a", 1.0, [0.05], cached=0, prompt=10, done=2.0),
+        _res("b", 3.0, [0.2], cached=8, prompt=10, done=4.0),  # misses the TTFT and ITL SLAs
+        RequestResult("c", "r", False, 10, 2.0, error="HTTP 503"),
+    ]
+    cfg = BenchConfig(sla_ttft_s=2.0, sla_itl_s=0.1)
+    s = summarize(RunResult("r", 1.0, results, [2, 1], [], 1.0), ceiling, [0.5, 0.25], cfg)
+    assert (s.requests, s.ok) == (3, 2)
+    assert s.ttft_mean == pytest.approx(2.0)
+    assert s.hit_ratio == pytest.approx(8 / 20)
+    assert s.hit_share_of_ceiling == pytest.approx(1.0)
+    assert s.worker_max_over_mean == pytest.approx(2 / 1.5)
+    assert s.ttft_lower_bound_mean == pytest.approx(0.375)
+    assert s.goodput_fraction == pytest.approx(1 / 3)
+    assert s.throughput_tok_s == pytest.approx(4 / 4.0)  # 4 output tokens over 4 engine seconds
+    table = markdown_table([s])
+    assert "| r | 2/3 | 2.000 |" in table and "40.0%" in table
+
+    fast = summarize(RunResult("r", 2.0, results[:1], [1, 0], [], 1.0), ceiling, [0.5], cfg)
+    sweep = sweep_table([s, fast], sla_ttft=2.0)
+    assert "| r |" in sweep and "breaks SLA at" in sweep
+    assert sweep.strip().splitlines()[-1].endswith("| x1 |")  # p99 at x1 is ~3 s > 2 s
+
+
+def test_cli_parsing(tmp_path: Path) -> None:
+    cfg = parse_args(["--routers", "kvroute-kv_aware,sglang-cache_aware", "--sweep", "1,2", "--out",
+                      str(tmp_path)])
+    assert cfg.routers == (RouterSpec("kvroute", "kv_aware"), RouterSpec("sglang", "cache_aware"))
+    assert cfg.sweep == (1.0, 2.0) and cfg.out_dir == tmp_path
+    quick = parse_args(["--quick"])
+    assert quick.fleet.workers < 8 and len(quick.routers) >= 4
+    with pytest.raises(SystemExit):
+        parse_args(["--routers", "nginx"])

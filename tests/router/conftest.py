@@ -1,0 +1,291 @@
+"""Fixtures for the router's HTTP tests: a tiny scriptable SGLang-like backend and a router on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from router.app import REGISTRY, ROUTER, create_app
+from router.config import RouterConfig
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `pred` until true; fail after `timeout` seconds (a bounded wait, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def refused_url() -> str:
+    """A loopback URL nothing listens on (the port was bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Seen:
+    path: str
+    body: bytes
+    headers: CIMultiDict[str]
+
+
+@dataclass
+class FakeEngine:
+    """An SGLang-shaped backend whose behaviour tests script.
+
+    `mode`: "ok" | "error500" | "die_mid_stream" | "slow_stream" (waits on `gate` before each chunk
+    after the first) | "hang" (never answers until closed).
+    """
+
+    page_size: int = 16
+    model: str = "fake-model"
+    mode: str = "ok"
+    chunks: int = 4
+    cached_tokens: int = 7
+    healthy: bool = True
+    seen: list[Seen] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    gate: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> FakeEngine:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/server_info", self._server_info)
+        app.router.add_get("/model_info", self._model_info)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/get_load", self._load)
+        app.router.add_post("/flush_cache", self._flush)
+        app.router.add_post("/abort_request", self._abort)
+        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            app.router.add_post(path, self._generate)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="", status=200 if self.healthy else 503)
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "page_size": self.page_size,
+                "model_path": self.model,
+                "disaggregation_mode": "null",
+                "max_total_num_tokens": 100000,
+            }
+        )
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.model, "is_generation": True})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def _load(self, request: web.Request) -> web.Response:
+        return web.json_response([{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}])
+
+    async def _flush(self, request: web.Request) -> web.Response:
+        return web.Response(text="Cache flushed.")
+
+    async def _abort(self, request: web.Request) -> web.Response:
+        self.aborts.append(orjson.loads(await request.read())["rid"])
+        return web.Response()
+
+    def _event(self, path: str, rid: str, i: int, last: bool) -> bytes:
+        if path == "/generate":
+            obj: dict[str, Any] = {
+                "text": "x" * (i + 1),
+                "meta_info": {
+                    "id": rid,
+                    "prompt_tokens": 40,
+                    "cached_tokens": self.cached_tokens,
+                    "completion_tokens": i + 1,
+                    "finish_reason": {"type": "length"} if last else None,
+                },
+            }
+        elif path == "/v1/chat/completions":
+            obj = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": "x"},
+                        "finish_reason": "length" if last else None,
+                    }
+                ],
+            }
+        else:
+            obj = {
+                "id": rid,
+                "object": "text_completion",
+                "created": 0,
+                "model": self.model,
+                "choices": [{"index": 0, "text": "x", "finish_reason": "length" if last else None}],
+            }
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.path, body, CIMultiDict(request.headers)))
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        data = orjson.loads(body)
+        rid = data.get("rid") or "rid-" + str(len(self.seen))
+        if not data.get("stream"):
+            if request.path == "/generate":
+                return web.json_response(
+                    {
+                        "text": "xxxx",
+                        "meta_info": {
+                            "id": rid,
+                            "prompt_tokens": 40,
+                            "cached_tokens": self.cached_tokens,
+                            "completion_tokens": 4,
+                        },
+                    },
+                    headers={"X-Engine": "fake"},
+                )
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "xxxx"},
+                            "finish_reason": "length",
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": 40,
+                        "completion_tokens": 4,
+                        "total_tokens": 44,
+                        "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                    },
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Engine": "fake"})
+        await resp.prepare(request)
+        try:
+            for i in range(self.chunks):
+                if i and self.mode == "slow_stream":
+                    await self.gate.get()
+                if i == 2 and self.mode == "die_mid_stream":
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                await resp.write(self._event(request.path, rid, i, i == self.chunks - 1))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            self.disconnected.set()
+            raise
+        return resp
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[Callable[..., Awaitable[FakeEngine]]]:
+    started: list[FakeEngine] = []
+
+    async def make(**kw: Any) -> FakeEngine:
+        e = await FakeEngine(**kw).start()
+        started.append(e)
+        return e
+
+    yield make
+    for e in started:
+        await e.close()
+
+
+@dataclass
+class RunningRouter:
+    url: str
+    app: web.Application
+    session: aiohttp.ClientSession
+
+    @property
+    def registry(self):  # type: ignore[no-untyped-def]
+        return self.app[REGISTRY]
+
+    @property
+    def core(self):  # type: ignore[no-untyped-def]
+        return self.app[ROUTER]
+
+    async def wait_healthy(self, n: int, timeout: float = 5.0) -> None:
+        await wait_until(lambda: len(self.registry.healthy_urls()) >= n, timeout, f"{n} healthy workers")
+
+
+def test_config(**kw: Any) -> RouterConfig:
+    base: dict[str, Any] = dict(
+        port=0,
+        policy="round_robin",
+        registration_retry_s=0.02,
+        health_check_interval_s=0,
+        load_poll_interval_s=0,
+        blind_check_interval_s=0,
+        connect_timeout_s=2.0,
+        request_timeout_s=10.0,
+        stream_idle_timeout_s=5.0,
+    )
+    base.update(kw)
+    return RouterConfig(**base)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.fixture
+async def start_router() -> AsyncIterator[Callable[..., Awaitable[RunningRouter]]]:
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(config: RouterConfig | None = None, **kw: Any) -> RunningRouter:
+        app = create_app(config or test_config(**kw))
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return RunningRouter(f"http://{host}:{port}", app, session)
+
+    yield make
+    for s in sessions:
+        await s.close()
+    for r in runners:
+        await r.cleanup()

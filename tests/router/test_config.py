@@ -1,0 +1,91 @@
+"""RouterConfig: precedence CLI > env > file > defaults, typing and validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.config import ConfigError, RouterConfig, build_config
+
+
+def test_defaults() -> None:
+    c = build_config({}, environ={})
+    assert c == RouterConfig()
+    assert (c.host, c.block_size, c.policy) == ("127.0.0.1", 16, "kv_aware")
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
+def test_precedence_cli_env_file(tmp_path, suffix) -> None:
+    path = tmp_path / f"kvroute{suffix}"
+    if suffix == ".toml":
+        path.write_text(
+            'port = 1111\nblock-size = 32\npolicy = "random"\nworker_urls = ["http://a:1"]\n'
+            "policy_params = {overlap_weight = 2.5}\n"
+        )
+    elif suffix == ".yaml":
+        path.write_text(
+            "port: 1111\nblock-size: 32\npolicy: random\nworker_urls: [http://a:1]\n"
+            "policy_params: {overlap_weight: 2.5}\n"
+        )
+    else:
+        path.write_text(
+            json.dumps(
+                {
+                    "port": 1111,
+                    "block-size": 32,
+                    "policy": "random",
+                    "worker_urls": ["http://a:1"],
+                    "policy_params": {"overlap_weight": 2.5},
+                }
+            )
+        )
+    env = {"KVROUTE_PORT": "2222", "KVROUTE_POLICY": "least_load", "KVROUTE_ADMIN_TOKEN": "t", "OTHER": "x"}
+    c = build_config({"port": 3333, "config": str(path), "host": None}, environ=env)
+    assert c.port == 3333  # CLI beats env and file
+    assert c.policy == "least_load"  # env beats file
+    assert c.block_size == 32  # file beats default
+    assert c.host == "127.0.0.1"  # None on the CLI means "not given"
+    assert c.admin_token == "t" and c.worker_urls == ("http://a:1",)
+    assert c.policy_params_dict == {"overlap_weight": 2.5}
+
+
+def test_env_lists_and_pairs() -> None:
+    env = {
+        "KVROUTE_WORKER_URLS": "http://a:1/, http://b:2",
+        "KVROUTE_KV_EVENTS": "http://a:1=tcp://a:5557",
+        "KVROUTE_POLICY_PARAMS": "temperature=0.5,balance_guard=true,name=x",
+        "KVROUTE_MAX_RETRIES": "0",
+    }
+    c = build_config({}, environ=env)
+    assert c.worker_urls == ("http://a:1", "http://b:2")
+    assert c.kv_events_dict == {"http://a:1": "tcp://a:5557"}
+    assert c.policy_params_dict == {"temperature": 0.5, "balance_guard": True, "name": "x"}
+    assert c.max_retries == 0
+
+
+@pytest.mark.parametrize(
+    ("cli", "message"),
+    [
+        ({"port": "abc"}, "port: expected int"),
+        ({"block_size": 0}, "block_size must be positive"),
+        ({"max_retries": -1}, "max_retries must be >= 0"),
+        ({"connect_timeout_s": -1}, "connect_timeout_s must be >= 0"),
+        ({"worker_urls": ["localhost:3000"]}, "must start with http"),
+        ({"kv_events": ["http://a:1"]}, "WORKER_URL=tcp://"),
+        ({"policy_params": ["novalue"]}, "KEY=VALUE"),
+        ({"bogus": 1}, "unknown configuration key"),
+    ],
+)
+def test_invalid_values(cli, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(cli, environ={})
+
+
+def test_bad_file(tmp_path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("port = [")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        build_config({"config": str(p)}, environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_config({"config": str(tmp_path / "missing.toml")}, environ={})

@@ -1,0 +1,141 @@
+"""LoadTracker: the ticket lifecycle, idempotent release, never-negative counters, in-flight prompts."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache_index.hashing import BlockHash, hash_blocks
+from router.load import InflightIndex, LoadTracker
+from router.types import Worker, WorkerLoad, WorkerState
+
+BS = 16
+
+
+def tracker(*urls: str) -> tuple[LoadTracker, dict[str, Worker]]:
+    ws = {u: Worker(url=u, state=WorkerState.HEALTHY) for u in urls}
+    return LoadTracker(ws), ws
+
+
+def test_lifecycle_moves_pending_prefill_to_active_blocks() -> None:
+    lt, ws = tracker("a")
+    load = ws["a"].load
+    t = lt.on_routed("a", prompt_tokens=100, uncached_tokens=60, block_size=BS)
+    assert (load.in_flight, load.pending_prefill_tokens, load.active_blocks) == (1, 60, 0)
+    lt.on_first_token(t)
+    assert (load.in_flight, load.pending_prefill_tokens, load.active_blocks) == (1, 0, 7)  # ceil(100/16)
+    lt.on_tokens(t, 11)  # 111 tokens: still 7 pages
+    assert load.active_blocks == 7
+    lt.on_tokens(t, 1)  # 112 = 7 * 16: still 7
+    assert load.active_blocks == 7
+    lt.on_tokens(t, 1)  # 113: an 8th page
+    assert load.active_blocks == 8
+    lt.on_finished(t)
+    assert load == WorkerLoad()  # everything released
+    lt.on_finished(t)  # idempotent
+    assert load == WorkerLoad()
+
+
+def test_abort_before_first_token_releases_the_pending_prefill() -> None:
+    lt, ws = tracker("a")
+    t1 = lt.on_routed("a", 64, 64, BS)
+    t2 = lt.on_routed("a", 32, 16, BS)
+    lt.on_finished(t1)  # aborted while queued
+    assert (ws["a"].load.in_flight, ws["a"].load.pending_prefill_tokens) == (1, 16)
+    lt.on_first_token(t1)  # late events on a finished ticket are ignored
+    lt.on_tokens(t1, 50)
+    assert ws["a"].load.active_blocks == 0
+    lt.on_finished(t2)
+    assert ws["a"].load == WorkerLoad()
+
+
+def test_tokens_before_first_token_imply_it_and_uncached_is_clamped() -> None:
+    lt, ws = tracker("a")
+    t = lt.on_routed("a", prompt_tokens=20, uncached_tokens=500, block_size=BS)  # more uncached than prompt
+    assert ws["a"].load.pending_prefill_tokens == 20
+    lt.on_tokens(t, 13)  # non-streaming response: all tokens at once
+    assert (ws["a"].load.pending_prefill_tokens, ws["a"].load.active_blocks) == (0, 3)  # ceil(33/16)
+
+
+def test_engine_poll_is_stored_beside_the_counters_and_clamped() -> None:
+    lt, ws = tracker("a")
+    t = lt.on_routed("a", 16, 16, BS)
+    lt.update_engine_load("a", running=7, queued=-3, token_usage=1.7)
+    load = ws["a"].load
+    assert (load.in_flight, load.engine_running, load.engine_queued, load.engine_token_usage) == (1, 7, 0, 1.0)
+    lt.update_engine_load("gone", 1, 1, 0.5)  # unknown worker: ignored
+    lt.on_finished(t)
+    assert load.in_flight == 0 and load.engine_running == 7  # a poll is never released by a ticket
+
+
+def test_removed_and_readded_worker_is_not_touched_by_old_tickets() -> None:
+    lt, ws = tracker("a")
+    hashes = hash_blocks(list(range(64)), BS)
+    old = lt.on_routed("a", 64, 64, BS, block_hashes=hashes)
+    lt.remove_worker("a")
+    assert lt.inflight.match(hashes) == {}  # its in-flight prompts are forgotten at once
+    ws["a"] = Worker(url="a", state=WorkerState.HEALTHY)  # re-added: a fresh Worker
+    new = lt.on_routed("a", 32, 32, BS, block_hashes=hashes[:2])
+    lt.on_finished(old)
+    assert (ws["a"].load.in_flight, ws["a"].load.pending_prefill_tokens) == (1, 32)  # untouched
+    assert lt.inflight.match(hashes) == {"a": 2}  # the new ticket's prompt is still in flight
+    lt.on_finished(new)
+    assert lt.inflight.match(hashes) == {} and lt.open_tickets() == 0
+
+
+def test_inflight_index_is_refcounted_per_worker() -> None:
+    idx = InflightIndex()
+    long = [BlockHash(h) for h in (1, 2, 3, 4)]
+    idx.add("a", long)
+    idx.add("a", long[:2])
+    idx.add("b", long[:1])
+    assert idx.match(long) == {"a": 4, "b": 1}
+    idx.discard("a", long)
+    assert idx.match(long) == {"a": 2, "b": 1}  # the shorter prompt still holds the first 2
+    idx.discard("a", long[:2])
+    idx.discard("a", long[:2])  # over-release is harmless
+    assert idx.match(long) == {"b": 1}
+    assert idx.match([BlockHash(9), *long]) == {}  # the walk starts at the first block
+    idx.discard("b", long[:1])
+    assert len(idx) == 0
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["route", "first", "tokens", "finish"]),
+        st.integers(0, 3),  # worker
+        st.integers(0, 9),  # ticket slot
+        st.integers(0, 300),  # size
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_counters_never_negative_and_return_to_zero(seq: list[tuple[str, int, int, int]]) -> None:
+    urls = ["a", "b", "c", "d"]
+    lt, ws = tracker(*urls)
+    slots: dict[int, object] = {}
+    every: list[object] = []
+    for op, w, slot, n in seq:
+        t = slots.get(slot)
+        if op == "route" or t is None:
+            hashes = hash_blocks([w * 1000 + i for i in range(n)], BS)
+            slots[slot] = lt.on_routed(urls[w], n, n // 2, BS, block_hashes=hashes)
+            every.append(slots[slot])
+        elif op == "first":
+            lt.on_first_token(t)  # type: ignore[arg-type]
+        elif op == "tokens":
+            lt.on_tokens(t, n)  # type: ignore[arg-type]
+        else:
+            lt.on_finished(t)  # type: ignore[arg-type]
+        for wk in ws.values():
+            ld = wk.load
+            assert ld.in_flight >= 0 and ld.pending_prefill_tokens >= 0 and ld.active_blocks >= 0
+        assert sum(wk.load.in_flight for wk in ws.values()) == lt.open_tickets()
+    for t in every:
+        lt.on_finished(t)  # type: ignore[arg-type]
+        lt.on_finished(t)  # type: ignore[arg-type]
+    assert all(wk.load == WorkerLoad() for wk in ws.values())  # exactly back to zero
+    assert len(lt.inflight) == 0 and lt.open_tickets() == 0
