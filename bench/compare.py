@@ -134,10 +134,17 @@ def size_capacity(ceiling_workload: Workload, workers: int, page_size: int) -> i
 # ---- the fleet, in a child process ------------------------------------------------------------------
 async def _fleet_child(spec: dict[str, Any]) -> None:
     """Run a SimFleet until stdin closes; print one JSON line with the engine URLs first."""
+    from engines.http_api import STATE
     from engines.sim.fleet import SimFleet
 
     kwargs = dict(spec)
-    async with SimFleet(**kwargs) as fleet:
+    incremental = bool(kwargs.pop("incremental_streaming_output", True))
+    fleet = SimFleet(**kwargs)
+    for server in fleet.servers:
+        # SGLang's --incremental-streaming-output: each SSE chunk carries only its new tokens, not the
+        # whole output so far (O(n) bytes per request instead of O(n^2)); the host has 2 cores.
+        server.app[STATE].extra_server_info["incremental_streaming_output"] = incremental
+    async with fleet:
         print(json.dumps({"urls": list(fleet.urls)}), flush=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.read)
@@ -420,6 +427,7 @@ class Summary:
     goodput_req_s: float  # requests meeting both SLAs per engine second
     goodput_fraction: float
     wall_s: float
+    host_overhead_s: float  # mean client e2e minus the engine's own e2e: router + host, in engine s
 
 
 def summarize(run: RunResult, ceiling: Ceiling, bounds: Sequence[float], cfg: BenchConfig) -> Summary:
@@ -461,7 +469,13 @@ def summarize(run: RunResult, ceiling: Ceiling, bounds: Sequence[float], cfg: Be
         goodput_req_s=good / span if span and span > 0 else math.nan,
         goodput_fraction=good / len(rs) if rs else 0.0,
         wall_s=run.wall_s,
+        host_overhead_s=_mean([r.e2e_s - r.engine_e2e_s for r in ok
+                               if r.e2e_s and r.engine_e2e_s is not None]),
     )
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
 
 
 def markdown_table(sums: Sequence[Summary]) -> str:
@@ -548,7 +562,8 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
                         f"{s.router}{suffix}: {s.ok}/{s.requests} ok, TTFT mean {s.ttft_mean:.3f} s p99 "
                         f"{s.ttft_p99:.3f} s, hit {s.hit_ratio:.1%} "
                         f"({s.hit_share_of_ceiling:.0%} of ceiling), "
-                        f"max/mean {s.worker_max_over_mean:.2f}, wall {s.wall_s:.0f} s",
+                        f"max/mean {s.worker_max_over_mean:.2f}, host overhead {s.host_overhead_s:.3f} s, "
+                        f"wall {s.wall_s:.0f} s",
                         file=sys.stderr,
                     )
     write_report(cfg, fleet, wl, ceiling, bounds, summaries, runs, notes)
@@ -604,9 +619,9 @@ def write_report(
 # ---- CLI ----------------------------------------------------------------------------------------------
 QUICK = {
     "workload": "mooncake",
-    "workload_args": {"start": 0, "count": 500, "max_output_tokens": 16},
+    "workload_args": {"start": 0, "count": 300, "max_output_tokens": 16},
     "rate": 4.0,
-    "fleet": FleetSpec(workers=4, time_scale=0.1),
+    "fleet": FleetSpec(workers=4, time_scale=0.5),
 }
 
 
@@ -617,6 +632,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap.add_argument("--start", type=int, default=0, help="mooncake: first request of the slice")
     ap.add_argument("--count", type=int, default=2000, help="mooncake: slice length")
     ap.add_argument("--max-output-tokens", type=int, default=None, help="cap on generated tokens per request")
+    ap.add_argument("--output-scale", type=float, default=1.0, help="mooncake: multiply output lengths")
     ap.add_argument("--rate", type=float, default=1.0, help="arrival rate factor (2 = twice as fast)")
     ap.add_argument("--sweep", default="", help="comma-separated rate factors for a load sweep, e.g. 1,2,4,8")
     ap.add_argument("--workers", type=int, default=8)
@@ -644,7 +660,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     base: dict[str, Any] = {
         "workload": a.workload,
         "workload_args": (
-            {"start": a.start, "count": a.count, "max_output_tokens": a.max_output_tokens}
+            {"start": a.start, "count": a.count, "max_output_tokens": a.max_output_tokens,
+             "output_scale": a.output_scale}
             if a.workload == "mooncake" else {}
         ),
         "rate": a.rate,

@@ -142,7 +142,7 @@ async def e2e(a: argparse.Namespace) -> dict[str, Any]:
     from router.app import create_app
     from router.config import RouterConfig
 
-    cmd = [sys.executable, "-m", "engines.gpu.launch", "--device", "cuda", "--model-config", a.model_config,
+    cmd = [sys.executable, "-m", "engines.gpu.launch", "--device", a.device, "--model-config", a.model_config,
            "--port", "0", "--events-port", "0", "--num-engines", str(a.num_engines), "--page-size",
            str(a.page_size), "--num-pages", str(a.pages), "--max-batch-tokens", str(a.max_batch_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ee = sub.add_parser("e2e")
     ee.add_argument("--model-config", default="llama3-8b")
     ee.add_argument("--num-engines", type=int, default=4)
+    ee.add_argument("--device", default="cuda")
     ee.add_argument("--page-size", type=int, default=16)
     ee.add_argument("--pages", type=int, default=1536, help="KV pages per engine (cache pressure)")
     ee.add_argument("--max-batch-tokens", type=int, default=8192)

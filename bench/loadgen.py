@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 
 from bench.workloads import Request, build
 
@@ -71,6 +72,7 @@ class RequestResult:
     status: int | None = None
     error: str | None = None
     done_s: float | None = None  # completion time from the run start (engine seconds)
+    engine_e2e_s: float | None = None  # the engine's own e2e_latency (meta_info), when it reports one
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -166,11 +168,14 @@ async def send_one(
                 if data == b"[DONE]":
                     break
                 now = time.perf_counter()
-                obj = json.loads(data)
+                obj = orjson.loads(data)
                 if "error" in obj:
                     res.error = str(obj["error"])[:200]
                     return res
                 n, cached = _chunk_tokens(obj, cfg.api, res.output_tokens)
+                e2e = (obj.get("meta_info") or {}).get("e2e_latency")
+                if isinstance(e2e, int | float):
+                    res.engine_e2e_s = float(e2e)
                 if cached is not None:
                     res.cached_tokens = int(cached)
                 if n <= 0:
@@ -191,7 +196,7 @@ async def send_one(
         res.ok = res.ttft_s is not None and res.error is None
         if not res.ok and res.error is None:
             res.error = "stream ended without a token"
-    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+    except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:200]
     return res
 

@@ -6,8 +6,10 @@ objects: it is a few flat dicts of ints, which is what makes the index small and
 Data layout (see cache_index/README.md):
 - ``_masks``: hash -> bitmask of the worker slots holding that block. A key exists iff some worker
   holds the block; ``len(index)`` is its size.
-- ``_kids``: hash -> its child hash (an int, the common case of a chain) or a set of child hashes.
-  Children are unlinked lazily (a dead child is skipped and pruned later), so dying is O(1).
+- ``_kids``: hash -> its first child hash; ``_fan``: hash -> set of its further children (only
+  at branch points). ``_kids`` holds only ints so the garbage collector never scans it (a dict
+  holding sets would be traversed, 700k entries, at every full collection). Children are
+  unlinked lazily (a dead child is skipped and pruned later), so dying is O(1).
 - ``_roots``: hashes stored with no parent, the entry points of a per-worker walk (``clear``).
 - ``_emap``: engine hash -> our hash, shared by all workers (SGLang >= 0.5.9 hashes a prefix alike
   on every worker), to apply ``BlockRemoved``; a worker whose engine hash disagrees gets an
@@ -18,8 +20,8 @@ Data layout (see cache_index/README.md):
 
 Invariant (prefix closure): a worker that holds a block holds its parent. ``store`` ignores (and
 counts) blocks whose parent the worker does not hold, and removal takes the worker's descendants
-with the block (the removal rule below). So along a prompt's chain the masks only shrink, and
-``match`` can stop at the first block nobody holds.
+with the block (the removal rule below). So along a prompt's chain the masks only shrink, which
+lets ``match`` bisect for the depths where they change instead of reading every block.
 
 Removal rule: removing a block from a worker (``remove``, capacity eviction, expiry) also removes
 every descendant of that block held by that worker, because the engine can no longer reach them
@@ -90,7 +92,8 @@ class RadixIndex:
         self._capacity = capacity
         self._track = track_recency
         self._masks: dict[int, int] = {}
-        self._kids: dict[int, int | set[int]] = {}
+        self._kids: dict[int, int] = {}  # first child; ints only: never scanned by the GC
+        self._fan: dict[int, set[int]] = {}  # further children, at branch points only
         # Engine hash -> our hash, shared by the workers: SGLang >= 0.5.9 hashes a prefix the same
         # on every worker, so one entry per block serves them all. A worker whose engine hash for
         # a block disagrees gets a per-worker override (`_Worker.emap`). Entries of dead blocks are
@@ -150,8 +153,9 @@ class RadixIndex:
         ws = self._worker(worker)
         ws.capacity = capacity
         if capacity is not None and ws.lru is None:
-            # Start LRU tracking: existing blocks enter in an arbitrary order (all equally old).
-            ws.lru = OrderedDict.fromkeys(self._walk(ws), 0.0)
+            # Start LRU tracking with the existing blocks, descendants before their ancestors
+            # (the walk lists parents first), so eviction takes leaves first.
+            ws.lru = OrderedDict.fromkeys(reversed(self._walk(ws)), 0.0)
         return self._enforce_capacity(ws)
 
     def workers(self) -> list[str]:
@@ -190,29 +194,33 @@ class RadixIndex:
         if parent is not None and not masks.get(parent, 0) & bit:
             self._stats["orphan_blocks"] += len(blocks)
             return
-        gemap = self._emap
+        setdefault = self._emap.setdefault
         wemap = ws.emap
         kids = self._kids
         intern = self._intern
         p: int | None = parent
+        p_new = False  # p was born in this call, so it has no child yet
         added = 0
         for h, e in blocks:
             m = masks.get(h)
             if m is None:
                 masks[h] = bit
                 added += 1
-                if p is None:
+                if p_new:
+                    kids[p] = h  # type: ignore[index]
+                elif p is None:
                     self._roots.add(h)
                 else:
                     self._link(kids, p, h)
-            elif not m & bit:
-                masks[h] = intern(m | bit)
-                added += 1
-            g = gemap.get(e)
-            if g is None:
-                gemap[e] = g = h
-            if g != h:
-                wemap[e] = h
+                p_new = True
+            else:
+                if not m & bit:
+                    masks[h] = intern(m | bit)
+                    added += 1
+                p_new = False
+            g = setdefault(e, h)
+            if g is not h and g != h:
+                wemap[e] = h  # this worker's engine names another block than the shared map
                 self._stats["engine_hash_overrides"] += 1
             elif wemap:
                 wemap.pop(e, None)
@@ -238,19 +246,25 @@ class RadixIndex:
         kids = self._kids
         intern = self._intern
         p: int | None = parent
+        p_new = False
         added = 0
         for h in hashes:
             m = masks.get(h)
             if m is None:
                 masks[h] = bit
                 added += 1
-                if p is None:
+                if p_new:
+                    kids[p] = h  # type: ignore[index]
+                elif p is None:
                     self._roots.add(h)
                 else:
                     self._link(kids, p, h)
-            elif not m & bit:
-                masks[h] = intern(m | bit)
-                added += 1
+                p_new = True
+            else:
+                if not m & bit:
+                    masks[h] = intern(m | bit)
+                    added += 1
+                p_new = False
             p = h
         ws.count += added
         self._stats["stored_blocks"] += added
@@ -258,23 +272,31 @@ class RadixIndex:
             self._refresh(ws, hashes, stamp)
         return added
 
-    def _link(self, kids: dict[int, int | set[int]], p: int, h: int) -> None:
+    def _link(self, kids: dict[int, int], p: int, h: int) -> None:
+        """Record ``h`` as a child of ``p`` (``h`` was just born)."""
         v = kids.get(p)
-        if v is None:
-            kids[p] = h
-        elif type(v) is int:
-            if v != h:
-                # A dead single child is replaced rather than kept (lazy unlinking).
-                kids[p] = {v, h} if v in self._masks else h
-        else:
-            assert isinstance(v, set)
-            if h not in v:
-                v.add(h)
-                n = len(v)
-                if n >= 8 and n & (n - 1) == 0:  # at each power of two, prune dead children
-                    masks = self._masks
-                    dead = [c for c in v if c not in masks]
-                    v.difference_update(dead)
+        if v is None or v == h or v not in self._masks:
+            kids[p] = h  # first child, or a dead one replaced (lazy unlinking)
+            return
+        fan = self._fan.get(p)
+        if fan is None:
+            self._fan[p] = {h}
+        elif h not in fan:
+            fan.add(h)
+            n = len(fan)
+            if n >= 8 and n & (n - 1) == 0:  # at each power of two, prune dead children
+                masks = self._masks
+                fan.difference_update([c for c in fan if c not in masks])
+
+    def _held_children(self, x: int, bit: int) -> list[int]:
+        """Children of ``x`` whose mask has ``bit``."""
+        masks = self._masks
+        c = self._kids.get(x)
+        out = [c] if c is not None and masks.get(c, 0) & bit else []
+        fan = self._fan.get(x)
+        if fan:
+            out.extend(k for k in fan if masks.get(k, 0) & bit)
+        return out
 
     def _refresh(self, ws: _Worker, hashes: Sequence[int], stamp: float) -> None:
         """Mark held ``hashes`` most recently used, the first one last: ancestors outlive descendants."""
@@ -347,39 +369,55 @@ class RadixIndex:
 
     def _drop(self, ws: _Worker, h: int) -> int:
         """Remove ``h`` and the worker's descendants of it from ``ws``; returns how many."""
+        n = self._drop_subtrees(ws, [h])
+        if n > 1:
+            self._stats["descendants_removed"] += n - 1
+        return n
+
+    def _drop_subtrees(self, ws: _Worker, stack: list[int]) -> int:
+        """Remove the listed blocks and the worker's descendants of them; returns how many.
+
+        The hot loop of removal, eviction and ``clear``: children read inline, no calls per block.
+        """
         masks = self._masks
-        kids = self._kids
+        get = masks.get
+        kids_get = self._kids.get
+        kids_pop = self._kids.pop
+        roots_discard = self._roots.discard
+        fan = self._fan
+        intern = self._intern
         lru = ws.lru
         bit = ws.bit
-        stack = [h]
+        keep = ~bit
         n = 0
+        dead = 0
         while stack:
             x = stack.pop()
-            m = masks.get(x, 0)
+            m = get(x, 0)
             if not m & bit:
                 continue  # not held (or already dropped through another path)
-            c = kids.get(x)
-            if c is not None:
-                if type(c) is int:
-                    if masks.get(c, 0) & bit:
-                        stack.append(c)
-                else:
-                    assert isinstance(c, set)
-                    stack.extend(k for k in c if masks.get(k, 0) & bit)
-            m &= ~bit
+            c = kids_get(x)
+            if c is not None and get(c, 0) & bit:
+                stack.append(c)
+            if fan:
+                f = fan.get(x)
+                if f:
+                    stack.extend(k for k in f if get(k, 0) & bit)
+            m &= keep
             if m:
-                masks[x] = self._intern(m)
-            else:
+                masks[x] = intern(m)
+            else:  # no worker holds x, so (prefix closure) none holds its children either
                 del masks[x]
-                kids.pop(x, None)
-                self._roots.discard(x)
-                self._dead += 1
+                kids_pop(x, None)
+                if fan:
+                    fan.pop(x, None)
+                roots_discard(x)
+                dead += 1
             if lru is not None:
                 lru.pop(x, None)
             n += 1
+        self._dead += dead
         ws.count -= n
-        if n > 1:
-            self._stats["descendants_removed"] += n - 1
         self._stats["removed_blocks"] += n
         if self._dead > 4096 and self._dead > len(masks):
             self._compact_engine_map()
@@ -394,7 +432,6 @@ class RadixIndex:
     def _walk(self, ws: _Worker) -> list[int]:
         """All blocks the worker holds, found from the roots through held nodes (prefix closure)."""
         masks = self._masks
-        kids = self._kids
         bit = ws.bit
         if ws.lru is not None:
             return list(ws.lru)
@@ -407,15 +444,7 @@ class RadixIndex:
                 continue
             seen.add(x)
             out.append(x)
-            c = kids.get(x)
-            if c is None:
-                continue
-            if type(c) is int:
-                if masks.get(c, 0) & bit:
-                    stack.append(c)
-            else:
-                assert isinstance(c, set)
-                stack.extend(k for k in c if masks.get(k, 0) & bit)
+            stack.extend(self._held_children(x, bit))
         return out
 
     def clear(self, worker: str) -> int:
@@ -424,28 +453,17 @@ class RadixIndex:
         if ws is None:
             return 0
         masks = self._masks
-        kids = self._kids
-        roots = self._roots
-        keep = ~ws.bit
-        intern = self._intern
-        held = self._walk(ws)
-        for x in held:
-            m = masks[x] & keep
-            if m:
-                masks[x] = intern(m)
-            else:
-                del masks[x]
-                kids.pop(x, None)
-                roots.discard(x)
-                self._dead += 1
-        n = len(held)
-        ws.count = 0
-        ws.emap = {}
+        bit = ws.bit
         if ws.lru is not None:
-            ws.lru = OrderedDict()
-        self._stats["removed_blocks"] += n
-        if self._dead > 4096 and self._dead > len(masks):
-            self._compact_engine_map()
+            start = list(ws.lru)
+        else:
+            start = [r for r in self._roots if masks.get(r, 0) & bit]
+        n = self._drop_subtrees(ws, start)
+        if ws.count:
+            # Blocks not reachable through the worker's own chain (only possible if a caller
+            # stored inconsistent chains): one full scan so the slot is clean before any reuse.
+            n += self._drop_subtrees(ws, [x for x, m in masks.items() if m & bit])
+        ws.emap = {}
         return n
 
     def remove_worker(self, worker: str) -> int:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -36,6 +36,11 @@ class ApiError(Exception):
         self.status = status
 
 
+def _byte_tokenizer() -> Tokenizer:
+    # ByteTokenizer's `name` is a frozen field, the Protocol declares a plain attribute: same at run time.
+    return cast(Tokenizer, ByteTokenizer())
+
+
 def _bytes_detokenize(ids: list[int]) -> str:
     return bytes(i & 0xFF for i in ids).decode("utf-8", errors="replace")
 
@@ -45,7 +50,7 @@ class ApiState:
     """What the handlers share: the engine, the tokenizer, the Prometheus registry of this one app."""
 
     core: EngineCore
-    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
+    tokenizer: Tokenizer = field(default_factory=lambda: _byte_tokenizer())
     detokenize: Callable[[list[int]], str] = _bytes_detokenize
     served_model_name: str | None = None
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=False))
@@ -158,6 +163,15 @@ def _sse(obj: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
+async def _end_sse(resp: web.StreamResponse) -> web.StreamResponse:
+    try:
+        await resp.write(_DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left after the last token: nothing to abort any more
+    return resp
+
+
 async def _start_sse(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(
         status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -254,11 +268,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return resp
     except EngineError as exc:
         await resp.write(_sse({"error": {"message": str(exc)}}))
+    except ConnectionResetError:  # the client went away: closing `rest` aborts the request
+        return resp
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
-    await resp.write(_DONE)
-    await resp.write_eof()
-    return resp
+    return await _end_sse(resp)
 
 
 # ---- OpenAI API ------------------------------------------------------------------------------------
@@ -348,11 +362,11 @@ async def _openai_stream(
             "code": exc.status,
         }
         await resp.write(_sse({"error": err}))
+    except ConnectionResetError:  # the client went away: closing `rest` aborts the request
+        return resp
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
-    await resp.write(_DONE)
-    await resp.write_eof()
-    return resp
+    return await _end_sse(resp)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -706,11 +720,11 @@ def create_app(
     """The SGLang-compatible app over `core`. With `manage_core`, the app starts and closes the engine."""
     st = ApiState(
         core=core,
-        tokenizer=tokenizer or ByteTokenizer(),
+        tokenizer=tokenizer or _byte_tokenizer(),
         served_model_name=served_model_name,
         extra_server_info=dict(extra_server_info or {}),
     )
-    st.registry.register(_EngineCollector(st))  # type: ignore[arg-type]
+    st.registry.register(_EngineCollector(st))
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE] = st
     r = app.router

@@ -89,25 +89,28 @@ class AdminApi:
         self.token = token
 
     def add_routes(self, app: web.Application) -> None:
+        """Every admin route, each behind the access check (no middleware on the serving hot path)."""
+        g = self._guarded
         r = app.router
-        r.add_get("/admin/workers", self.list_workers)
-        r.add_post("/admin/workers", self.add_worker)
-        r.add_delete("/admin/workers", self.remove_worker)
-        r.add_post("/admin/workers/remove", self.remove_worker)
-        r.add_post("/admin/workers/drain", self.drain_worker)
-        r.add_post("/admin/workers/undrain", self.undrain_worker)
-        r.add_get("/admin/policy", self.get_policy)
-        r.add_put("/admin/policy", self.set_policy)
-        r.add_post("/admin/policy", self.set_policy)
-        r.add_get("/admin/index", self.index_stats)
-        r.add_post("/admin/route/explain", self.explain)
-        r.add_get("/admin/counters", self.counters)
+        r.add_get("/admin/workers", g(self.list_workers))
+        r.add_post("/admin/workers", g(self.add_worker))
+        r.add_delete("/admin/workers", g(self.remove_worker))
+        r.add_post("/admin/workers/remove", g(self.remove_worker))
+        r.add_post("/admin/workers/drain", g(self.drain_worker))
+        r.add_post("/admin/workers/undrain", g(self.undrain_worker))
+        r.add_get("/admin/policy", g(self.get_policy))
+        r.add_put("/admin/policy", g(self.set_policy))
+        r.add_post("/admin/policy", g(self.set_policy))
+        r.add_get("/admin/index", g(self.index_stats))
+        r.add_post("/admin/route/explain", g(self.explain))
+        r.add_get("/admin/counters", g(self.counters))
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/") or request.path == "/admin":
+    def _guarded(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
             check_access(request, self.token)
-        return await handler(request)
+            return await handler(request)
+
+        return guarded
 
     async def list_workers(self, request: web.Request) -> web.Response:
         return _json({"workers": self.registry.describe_all()})

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from cache_index.hashing import HFTokenizer, Tokenizer
 from engines.errors import UpstreamError
+from engines.sglang import Http1Pool
 from router.admin import AdminApi
 from router.config import RouterConfig
 from router.core import Router
@@ -82,7 +83,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     registry = WorkerRegistry(core, config, metrics)
     admin = AdminApi(core, registry, config.admin_token)
     app = web.Application(
-        middlewares=[error_middleware, admin.middleware],
+        middlewares=[error_middleware],
         client_max_size=config.max_body_bytes or 2**62,
         handler_args={"max_field_size": 65536},
     )
@@ -125,15 +126,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
         timeout=aiohttp.ClientTimeout(total=None),
     )
+    pool = Http1Pool()  # the proxy's keep-alive connections to engines (lean HTTP/1.1, hot path)
     app[SESSION] = session
     app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session)
-    await app[REGISTRY].start(session)
+    await app[REGISTRY].start(session, pool)
     try:
         yield
     finally:
         await app[REGISTRY].close()
         await app[PROXY].close()
         await app[ROUTER].close()
+        pool.close()
         await session.close()
 
 

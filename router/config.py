@@ -77,8 +77,10 @@ class RouterConfig:
             if f.name.endswith("_s") and getattr(self, f.name) < 0:
                 raise ConfigError(f"{f.name} must be >= 0 seconds")
         for url in self.worker_urls:
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"worker url must start with http:// or https://: {url!r}")
+            if not url.startswith("http://"):
+                raise ConfigError(
+                    f"worker url must start with http:// (https to engines is not supported): {url!r}"
+                )
 
     @property
     def policy_params_dict(self) -> dict[str, Any]:

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cache_index.apply import KvEventApplier
 from cache_index.events import KvEventBatch
@@ -36,39 +36,12 @@ from cache_index.hashing import (
 )
 from cache_index.radix import RadixIndex
 from engines.kv_events import KvEventSubscriber
-from router.load import LoadTracker, Ticket, TicketState
+from router.load import LoadTracker, Ticket, TicketState, WorkerStats
 from router.policies import POLICIES, make_policy
 from router.policies.base import NoWorkerAvailable, Policy, PolicyContext
 from router.types import Decision, RoutingRequest, Worker, WorkerRole, WorkerScore
 
 __all__ = ["NoWorkerAvailable", "Router", "WorkerStats"]
-
-
-@dataclass
-class WorkerStats:
-    """Counters per worker, for metrics and for spotting workers routed to blind."""
-
-    routed: int = 0
-    finished: int = 0
-    prefilled: int = 0  # finished requests that reached a first token with >= 1 full prompt block
-    reported_prompt_tokens: int = 0  # prompt tokens of requests whose engine reported cached_tokens
-    cached_tokens: int = 0  # engine-reported (meta_info.cached_tokens): the ground truth
-    predicted_cached_tokens: int = 0  # what routing expected, for the same requests
-    output_tokens: int = 0
-    event_batches: int = 0
-    last_event_at: float | None = None  # router clock (monotonic seconds)
-    resets: int = 0  # index of this worker forgotten (event gap without replay, or by hand)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["cached_token_ratio"] = self.cached_token_ratio
-        return d
-
-    @property
-    def cached_token_ratio(self) -> float | None:
-        if self.reported_prompt_tokens == 0:
-            return None
-        return self.cached_tokens / self.reported_prompt_tokens
 
 
 class Router:
@@ -99,7 +72,8 @@ class Router:
         if text_chunk_bytes <= 0:
             raise ValueError(f"text_chunk_bytes must be positive, got {text_chunk_bytes}")
         self.block_size = block_size
-        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        # cast: ByteTokenizer's frozen `name` does not satisfy the protocol's settable attribute
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else cast(Tokenizer, ByteTokenizer())
         self.text_fallback = text_fallback
         self.text_chunk_bytes = text_chunk_bytes
         self.seed = namespace_seed(model_seed)
@@ -208,10 +182,9 @@ class Router:
                 n_tokens = len(text.encode("utf-8")) * self.block_size // self.text_chunk_bytes
                 n_tokens = max(n_tokens, 1 if text else 0)
             else:
-                ids = self.tokenizer.encode(text) if text is not None else self.tokenizer.apply_chat_template(
-                    messages or ()
-                )
-                hashes, n_tokens = hash_blocks(ids, self.block_size, self.seed), len(ids)
+                tok = self.tokenizer
+                toks = tok.encode(text) if text is not None else tok.apply_chat_template(messages or ())
+                hashes, n_tokens = hash_blocks(toks, self.block_size, self.seed), len(toks)
         if n_tokens == 0:
             raise ValueError("the prompt is empty")
         return RoutingRequest(
@@ -255,8 +228,15 @@ class Router:
 
     # --- request lifecycle -----------------------------------------------------------------------
 
-    def on_routed(self, decision_or_url: Decision | str, request: RoutingRequest) -> Ticket:
-        """The request is being sent: reserve its load on the worker and let the policy learn."""
+    def on_routed(
+        self, decision_or_url: Decision | str, request: RoutingRequest, cached_blocks: int | None = None
+    ) -> Ticket:
+        """The request is being sent: reserve its load on the worker and let the policy learn.
+
+        Pass the url when retrying down `decision.ranked`. The uncached part of the prompt (its pending
+        prefill) comes from `cached_blocks` when given (e.g. a PD decode worker, which prefills
+        nothing: pass the prompt's block count), else from the decision, else from the indexes.
+        """
         if isinstance(decision_or_url, Decision):
             url, cached = decision_or_url.worker, decision_or_url.cached_blocks
         else:
@@ -264,7 +244,9 @@ class Router:
         worker = self._workers.get(url)
         if worker is None:
             raise KeyError(f"unknown worker {url!r}")
-        if cached == 0 and request.block_hashes:
+        if cached_blocks is not None:
+            cached = cached_blocks
+        elif cached == 0 and request.block_hashes:
             cached = self.overlap(url, request.block_hashes)
         ticket = self.load.on_routed(
             url,
@@ -301,7 +283,9 @@ class Router:
         if cached_tokens is not None:
             st.reported_prompt_tokens += ticket.prompt_tokens
             st.cached_tokens += min(max(0, cached_tokens), ticket.prompt_tokens)
-            st.predicted_cached_tokens += min(ticket.cached_blocks_predicted * self.block_size, ticket.prompt_tokens)
+            st.predicted_cached_tokens += min(
+                ticket.cached_blocks_predicted * self.block_size, ticket.prompt_tokens
+            )
         st.output_tokens += output_tokens if output_tokens is not None else ticket.output_tokens
 
     def update_engine_load(
@@ -311,7 +295,9 @@ class Router:
 
     def overlap(self, url: str, block_hashes: Sequence[BlockHash]) -> int:
         """Leading blocks of the prompt believed held by `url` (events, or its in-flight prompts)."""
-        return max(self.index.match(block_hashes).get(url, 0), self.load.inflight.match(block_hashes).get(url, 0))
+        return max(
+            self.index.match(block_hashes).get(url, 0), self.load.inflight.match(block_hashes).get(url, 0)
+        )
 
     # --- KV events -------------------------------------------------------------------------------
 
@@ -367,7 +353,8 @@ class Router:
 
     def policy_info(self) -> dict[str, Any]:
         config = getattr(self._policy, "config", None)
-        params = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+        ok = dataclasses.is_dataclass(config) and not isinstance(config, type)
+        params = dataclasses.asdict(config) if ok else {}  # type: ignore[arg-type]
         return {"name": self._policy_name, "params": params, "available": sorted(POLICIES)}
 
     def worker_stats(self, url: str) -> WorkerStats | None:
@@ -398,12 +385,13 @@ class Router:
         }
 
 
-def _check_ids(input_ids: Any) -> list[int]:
+def _check_ids(input_ids: Any) -> array[int]:
+    """Validate token ids in C (one array conversion, reused by hashing): no per-token Python loop."""
     if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
         raise ValueError("input_ids must be a list of integers")
     if not input_ids:
         raise ValueError("input_ids is empty")
-    for t in input_ids:
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2**32:
-            raise ValueError("input_ids must be integers in [0, 2**32)")
-    return list(input_ids)
+    try:
+        return array("I", input_ids)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError("input_ids must be integers in [0, 2**32)") from exc

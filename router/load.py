@@ -15,10 +15,13 @@ Invariants
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cache_index.hashing import BlockHash
 from router.types import Worker, WorkerLoad
@@ -69,48 +72,60 @@ class InflightIndex:
     locked in its radix cache (a running request's prefix cannot be evicted). So this prediction is never
     stale and needs no TTL; it ends with the ticket.
 
-    Refcounted per (block, worker), because several in-flight prompts on one worker share blocks.
-    `match` walks the chained hashes from the first and stops at the first block no worker holds:
-    O(matched depth x holders), like `RadixIndex.match`.
+    Layout: per worker, a Counter of its in-flight blocks (refcounted: prompts on one worker share
+    blocks). Because hashes are chained, a worker's set is prefix-closed (holding block i of a prompt
+    means holding blocks 0..i-1 of it), so `match` binary-searches each worker's depth: O(workers
+    holding the first block x log(prompt blocks)) lookups; `add` is one C-level Counter update.
     """
 
     def __init__(self) -> None:
-        self._holders: dict[BlockHash, dict[str, int]] = {}
+        self._per_worker: dict[str, Counter[BlockHash]] = {}
 
     def add(self, url: str, hashes: Iterable[BlockHash]) -> None:
-        for h in hashes:
-            per = self._holders.setdefault(h, {})
-            per[url] = per.get(url, 0) + 1
+        cnt = self._per_worker.get(url)
+        if cnt is None:
+            cnt = self._per_worker[url] = Counter()
+        cnt.update(hashes)
 
     def discard(self, url: str, hashes: Iterable[BlockHash]) -> None:
+        cnt = self._per_worker.get(url)
+        if cnt is None:
+            return
+        get, pop = cnt.get, cnt.pop  # dict's own C methods (Counter's __delitem__ is Python)
         for h in hashes:
-            per = self._holders.get(h)
-            if per is None or url not in per:
-                continue
-            if per[url] <= 1:
-                del per[url]
-                if not per:
-                    del self._holders[h]
-            else:
-                per[url] -= 1
+            c = get(h, 0)
+            if c > 1:
+                cnt[h] = c - 1
+            elif c == 1:
+                pop(h)
+        if not cnt:
+            del self._per_worker[url]
+
+    def remove_worker(self, url: str) -> None:
+        self._per_worker.pop(url, None)
 
     def match(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
         """{worker: leading blocks of `hashes` in flight there}; workers with none are absent."""
         out: dict[str, int] = {}
-        alive: set[str] | None = None
-        for depth, h in enumerate(hashes):
-            per = self._holders.get(h)
-            if not per:
-                break
-            alive = set(per) if alive is None else alive.intersection(per)
-            if not alive:
-                break
-            for url in alive:
-                out[url] = depth + 1
+        if not hashes:
+            return out
+        first, n = hashes[0], len(hashes)
+        for url, cnt in self._per_worker.items():
+            if first not in cnt:
+                continue
+            lo, hi = 1, n  # hashes[lo - 1] is held; find the largest such lo
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if hashes[mid - 1] in cnt:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out[url] = lo
         return out
 
     def __len__(self) -> int:
-        return len(self._holders)
+        """Distinct (worker, block) pairs in flight."""
+        return sum(len(c) for c in self._per_worker.values())
 
 
 class LoadTracker:
@@ -218,9 +233,8 @@ class LoadTracker:
     def remove_worker(self, url: str) -> None:
         """Forget a removed worker's in-flight prompts; its open tickets still release (into the old load)."""
         for t in self._tickets.pop(url, {}).values():
-            if t._inflight_indexed:
-                self.inflight.discard(url, t.block_hashes)
-                t._inflight_indexed = False
+            t._inflight_indexed = False
+        self.inflight.remove_worker(url)
 
     def open_tickets(self, url: str | None = None) -> int:
         if url is not None:
@@ -234,3 +248,30 @@ class LoadTracker:
         load = ticket._load
         load.active_blocks = max(0, load.active_blocks + delta)
         ticket._active_added = blocks
+
+
+@dataclass
+class WorkerStats:
+    """Counters per worker, for metrics and for spotting workers routed to blind."""
+
+    routed: int = 0
+    finished: int = 0
+    prefilled: int = 0  # finished requests that reached a first token with >= 1 full prompt block
+    reported_prompt_tokens: int = 0  # prompt tokens of requests whose engine reported cached_tokens
+    cached_tokens: int = 0  # engine-reported (meta_info.cached_tokens): the ground truth
+    predicted_cached_tokens: int = 0  # what routing expected, for the same requests
+    output_tokens: int = 0
+    event_batches: int = 0
+    last_event_at: float | None = None  # router clock (monotonic seconds)
+    resets: int = 0  # index of this worker forgotten (event gap without replay, or by hand)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cached_token_ratio"] = self.cached_token_ratio
+        return d
+
+    @property
+    def cached_token_ratio(self) -> float | None:
+        if self.reported_prompt_tokens == 0:
+            return None
+        return self.cached_tokens / self.reported_prompt_tokens

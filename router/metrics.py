@@ -14,6 +14,7 @@ Labels (bounded: routes and policies are fixed sets, workers are the registered 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +32,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, str, str, int], _Children] = {}
         self.requests = Counter(
             "kvroute_requests",
             "Requests answered, by route, policy, worker and status.",
@@ -158,6 +160,50 @@ class Metrics:
             "kvroute_health_check_failures", "Failed health checks.", ["worker"], registry=r
         )
 
+    def observe_request(
+        self,
+        route: str,
+        policy: str,
+        worker: str,
+        status: int,
+        *,
+        e2e_s: float,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        prompt_tokens: int | None,
+        cached_tokens: int | None,
+        predicted_blocks: int,
+    ) -> None:
+        """Everything one answered request records; label children are cached (this is the hot path)."""
+        key = (route, policy, worker, status)
+        ch = self._children.get(key)
+        if ch is None:
+            ch = self._children[key] = _Children(
+                self.requests.labels(route, policy, worker, str(status)),
+                self.e2e.labels(route, policy),
+                self.ttft.labels(policy, worker),
+                self.tpot.labels(policy, worker),
+                self.prompt_tokens.labels(worker),
+                self.cached_tokens.labels(worker),
+                self.cached_ratio.labels(policy),
+                self.predicted_blocks.labels(worker),
+            )
+        ch.requests.inc()
+        if status >= 400:
+            return
+        ch.e2e.observe(e2e_s)
+        if predicted_blocks:
+            ch.predicted.inc(predicted_blocks)
+        if ttft_s is not None:
+            ch.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            ch.tpot.observe(tpot_s)
+        if prompt_tokens:
+            ch.prompt.inc(prompt_tokens)
+            if cached_tokens is not None:
+                ch.cached.inc(cached_tokens)
+                ch.ratio.observe(min(1.0, cached_tokens / prompt_tokens))
+
     def refresh(
         self, workers: Iterable[Worker], index_stats: Mapping[str, Any], blind: Iterable[str]
     ) -> None:
@@ -187,6 +233,8 @@ class Metrics:
 
     def forget_worker(self, url: str) -> None:
         """Drop a removed worker's gauge series (counters keep their history)."""
+        for key in [k for k in self._children if k[2] == url]:
+            del self._children[key]
         for g in (
             self.in_flight,
             self.pending_prefill,
@@ -211,6 +259,20 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class _Children:
+    """Label children of one (route, policy, worker, status), looked up once."""
+
+    requests: Any
+    e2e: Any
+    ttft: Any
+    tpot: Any
+    prompt: Any
+    cached: Any
+    ratio: Any
+    predicted: Any
 
 
 def _set(gauge: Gauge, url: str, stats: Mapping[str, Any], *keys: str) -> None:

@@ -44,8 +44,17 @@ BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 ROOM_BITS = 63  # SGLang keeps rooms as signed int64; the router draws a fresh non-negative one
 HOP_BY_HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-        "transfer-encoding", "upgrade", "content-length", "content-encoding", "host",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "host",
     }
 )
 WORKER_HEADER = "X-Kvroute-Worker"  # the decode (or local) worker that answered, as the proxy reports it
@@ -87,7 +96,8 @@ class PDConfig:
     prefill_timeout_s: float = 0.0
     """Seconds the prefill side may take to answer in full; 0 = no limit beyond the session's."""
     prefill_policy: str = "kv_aware"
-    prefill_policy_params: tuple[tuple[str, Any], ...] = (("decode_weight", 0.0),)
+    prefill_policy_params: tuple[tuple[str, Any], ...] = ()
+    """Typed params of the prefill policy; kv_aware gets `decode_weight=0` unless given here."""
     decode_policy: str = "least_load"
     decode_policy_params: tuple[tuple[str, Any], ...] = ()
 
@@ -131,8 +141,11 @@ class PDSelector:
     def __init__(self, router: Router, config: PDConfig) -> None:
         self.router = router
         ctx = PolicyContext(kv_index=router.index, inflight=router.load.inflight, clock=router.clock)
+        p_params = dict(config.prefill_policy_params)
+        if config.prefill_policy == "kv_aware":
+            p_params.setdefault("decode_weight", 0.0)  # nothing decodes on a prefill server
         self.policies: dict[WorkerRole, Policy] = {
-            WorkerRole.PREFILL: make_policy(config.prefill_policy, dict(config.prefill_policy_params), ctx),
+            WorkerRole.PREFILL: make_policy(config.prefill_policy, p_params, ctx),
             WorkerRole.DECODE: make_policy(config.decode_policy, dict(config.decode_policy_params), ctx),
         }
 
@@ -220,8 +233,9 @@ class PDContext:
     rng: random.Random = field(default_factory=random.SystemRandom)
 
     @staticmethod
-    def create(session: aiohttp.ClientSession, router: Router, config: PDConfig | None = None,
-               **kw: Any) -> PDContext:
+    def create(
+        session: aiohttp.ClientSession, router: Router, config: PDConfig | None = None, **kw: Any
+    ) -> PDContext:
         cfg = config if config is not None else PDConfig()
         return PDContext(session, PDSelector(router, cfg), cfg, **kw)
 
@@ -354,7 +368,12 @@ def choose_route(
     decode = selector.select(routing, WorkerRole.DECODE, exclude)
     uncached = max(0, routing.prompt_tokens - prefill.cached_blocks * routing.block_size)
     return PDRoute(
-        by_url[decode.worker], by_url[prefill.worker], decode, prefill, uncached, threshold,
+        by_url[decode.worker],
+        by_url[prefill.worker],
+        decode,
+        prefill,
+        uncached,
+        threshold,
         f"prefill {prefill.worker} ({prefill.reason}); decode {decode.worker} ({decode.reason})",
     )
 
@@ -385,7 +404,10 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 async def _run_prefill(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: Mapping[str, str],
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout | None,
 ) -> _PrefillResult:
     """POST to the prefill server and read its whole answer (checked for errors, timings, logprobs)."""
@@ -400,7 +422,10 @@ async def _run_prefill(
 
 
 async def _open_decode(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: Mapping[str, str],
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout | None,
 ) -> aiohttp.ClientResponse:
     try:
@@ -420,8 +445,15 @@ class _Attempt:
     """One pair (or one local worker) serving one request; see the module invariants."""
 
     def __init__(
-        self, ctx: PDContext, route: PDRoute, path: str, body: bytes, headers: Mapping[str, str],
-        rids: list[str], routing: RoutingRequest, openai: bool,
+        self,
+        ctx: PDContext,
+        route: PDRoute,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        rids: list[str],
+        routing: RoutingRequest,
+        openai: bool,
     ) -> None:
         self.ctx = ctx
         self.route = route
@@ -438,10 +470,14 @@ class _Attempt:
         self.decode_resp: aiohttp.ClientResponse | None = None
         self.decode_done = False
         self.t0 = time.monotonic()
-        cached = route.decode_decision.cached_blocks if route.prefill is None else (
-            route.prefill_decision.cached_blocks if route.prefill_decision else 0)
-        self.record = PDRecord(route.mode, "upstream_error", routing.prompt_tokens,
-                               cached * routing.block_size, 0)
+        cached = (
+            route.decode_decision.cached_blocks
+            if route.prefill is None
+            else (route.prefill_decision.cached_blocks if route.prefill_decision else 0)
+        )
+        self.record = PDRecord(
+            route.mode, "upstream_error", routing.prompt_tokens, cached * routing.block_size, 0
+        )
 
     @property
     def decode_pool(self) -> str:
@@ -779,13 +815,18 @@ async def forward_pd(
         except NoWorkerAvailable as exc:
             if last is not None:
                 break
-            return error_response(ApiError(503, f"no worker available: {exc}", "service_unavailable",
-                                           "no_worker"), openai=is_openai)
+            return error_response(
+                ApiError(503, f"no worker available: {exc}", "service_unavailable", "no_worker"),
+                openai=is_openai,
+            )
         extra_rid, rids = rid_fields(parsed, path)
         extra: dict[str, Any] = dict(extra_rid)
         if route.prefill is not None:
-            extra.update(bootstrap_fields(parsed, path, bootstrap_host_of(route.prefill.url),
-                                          route.prefill.bootstrap_port, ctx.rng))
+            extra.update(
+                bootstrap_fields(
+                    parsed, path, bootstrap_host_of(route.prefill.url), route.prefill.bootstrap_port, ctx.rng
+                )
+            )
         try:
             out_body = insert_fields(body, parsed, extra)
         except PDError as exc:

@@ -47,8 +47,12 @@ class WindowSummary:
 class PDWindow:
     """The last `horizon_s` seconds of served requests, for the planner. Bounded by `max_records`."""
 
-    def __init__(self, horizon_s: float = 300.0, max_records: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        horizon_s: float = 300.0,
+        max_records: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.horizon_s = horizon_s
         self.clock = clock
         self._records: deque[PDRecord] = deque(maxlen=max_records)
@@ -60,7 +64,7 @@ class PDWindow:
         cutoff = self.clock() - self.horizon_s
         while self._records and self._records[0].finished_at < cutoff:
             self._records.popleft()
-        return [r for r in self._records if r.outcome == "ok"]
+        return [r for r in self._records if r.outcome == "ok" and r.finished_at >= cutoff]
 
     def summary(self, current_prefill: int | None = None, current_decode: int | None = None) -> WindowSummary:
         recs = self._live()
@@ -81,8 +85,9 @@ class PDWindow:
             current_decode=current_decode,
         )
         local = sum(1 for r in recs if r.mode == "local")
-        return WindowSummary(n, span, local / n if n else 0.0, load,
-                             _percentile(itls, 0.99), _percentile(ttfts, 0.99))
+        return WindowSummary(
+            n, span, local / n if n else 0.0, load, _percentile(itls, 0.99), _percentile(ttfts, 0.99)
+        )
 
 
 class PDMetrics:
@@ -91,21 +96,40 @@ class PDMetrics:
     def __init__(self, registry: CollectorRegistry, window: PDWindow | None = None) -> None:
         r = registry
         self.window = window if window is not None else PDWindow()
-        self.requests = Counter("kvroute_pd_requests", "PD requests by mode and outcome.",
-                                ["mode", "outcome"], registry=r)
-        self.queue_depth = Gauge("kvroute_pd_queue_depth",
-                                 "Requests in each pool now: prefill = sent, prefill not answered; "
-                                 "decode/local = sent, response not finished.", ["pool"], registry=r)
-        self.ttft_phase = Histogram("kvroute_pd_ttft_phase_seconds",
-                                    "TTFT split: prefill_queue (engine-reported), prefill, transfer "
-                                    "(prefill answered -> decode's first token), ttft (whole).",
-                                    ["mode", "phase"], buckets=_LAT, registry=r)
-        self.itl = Histogram("kvroute_pd_itl_seconds", "Time between decode chunks sent to the client.",
-                             ["pool"], buckets=_ITL, registry=r)
-        self.retries = Counter("kvroute_pd_retries", "Pairs re-chosen after a side failed.", ["side"],
-                               registry=r)
-        self.aborts = Counter("kvroute_pd_aborts_sent", "`/abort_request` calls sent to the surviving side.",
-                              ["side"], registry=r)
+        self.requests = Counter(
+            "kvroute_pd_requests", "PD requests by mode and outcome.", ["mode", "outcome"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "kvroute_pd_queue_depth",
+            "Requests in each pool now: prefill = sent, prefill not answered; "
+            "decode/local = sent, response not finished.",
+            ["pool"],
+            registry=r,
+        )
+        self.ttft_phase = Histogram(
+            "kvroute_pd_ttft_phase_seconds",
+            "TTFT split: prefill_queue (engine-reported), prefill, transfer "
+            "(prefill answered -> decode's first token), ttft (whole).",
+            ["mode", "phase"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kvroute_pd_itl_seconds",
+            "Time between decode chunks sent to the client.",
+            ["pool"],
+            buckets=_ITL,
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvroute_pd_retries", "Pairs re-chosen after a side failed.", ["side"], registry=r
+        )
+        self.aborts = Counter(
+            "kvroute_pd_aborts_sent",
+            "`/abort_request` calls sent to the surviving side.",
+            ["side"],
+            registry=r,
+        )
 
     def pool_enter(self, pool: str) -> None:
         self.queue_depth.labels(pool).inc()
@@ -123,8 +147,12 @@ class PDMetrics:
         self.requests.labels(record.mode, record.outcome).inc()
         if record.outcome != "ok":
             return
-        for phase, value in (("prefill_queue", record.prefill_queue_s), ("prefill", record.prefill_s),
-                             ("transfer", record.transfer_s), ("ttft", record.ttft_s)):
+        for phase, value in (
+            ("prefill_queue", record.prefill_queue_s),
+            ("prefill", record.prefill_s),
+            ("transfer", record.transfer_s),
+            ("ttft", record.ttft_s),
+        ):
             if value is not None:
                 self.ttft_phase.labels(record.mode, phase).observe(value)
         pool = "decode" if record.mode == "disaggregated" else "local"

@@ -25,7 +25,7 @@ import math
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -125,8 +125,9 @@ def decode_step_s(profile: GpuProfile, batch: int, context: float) -> float:
     return profile.step_ms([], batch, int(batch * context)) / 1000.0
 
 
-def max_decode_batch(profile: GpuProfile, itl_slo_s: float, context: float, kv_per_seq: float,
-                     scale: float = 1.0) -> int:
+def max_decode_batch(
+    profile: GpuProfile, itl_slo_s: float, context: float, kv_per_seq: float, scale: float = 1.0
+) -> int:
     """Largest batch whose step (scaled by `scale`) meets the ITL target and fits KV and running limits."""
     kv_cap = int(profile.max_total_tokens // max(kv_per_seq, 1.0))
     hi = max(0, min(profile.max_running_requests, kv_cap))
@@ -163,15 +164,19 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
         b_now = max(1, round(in_decode))
         predicted = decode_step_s(profile, b_now, context)
         d_scale = _clamp_ratio(load.measured_itl_s / predicted)
-        why.append(f"decode correction x{d_scale:.2f}: measured ITL {load.measured_itl_s * 1e3:.1f} ms vs "
-                   f"modelled {predicted * 1e3:.1f} ms at batch ~{b_now} per worker")
+        why.append(
+            f"decode correction x{d_scale:.2f}: measured ITL {load.measured_itl_s * 1e3:.1f} ms vs "
+            f"modelled {predicted * 1e3:.1f} ms at batch ~{b_now} per worker"
+        )
     b_max = max_decode_batch(profile, targets.itl_slo_s, context, kv_per_seq, d_scale)
     step_one = decode_step_s(profile, 1, context) * d_scale
     if b_max == 0:
         feasible = False
         b_max = 1
-        why.append(f"ITL target {targets.itl_slo_s * 1e3:.1f} ms is below one sequence's decode step "
-                   f"({step_one * 1e3:.1f} ms at context {context:.0f}): infeasible; planning for batch 1")
+        why.append(
+            f"ITL target {targets.itl_slo_s * 1e3:.1f} ms is below one sequence's decode step "
+            f"({step_one * 1e3:.1f} ms at context {context:.0f}): infeasible; planning for batch 1"
+        )
     step_b = decode_step_s(profile, b_max, context) * d_scale
     decode_tps = b_max / step_b
     decode_demand = load.request_rate * load.output_tokens
@@ -179,12 +184,19 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
     if n_decode > targets.max_workers:
         feasible = False
         n_decode = targets.max_workers
-    why.append(f"decode: batch <= {b_max} per worker keeps a step at {step_b * 1e3:.1f} ms "
-               f"(<= ITL {targets.itl_slo_s * 1e3:.1f} ms, KV {kv_per_seq:.0f} tokens/seq), "
-               f"{decode_tps:.0f} tokens/s per worker; demand {decode_demand:.0f} tokens/s "
-               f"-> {n_decode} decode worker(s)")
-    fig.update(decode_batch_max=b_max, decode_step_s=step_b, decode_tokens_per_s_per_worker=decode_tps,
-               decode_demand_tokens_per_s=decode_demand, decode_correction=d_scale)
+    why.append(
+        f"decode: batch <= {b_max} per worker keeps a step at {step_b * 1e3:.1f} ms "
+        f"(<= ITL {targets.itl_slo_s * 1e3:.1f} ms, KV {kv_per_seq:.0f} tokens/seq), "
+        f"{decode_tps:.0f} tokens/s per worker; demand {decode_demand:.0f} tokens/s "
+        f"-> {n_decode} decode worker(s)"
+    )
+    fig.update(
+        decode_batch_max=b_max,
+        decode_step_s=step_b,
+        decode_tokens_per_s_per_worker=decode_tps,
+        decode_demand_tokens_per_s=decode_demand,
+        decode_correction=d_scale,
+    )
 
     # --- prefill: service time, then the least n whose modelled TTFT meets the target
     service = prefill_service_s(profile, uncached, cached)
@@ -195,9 +207,11 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
         predicted = prefill_ttft_s(load.request_rate, load.current_prefill, service, tail)
         if math.isfinite(predicted) and predicted > 0:
             p_scale = _clamp_ratio(load.measured_ttft_s / predicted)
-            why.append(f"prefill correction x{p_scale:.2f}: measured TTFT "
-                       f"{load.measured_ttft_s * 1e3:.0f} ms vs modelled {predicted * 1e3:.0f} ms "
-                       f"with {load.current_prefill} prefill worker(s)")
+            why.append(
+                f"prefill correction x{p_scale:.2f}: measured TTFT "
+                f"{load.measured_ttft_s * 1e3:.0f} ms vs modelled {predicted * 1e3:.0f} ms "
+                f"with {load.current_prefill} prefill worker(s)"
+            )
         else:
             p_scale = CORRECTION_BOUNDS[1]
             why.append("prefill correction: the model says the current prefill pool is saturated")
@@ -205,28 +219,65 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
     n_prefill = 1
     if load.request_rate > 0 and service > 0:
         n_prefill = max(1, math.ceil(load.request_rate * service / targets.max_utilization))
-        while (prefill_ttft_s(load.request_rate, n_prefill, service, tail) > targets.ttft_slo_s
-               and n_prefill < targets.max_workers):
+        while (
+            prefill_ttft_s(load.request_rate, n_prefill, service, tail) > targets.ttft_slo_s
+            and n_prefill < targets.max_workers
+        ):
             n_prefill += 1
     ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail)
     floor = service + tail
     if floor > targets.ttft_slo_s:
         feasible = False
-        why.append(f"TTFT target {targets.ttft_slo_s * 1e3:.0f} ms is below an idle worker's prefill "
-                   f"({service * 1e3:.0f} ms) plus transfer ({transfer * 1e3:.1f} ms): infeasible "
-                   f"by adding workers; planning for utilisation <= {targets.max_utilization:.0%}")
+        why.append(
+            f"TTFT target {targets.ttft_slo_s * 1e3:.0f} ms is below an idle worker's prefill "
+            f"({service * 1e3:.0f} ms) plus transfer ({transfer * 1e3:.1f} ms): infeasible "
+            f"by adding workers; planning for utilisation <= {targets.max_utilization:.0%}"
+        )
         n_prefill = max(1, math.ceil(load.request_rate * service / targets.max_utilization))
         ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail)
-    why.append(f"prefill: {uncached:.0f} uncached tokens/request (hit {hit:.0%}) take {service * 1e3:.1f} ms "
-               f"per request; at {load.request_rate:.2f} req/s, {n_prefill} prefill worker(s) run at "
-               f"{load.request_rate * service / n_prefill:.0%} with modelled TTFT {ttft * 1e3:.0f} ms "
-               f"(target {targets.ttft_slo_s * 1e3:.0f} ms)")
-    fig.update(prefill_service_s=service, transfer_s=transfer, modelled_ttft_s=ttft,
-               prefill_utilization=load.request_rate * service / n_prefill, prefill_correction=p_scale)
+    why.append(
+        f"prefill: {uncached:.0f} uncached tokens/request (hit {hit:.0%}) take {service * 1e3:.1f} ms "
+        f"per request; at {load.request_rate:.2f} req/s, {n_prefill} prefill worker(s) run at "
+        f"{load.request_rate * service / n_prefill:.0%} with modelled TTFT {ttft * 1e3:.0f} ms "
+        f"(target {targets.ttft_slo_s * 1e3:.0f} ms)"
+    )
+    fig.update(
+        prefill_service_s=service,
+        transfer_s=transfer,
+        modelled_ttft_s=ttft,
+        prefill_utilization=load.request_rate * service / n_prefill,
+        prefill_correction=p_scale,
+    )
     if load.current_prefill is not None and load.current_decode is not None:
-        why.append(f"change: prefill {load.current_prefill} -> {n_prefill}, "
-                   f"decode {load.current_decode} -> {n_decode}")
+        why.append(
+            f"change: prefill {load.current_prefill} -> {n_prefill}, "
+            f"decode {load.current_decode} -> {n_decode}"
+        )
     return Plan(n_prefill, n_decode, feasible, tuple(why), fig)
+
+
+def plan_from_query(
+    load: ObservedLoad, query: Mapping[str, str], defaults: PlanTargets | None = None
+) -> dict[str, Any]:
+    """`GET /admin/plan?ttft_slo=0.5&itl_slo=0.03&profile=NAME`: the observed load, the targets and the
+    plan, JSON-ready. PlanError (a 400) on a malformed parameter."""
+    base = defaults if defaults is not None else PlanTargets()
+    try:
+        targets = PlanTargets(
+            ttft_slo_s=float(query.get("ttft_slo", base.ttft_slo_s)),
+            itl_slo_s=float(query.get("itl_slo", base.itl_slo_s)),
+            max_utilization=float(query.get("max_utilization", base.max_utilization)),
+        )
+        profile = get_profile(query.get("profile", "h100-llama3-8b"))
+    except ValueError as exc:  # PlanError is a ValueError too
+        raise PlanError(str(exc)) from exc
+    result = plan(load, targets, profile)
+    return {
+        "observed": asdict(load),
+        "targets": asdict(targets),
+        "profile": profile.name,
+        "plan": result.as_dict(),
+    }
 
 
 def run_scale_hook(command: str, result: Plan, timeout_s: float = 60.0) -> int:
@@ -263,8 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:
         profile = get_profile(args.profile)
-        load = ObservedLoad(args.request_rate, args.prompt_tokens, args.output_tokens, args.cache_hit,
-                            args.measured_ttft, args.measured_itl, args.current_prefill, args.current_decode)
+        load = ObservedLoad(
+            args.request_rate,
+            args.prompt_tokens,
+            args.output_tokens,
+            args.cache_hit,
+            args.measured_ttft,
+            args.measured_itl,
+            args.current_prefill,
+            args.current_decode,
+        )
         targets = PlanTargets(args.ttft_slo, args.itl_slo, args.max_utilization)
         result = plan(load, targets, profile)
     except (PlanError, ValueError) as exc:
@@ -273,8 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
     else:
-        print(f"prefill workers: {result.prefill_workers}\ndecode workers:  {result.decode_workers}"
-              f"\nfeasible: {'yes' if result.feasible else 'no'} (profile {profile.name})")
+        print(
+            f"prefill workers: {result.prefill_workers}\ndecode workers:  {result.decode_workers}"
+            f"\nfeasible: {'yes' if result.feasible else 'no'} (profile {profile.name})"
+        )
         for line in result.reasoning:
             print(f"- {line}")
     if args.scale_hook:

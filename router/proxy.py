@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from engines.errors import UpstreamError, UpstreamHTTPError, UpstreamStreamBroken, UpstreamTimeout
-from engines.sglang import map_exception
+from engines.sglang import Timeouts, UpstreamResponse
 from router.config import RouterConfig
 from router.errors import ApiError, bad_request, error_response, from_upstream, sse_error_event
 from router.metrics import Metrics
@@ -175,7 +175,7 @@ def forward_headers(headers: CIMultiDictProxy[str], request_id_header: str, rid:
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
     extra = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
@@ -309,10 +309,10 @@ class Proxy:
         self.metrics = metrics
         self.config = config
         self.session = session
-        self.timeout = aiohttp.ClientTimeout(
-            total=config.request_timeout_s or None,
+        self.timeout = Timeouts(
             connect=config.connect_timeout_s or None,
-            sock_read=config.stream_idle_timeout_s or None,
+            idle=config.stream_idle_timeout_s or None,
+            total=config.request_timeout_s or None,
         )
         self._background: set[asyncio.Task[None]] = set()
 
@@ -324,7 +324,7 @@ class Proxy:
     async def handle(self, request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         t0 = time.perf_counter()
         cfg = self.config
-        rid_header = request.headers.get(cfg.request_id_header) or uuid.uuid4().hex
+        rid_header = request.headers.get(cfg.request_id_header) or os.urandom(16).hex()
         try:
             return await self._handle(request, spec, rid_header, t0)
         except ApiError as err:
@@ -438,8 +438,8 @@ class Proxy:
                 status = resp.status
                 if status >= 500 or status == 429:
                     err_body = b""
-                    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                        err_body = await resp.content.read(2048)
+                    with contextlib.suppress(UpstreamError):
+                        err_body = await resp.read(2048)
                     raise UpstreamHTTPError(url, status, err_body)
                 out_headers = response_headers(resp.headers)
                 out_headers[WORKER_HEADER] = url
@@ -454,8 +454,9 @@ class Proxy:
                     return out
                 try:
                     payload = await resp.read()
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    raise map_exception(url, exc) from exc
+                except UpstreamError as exc:
+                    exc.retryable = True  # nothing reached the client yet: another worker may serve it
+                    raise
                 if resp.content_type == "application/json" and status < 400:
                     u = usage_of(_loads(payload))
                     usage.prompt_tokens, usage.cached_tokens, usage.output_tokens = (
@@ -483,7 +484,7 @@ class Proxy:
     async def _relay_stream(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         headers: CIMultiDict[str],
         obs: SseObserver,
         url: str,
@@ -492,15 +493,11 @@ class Proxy:
         spec: RouteSpec,
         t0: float,
     ) -> tuple[web.StreamResponse, float | None]:
-        it = resp.content.iter_any().__aiter__()
         try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            first = b""
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            err = map_exception(url, exc)
-            err.retryable = True  # nothing reached the client yet: another worker may serve it
-            raise err from exc
+            first = await resp.next_chunk()
+        except UpstreamError as exc:
+            exc.retryable = True  # nothing reached the client yet: another worker may serve it
+            raise
         out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(request)
         chunk = first
@@ -517,11 +514,8 @@ class Proxy:
                 self._fill_usage(obs, usage)
                 return out, obs.first_at
             try:
-                chunk = await it.__anext__()
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                uerr = map_exception(url, exc, started=True)
+                chunk = await resp.next_chunk()
+            except UpstreamError as uerr:
                 self.metrics.errors.labels(spec.path, url, _kind(uerr)).inc()
                 self.registry.record_failure(url, uerr.message)
                 log.warning("stream from %s broke after the response started: %s", url, uerr.message)
@@ -569,22 +563,19 @@ class Proxy:
         usage: Usage,
         cached_blocks: int,
     ) -> None:
-        m = self.metrics
         now = time.perf_counter()
-        m.requests.labels(spec.path, policy, url, str(status)).inc()
-        if status >= 400:
-            return
-        self.registry.record_success(url)
-        m.e2e.labels(spec.path, policy).observe(now - t0)
-        if cached_blocks:
-            m.predicted_blocks.labels(url).inc(cached_blocks)
-        if first_at is not None:
-            m.ttft.labels(policy, url).observe(first_at - t0)
-            n = usage.output_tokens
-            if n and n > 1:
-                m.tpot.labels(policy, url).observe((now - first_at) / (n - 1))
-        if usage.prompt_tokens:
-            m.prompt_tokens.labels(url).inc(usage.prompt_tokens)
-            if usage.cached_tokens is not None:
-                m.cached_tokens.labels(url).inc(usage.cached_tokens)
-                m.cached_ratio.labels(policy).observe(min(1.0, usage.cached_tokens / usage.prompt_tokens))
+        if status < 400:
+            self.registry.record_success(url)
+        n = usage.output_tokens
+        self.metrics.observe_request(
+            spec.path,
+            policy,
+            url,
+            status,
+            e2e_s=now - t0,
+            ttft_s=None if first_at is None else first_at - t0,
+            tpot_s=(now - first_at) / (n - 1) if first_at is not None and n and n > 1 else None,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            predicted_blocks=cached_blocks,
+        )

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 
 from engines.errors import UpstreamError, UpstreamHTTPError
-from engines.sglang import SGLangClient
+from engines.sglang import Http1Pool, SGLangClient
 from router.config import RouterConfig, normalize_url
 from router.metrics import Metrics
 from router.types import Worker, WorkerRole, WorkerState
@@ -121,13 +121,17 @@ class WorkerRegistry:
         self.metrics = metrics
         self._entries: dict[str, _Entry] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._pool = Http1Pool()
         self._blind_task: asyncio.Task[None] | None = None
         self.ready_event = asyncio.Event()
 
     # ---- lifecycle
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self, session: aiohttp.ClientSession, pool: Http1Pool | None = None) -> None:
+        """`session`: control calls (health, info, loads); `pool`: the proxy's request connections."""
         self._session = session
+        if pool is not None:
+            self._pool = pool
         for url in self.config.worker_urls:
             self.add(url)
         if self.config.blind_check_interval_s > 0:
@@ -148,14 +152,16 @@ class WorkerRegistry:
             raise RuntimeError("registry not started")
         url = normalize_url(url)
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RegistryError(f"worker url must be http(s)://host:port, got {url!r}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise RegistryError(f"worker url must be http://host:port, got {url!r}")
         if url in self._entries:
             raise RegistryError(f"worker already registered: {url}")
         worker = Worker(url=url, role=role, state=WorkerState.PENDING)
         entry = _Entry(
             worker=worker,
-            client=SGLangClient(self._session, url, control_timeout_s=self.config.control_timeout_s),
+            client=SGLangClient(
+                self._session, url, control_timeout_s=self.config.control_timeout_s, pool=self._pool
+            ),
             breaker=CircuitBreaker(
                 self.config.circuit_failure_threshold,
                 self.config.circuit_cooldown_s,

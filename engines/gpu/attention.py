@@ -77,7 +77,7 @@ def build_meta(page_size: int, device: torch.device, decode_pages: list[list[int
     if prefill_block_m is not None and new_lens:
         from engines.gpu.kernels import prefill_block_map
 
-        meta.blk_req, meta.blk_start = prefill_block_map(new_lens, prefill_block_m, device)
+        meta.blk_req, meta.blk_start = prefill_block_map(new_lens, prefill_block_m, device, prefix_lens)
     return meta
 
 

@@ -166,8 +166,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, prefix_ptr, newlen_ptr
                     qk_scale,
                     PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # heads vary fastest: a query block's heads run together and share K/V in L2
+    pid = tl.program_id(1)
     kvh = h // G
     req = tl.load(blk_req_ptr + pid)
     qs = tl.load(blk_start_ptr + pid)
@@ -224,19 +224,20 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, prefix_ptr, newlen_ptr
 @dataclass(frozen=True)
 class PrefillTuning:
     block_m: int = 128
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
 
 
-def prefill_block_map(new_lens: list[int], block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: (request index, first new-token index). Built on the host, one copy to device."""
-    reqs: list[int] = []
-    starts: list[int] = []
-    for i, n in enumerate(new_lens):
-        for s in range(0, n, block_m):
-            reqs.append(i)
-            starts.append(s)
+def prefill_block_map(new_lens: list[int], block_m: int, device: torch.device,
+                      prefix_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: (request index, first new-token index), longest blocks first (they launch first,
+    so the short ones fill the tail). Built on the host, one copy to the device."""
+    blocks = [(i, s) for i, n in enumerate(new_lens) for s in range(0, n, block_m)]
+    if prefix_lens is not None:
+        blocks.sort(key=lambda b: -(prefix_lens[b[0]] + b[1]))
+    reqs = [b[0] for b in blocks]
+    starts = [b[1] for b in blocks]
     both = torch.tensor([reqs, starts], dtype=torch.int32).to(device, non_blocking=True)
     return both[0], both[1]
 
@@ -257,10 +258,93 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     nblocks = blk_req.shape[0]
     if t == 0 or nblocks == 0:
         return out
-    _prefill_kernel[(nblocks, nh)](
+    _prefill_kernel[(nh, nblocks)](
         q, k_cache, v_cache, out, block_table, prefix_lens, new_lens, cu_q, blk_req, blk_start,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1), LOG2E / math.sqrt(dim),
         PAGE=page_size, G=nh // nkv, D=dim, BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+    return out
+
+
+# ---- fused elementwise kernels of the model (fewer launches: decode steps are launch-bound) --------
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_d, stride_o,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
+    if HAS_DELTA:
+        x = x + tl.load(d_ptr + row * stride_d + offs, mask=m, other=0.0)
+        tl.store(x_ptr + row * stride_x + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(xf * xf, 0) / n + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    y = (xf * r).to(x_ptr.dtype.element_ty) * w
+    tl.store(out_ptr + row * stride_o + offs, y, mask=m)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x += delta`` in place (when given), then RMSNorm(x) * w, in one pass. x ``[T, hidden]``."""
+    t, n = x.shape
+    out = torch.empty_like(x)
+    if t == 0:
+        return out
+    d = delta if delta is not None else x
+    _add_rms_norm_kernel[(t,)](x, d, w, out, n, eps, x.stride(0), d.stride(0), out.stride(0),
+                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
+                               num_warps=8 if n >= 4096 else 4)
+    return out
+
+
+@triton.jit
+def _rope_kernel(qk_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, n_heads,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + pos * stride_c + j)[None, :]
+    s = tl.load(sin_ptr + pos * stride_c + j)[None, :]
+    for h0 in range(0, n_heads, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        hm = (h < n_heads)[:, None]
+        base = qk_ptr + t.to(tl.int64) * stride_t + h[:, None] * stride_h + j[None, :]
+        x1 = tl.load(base, mask=hm, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=hm, other=0.0).to(tl.float32)
+        tl.store(base, (x1 * c - x2 * s).to(qk_ptr.dtype.element_ty), mask=hm)
+        tl.store(base + HALF, (x2 * c + x1 * s).to(qk_ptr.dtype.element_ty), mask=hm)
+
+
+def rope_(qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE in place on ``qk`` ``[T, heads, D]`` (q and k heads side by side, any row stride)."""
+    t, nh, dim = qk.shape
+    if t == 0:
+        return
+    assert qk.stride(2) == 1 and cos.stride(1) == 1
+    _rope_kernel[(t,)](qk, positions, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), nh,
+                       HALF=dim // 2, BLOCK_H=min(16, triton.next_power_of_2(nh)), num_warps=4)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, n, stride_g, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(gu_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + n + offs, mask=m, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up for ``gu`` = [gate | up] ``[T, 2I]``; returns ``[T, I]``."""
+    t, two_i = gu.shape
+    n = two_i // 2
+    out = torch.empty((t, n), dtype=gu.dtype, device=gu.device)
+    if t == 0:
+        return out
+    block = 1024
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](gu, out, n, gu.stride(0), out.stride(0), BLOCK=block,
+                                                 num_warps=4)
     return out

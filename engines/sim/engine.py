@@ -329,7 +329,7 @@ class SimEngine:
         r.cached = kv.cached_tokens
         self._enqueue(r)
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:  # type: ignore[override]
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         r = self._submit(req)
         die_after = self.faults.die_after_tokens
         try:

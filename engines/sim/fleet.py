@@ -88,12 +88,19 @@ class SimFleet:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.host = host
         self.registry = BootstrapRegistry()
-        self.roles: list[DisaggMode] = ["null"] * workers + ["prefill"] * prefill + ["decode"] * decode
+        roles: list[DisaggMode] = []
+        roles += ["null"] * workers
+        roles += ["prefill"] * prefill
+        roles += ["decode"] * decode
+        self.roles = roles
         self.servers: list[SimServer] = []
         for i, role in enumerate(self.roles):
             ev, rep = f"tcp://{host}:*", f"tcp://{host}:*"
             if event_base_port is not None:
-                ev, rep = f"tcp://{host}:{event_base_port + 2 * i}", f"tcp://{host}:{event_base_port + 2 * i + 1}"
+                ev, rep = (
+                    f"tcp://{host}:{event_base_port + 2 * i}",
+                    f"tcp://{host}:{event_base_port + 2 * i + 1}",
+                )
             cfg = SimConfig(
                 model_path=model_path,
                 page_size=page_size,
@@ -194,13 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--base-port", type=int, default=30000, help="engine i listens on base+i; 0: free ports")
     p.add_argument("--event-base-port", type=int, default=None, help="PUB on base+2i, replay base+2i+1")
-    p.add_argument("--profile", default="h100-llama3-8b", help=f"{', '.join(PROFILES)} or a calibration .json")
+    p.add_argument(
+        "--profile", default="h100-llama3-8b", help=f"{', '.join(PROFILES)} or a calibration .json"
+    )
     p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per simulated second")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-capacity-tokens", type=int, default=None)
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
-    p.add_argument("--event-form", choices=["array", "map"], default="array", help="0.5.10 array / 0.5.23 map")
+    p.add_argument(
+        "--event-form", choices=["array", "map"], default="array", help="0.5.10 array / 0.5.23 map"
+    )
     p.add_argument("--event-topic", default="")
     p.add_argument("--no-kv-events", action="store_true")
     p.add_argument("--model-path", default="sim/llama3-8b")
@@ -264,7 +275,10 @@ async def serve(args: argparse.Namespace) -> None:
                     f"events {w.event_endpoint} replay {w.replay_endpoint}{extra}",
                     flush=True,
                 )
-        print(f"# {len(fleet.servers)} simulated engines, profile {fleet.profile.name}; Ctrl-C stops", flush=True)
+        print(
+            f"# {len(fleet.servers)} simulated engines, profile {fleet.profile.name}; Ctrl-C stops",
+            flush=True,
+        )
         await stop.wait()
 
 

@@ -23,7 +23,11 @@ class SimServer:
         self.engine = engine
         self.host = host
         self.port = port
-        self.app = create_app(engine, manage_core=False)
+        self.app = create_app(
+            engine,
+            manage_core=False,
+            extra_server_info={"incremental_streaming_output": engine.config.incremental_streaming_output},
+        )
         self.app[ENGINE] = engine
         self.app.router.add_post("/sim/faults", self._set_faults)
         self.app.router.add_get("/sim/faults", self._get_faults)
@@ -39,15 +43,17 @@ class SimServer:
     async def start(self) -> None:
         await self.engine.start()
         await self._runner.setup()
-        if not self.engine.faults.refuse_connections:
-            await self._open()
+        await self._open()  # bind even when refusing, so the port (and the URL) is known and fixed
+        if self.engine.faults.refuse_connections:
+            await self._close_listener()
 
     async def _open(self) -> None:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         server = site._server  # the asyncio Server: the only place the bound port is exposed
-        if self.port == 0 and server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        socks = getattr(server, "sockets", None)
+        if self.port == 0 and socks:
+            self.port = int(socks[0].getsockname()[1])
         self._site = site
 
     async def _close_listener(self) -> None:

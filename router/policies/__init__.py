@@ -1,4 +1,4 @@
-"""The policy table: every routing policy, by name, and the one factory that builds them from a params dict."""
+"""The policy table: every routing policy by name, and the one factory building them from a params dict."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ from router.policies import (
 )
 from router.policies.base import NoWorkerAvailable, Policy, PolicyBase, PolicyContext
 
-__all__ = ["POLICIES", "NoWorkerAvailable", "Policy", "PolicyBase", "PolicyContext", "PolicySpec", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "NoWorkerAvailable",
+    "Policy",
+    "PolicyBase",
+    "PolicyContext",
+    "PolicySpec",
+    "make_policy",
+]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class Policy(Protocol):
 
 
 class OverlapSource(Protocol):
-    """Anything that says how many leading blocks of a prompt each worker holds (RadixIndex, InflightIndex)."""
+    """What says how many leading blocks of a prompt each worker holds (RadixIndex, InflightIndex)."""
 
     def match(self, block_hashes: Sequence[BlockHash]) -> Mapping[str, int]: ...
 

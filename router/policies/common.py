@@ -33,7 +33,8 @@ def config_from_params(cls: type[C], params: Mapping[str, Any] | None, policy: s
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(
-            f"policy {policy!r}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+            f"policy {policy!r}: unknown parameter(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known)) or 'none'}"
         )
     for key, value in params.items():
         if not _type_ok(value, hints[key]):
@@ -114,6 +115,10 @@ def block_load(w: Worker, block_size: int) -> float:
 
 # --- ranking -------------------------------------------------------------------------------------
 
+DECISION_SCORES = 8
+"""Scores a Decision carries (the first ranked workers): enough for logs and headers, cheap per
+request on a fleet of hundreds; `explain` gives every worker's."""
+
 
 def decision_from_scores(
     policy: str, scores: Sequence[WorkerScore], reason: str, chosen: str | None = None, **extra: Any
@@ -130,7 +135,7 @@ def decision_from_scores(
         policy=policy,
         cached_blocks=by_url[ranked[0]].cached_blocks,
         reason=reason,
-        scores=tuple(by_url[u] for u in ranked),
+        scores=tuple(by_url[u] for u in ranked[:DECISION_SCORES]),
         extra=dict(extra),
     )
 

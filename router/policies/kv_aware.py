@@ -17,8 +17,8 @@ The cost, in KV blocks (finite, lower is better), for worker w and a prompt of P
   `guard_factor * fleet_mean + guard_margin_blocks`, or its requests in flight exceed
   `guard_factor * fleet_mean + guard_margin_requests`. Hot workers are ranked after every cool one
   (cost + guard_penalty, the penalty lifting the cheapest hot worker just above the dearest cool one),
-  so they are only retried last. The requests test matters for bursts of shared-prefix requests: their uncached work is ~0, so
-  only their count shows the pile-up. `guard_factor = 0` disables the guard.
+  so they are only retried last. The requests test matters for bursts of shared-prefix requests:
+  their uncached work is ~0, so only their count shows the pile-up. `guard_factor = 0` disables it.
 - temperature T: 0 picks the argmin (ties: more cached blocks, then candidate order). T > 0 samples a
   cool worker with probability softmax(-cost / T) (T in blocks), from a seeded RNG when `seed` is set.
 """
@@ -29,26 +29,34 @@ import math
 import random as _random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from router.policies.base import OverlapSource, PolicyBase, PolicyContext
-from router.policies.common import (
-    active_blocks,
-    block_load,
-    capacity_blocks,
-    config_from_params,
-    decision_from_scores,
-    in_flight,
-    pending_prefill_blocks,
-    require,
-    sort_scores,
-)
+from router.policies.common import DECISION_SCORES, config_from_params, require
 from router.types import Decision, RoutingRequest, Worker, WorkerScore
+
+# A candidate's row, built per worker per request (a plain tuple: cheapest to build in a hot loop):
+# (cost, -overlap, candidate order, url, overlap, indexed, inflight, new_prefill, pending, decode,
+#  block load, requests in flight, guard penalty). Sorting on the first three gives the ranking:
+# lower cost, then more cached blocks, then candidate order.
+_Row = tuple[float, int, int, str, int, int, int, float, float, float, float, int, float]
+_COST: Final = 0
+_URL: Final = 3
+_OVERLAP: Final = 4
+_LOAD: Final = 10
+_REQS: Final = 11
+_PENALTY: Final = 12
+
+
+def _key(r: _Row) -> tuple[float, int, int]:
+    return (r[0], r[1], r[2])
 
 
 @dataclass(frozen=True)
 class KvAwareConfig:
-    decode_weight: float = 1.0  # cost of one active KV block relative to one block of prefill; 0: ignore decode
+    decode_weight: float = (
+        1.0  # cost of one active KV block relative to one block of prefill; 0: ignore decode
+    )
     normalize_by_capacity: bool = False  # scale decode load by mean KV capacity / worker's (mixed GPUs)
     guard_factor: float = 1.5  # hot if load > factor * fleet mean + margin; 0 disables the guard
     guard_margin_blocks: float = 256.0  # absolute slack of the block-load test, in blocks
@@ -58,7 +66,13 @@ class KvAwareConfig:
     predict_inflight: bool = True  # count in-flight prompts as held by their worker (bursts)
 
     def __post_init__(self) -> None:
-        for name in ("decode_weight", "guard_factor", "guard_margin_blocks", "guard_margin_requests", "temperature"):
+        for name in (
+            "decode_weight",
+            "guard_factor",
+            "guard_margin_blocks",
+            "guard_margin_requests",
+            "temperature",
+        ):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, "kv_aware", f"{name} must be finite and >= 0, got {v}")
 
@@ -71,79 +85,106 @@ class KvAwarePolicy(PolicyBase):
 
     name = "kv_aware"
 
-    def __init__(self, config: KvAwareConfig, kv_index: OverlapSource, inflight: OverlapSource | None) -> None:
+    def __init__(
+        self, config: KvAwareConfig, kv_index: OverlapSource, inflight: OverlapSource | None
+    ) -> None:
         self.config = config
         self._index = kv_index
         self._inflight = inflight if config.predict_inflight else None
         self._rng = _random.Random(config.seed)
 
-    def _hot(self, candidates: Sequence[Worker], bs: int) -> set[str]:
-        c = self.config
-        if c.guard_factor == 0 or len(candidates) < 2:
-            return set()
-        loads = {w.url: block_load(w, bs) for w in candidates}
-        reqs = {w.url: float(in_flight(w)) for w in candidates}
-        lim_b = c.guard_factor * sum(loads.values()) / len(loads) + c.guard_margin_blocks
-        lim_r = c.guard_factor * sum(reqs.values()) / len(reqs) + c.guard_margin_requests
-        return {u for u in loads if loads[u] > lim_b or reqs[u] > lim_r}
-
-    def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
+    def _rows(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[_Row]:
+        """Every candidate's cost and its ingredients, best first. One tight pass: this runs per request
+        over the whole fleet, so loads are read inline rather than through the helpers."""
         c = self.config
         bs = request.block_size
         hashes = request.block_hashes
         indexed = self._index.match(hashes) if hashes else {}
         inflight = self._inflight.match(hashes) if (hashes and self._inflight is not None) else {}
         prompt_blocks = request.prompt_tokens / bs
-        caps = [cap for w in candidates if (cap := capacity_blocks(w, bs))]
-        mean_cap = sum(caps) / len(caps) if caps else None
-        hot = self._hot(candidates, bs)
-        raw: list[tuple[Worker, float, dict[str, float], int]] = []
-        for w in candidates:
-            overlap = max(indexed.get(w.url, 0), inflight.get(w.url, 0))
-            new_prefill = max(0.0, prompt_blocks - overlap)
-            pending = pending_prefill_blocks(w, bs)
-            decode = active_blocks(w, bs)
-            cap = capacity_blocks(w, bs)
-            if c.normalize_by_capacity and cap and mean_cap:
+        normalize = c.normalize_by_capacity
+        caps = [w.max_total_tokens / bs for w in candidates if w.max_total_tokens] if normalize else []
+        mean_cap = sum(caps) / len(caps) if caps else 0.0
+        rows: list[_Row] = []
+        for i, w in enumerate(candidates):
+            ld = w.load
+            url = w.url
+            ov_i, ov_f = indexed.get(url, 0), inflight.get(url, 0)
+            overlap = ov_i if ov_i >= ov_f else ov_f
+            pending = ld.pending_prefill_tokens / bs
+            decode = float(ld.active_blocks)
+            cap = w.max_total_tokens / bs if w.max_total_tokens else 0.0
+            if cap and ld.engine_token_usage is not None:
+                decode = max(decode, ld.engine_token_usage * cap)  # engine poll as a floor
+            load = pending + decode
+            reqs = max(ld.in_flight, (ld.engine_running or 0) + (ld.engine_queued or 0))
+            if normalize and cap and mean_cap:
                 decode *= mean_cap / cap
+            new_prefill = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
             cost = new_prefill + pending + c.decode_weight * decode
-            terms = {
-                "prompt_blocks": prompt_blocks,
-                "indexed_blocks": float(indexed.get(w.url, 0)),
-                "inflight_blocks": float(inflight.get(w.url, 0)),
-                "new_prefill_blocks": new_prefill,
-                "pending_prefill_blocks": pending,
-                "decode_load": decode,
-                "in_flight": float(in_flight(w)),
-                "hot": 1.0 if w.url in hot else 0.0,
-            }
-            raw.append((w, cost, terms, overlap))
-        cool_costs = [cost for w, cost, _, _ in raw if w.url not in hot]
-        hot_costs = [cost for w, cost, _, _ in raw if w.url in hot]
-        # Lifts the cheapest hot worker just above the dearest cool one: hot ones rank last, in cost order.
-        penalty = max(0.0, max(cool_costs) - min(hot_costs)) + 1.0 if hot_costs and cool_costs else 0.0
-        scores = []
-        for w, cost, terms, overlap in raw:
-            if w.url in hot:
-                terms["guard_penalty"] = penalty
-                cost += penalty
-            scores.append(WorkerScore(url=w.url, cost=cost, cached_blocks=overlap, terms=terms))
-        return sort_scores(scores, {w.url: i for i, w in enumerate(candidates)})
+            rows.append(
+                (cost, -overlap, i, url, overlap, ov_i, ov_f, new_prefill, pending, decode, load, reqs, 0.0)
+            )
+        if c.guard_factor > 0 and len(rows) > 1:
+            n = len(rows)
+            lim_b = c.guard_factor * sum(r[_LOAD] for r in rows) / n + c.guard_margin_blocks
+            lim_r = c.guard_factor * sum(r[_REQS] for r in rows) / n + c.guard_margin_requests
+            hot = [j for j, r in enumerate(rows) if r[_LOAD] > lim_b or r[_REQS] > lim_r]
+            if hot and len(hot) < n:
+                hot_set = set(hot)
+                cool_max = max(r[_COST] for j, r in enumerate(rows) if j not in hot_set)
+                # Lift the cheapest hot worker just above the dearest cool one: hot ones rank last.
+                penalty = max(0.0, cool_max - min(rows[j][_COST] for j in hot)) + 1.0
+                for j in hot:
+                    r = rows[j]
+                    rows[j] = (r[_COST] + penalty, *r[1:_PENALTY], penalty)
+        rows.sort(key=_key)
+        return rows
+
+    def _score(self, r: _Row, prompt_blocks: float) -> WorkerScore:
+        cost, _, _, url, overlap, indexed, inflight, new_prefill, pending, decode, _, reqs, penalty = r
+        terms = {
+            "prompt_blocks": prompt_blocks,
+            "indexed_blocks": float(indexed),
+            "inflight_blocks": float(inflight),
+            "new_prefill_blocks": new_prefill,
+            "pending_prefill_blocks": pending,
+            "decode_load": decode,
+            "in_flight": float(reqs),
+            "hot": 1.0 if penalty else 0.0,
+        }
+        if penalty:
+            terms["guard_penalty"] = penalty
+        return WorkerScore(url=url, cost=cost, cached_blocks=overlap, terms=terms)
+
+    def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
+        pb = request.prompt_tokens / request.block_size
+        return [self._score(r, pb) for r in self._rows(request, candidates)]
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
-        scores = self.explain(request, candidates)
-        best = scores[0]
-        hot = sum(1 for s in scores if s.terms["hot"])
-        reason = f"min cost {best.cost:.1f} (cached {best.cached_blocks} blocks)" + (f", {hot} hot" if hot else "")
+        rows = self._rows(request, candidates)
+        pick = rows[0]
+        n_hot = sum(1 for r in rows if r[_PENALTY])
+        reason = f"min cost {pick[_COST]:.1f} (cached {pick[_OVERLAP]} blocks)"
+        reason += f", {n_hot} hot" if n_hot else ""
         T = self.config.temperature
-        cool = [s for s in scores if not s.terms["hot"]]
+        cool = [r for r in rows if not r[_PENALTY]]
         if T > 0 and len(cool) > 1:
-            lo = cool[0].cost
-            weights = [math.exp(-(s.cost - lo) / T) for s in cool]
-            pick = self._rng.choices(cool, weights=weights)[0]
-            reason = f"softmax T={T:g}: cost {pick.cost:.1f} (cached {pick.cached_blocks} blocks)"
-            return decision_from_scores(self.name, scores, reason, chosen=pick.url)
-        return decision_from_scores(self.name, scores, reason)
+            lo = cool[0][_COST]
+            pick = self._rng.choices(cool, weights=[math.exp(-(r[_COST] - lo) / T) for r in cool])[0]
+            reason = f"softmax T={T:g}: cost {pick[_COST]:.1f} (cached {pick[_OVERLAP]} blocks)"
+        ordered = rows if pick is rows[0] else [pick, *(r for r in rows if r is not pick)]
+        # The decision carries the scores of the first few ranked workers (what logs and retries
+        # use); `explain` gives the whole table.
+        pb = request.prompt_tokens / request.block_size
+        return Decision(
+            worker=pick[_URL],
+            ranked=tuple(r[_URL] for r in ordered),
+            policy=self.name,
+            cached_blocks=pick[_OVERLAP],
+            reason=reason,
+            scores=tuple(self._score(r, pb) for r in ordered[:DECISION_SCORES]),
+        )
 
 
 def make(params: Mapping[str, Any] | None, context: PolicyContext | None = None) -> KvAwarePolicy:

@@ -305,3 +305,45 @@ def test_many_workers_use_wide_masks() -> None:
     assert got == {w: 2 if i % 2 else 1 for i, w in enumerate(names)}
     assert idx.remove(names[299], [EngineBlockHash(1)]) == 2
     assert names[299] not in idx.match([h(1)])
+
+
+def test_wide_fan_out_with_churn_stays_consistent() -> None:
+    # One system prompt block with 40 children stored, removed and stored again across two
+    # workers: exercises the branch sets and their lazy pruning.
+    idx = RadixIndex()
+    root = BlockHash(1)
+    kids = [BlockHash(100 + i) for i in range(40)]
+    for w in (A, B):
+        idx.store(w, None, [StoredBlock(root, EngineBlockHash(1))])
+    for rnd in range(3):
+        for i, k in enumerate(kids):
+            idx.store(A if i % 2 else B, root, [StoredBlock(k, EngineBlockHash(k + 1000))])
+        for i, k in enumerate(kids):
+            if (i + rnd) % 3:
+                assert idx.remove(A if i % 2 else B, [EngineBlockHash(k + 1000)]) == 1
+    alive = [(i, k) for i, k in enumerate(kids) if not (i + 2) % 3]
+    for i, k in enumerate(kids):
+        want = {A: 1, B: 1}
+        if any(j == i for j, _ in alive):
+            want[A if i % 2 else B] = 2
+        assert idx.match([root, k]) == want
+    assert idx.block_count(A) + idx.block_count(B) == 2 + len(alive)
+    assert idx.clear(A) == 1 + sum(1 for i, _ in alive if i % 2)
+    assert idx.remove(B, [EngineBlockHash(1)]) == 1 + sum(1 for i, _ in alive if not i % 2)
+    assert len(idx) == 0
+
+
+def test_inconsistent_chains_still_clear_cleanly() -> None:
+    # A caller claims block (1,0) under two different parents: the index must still forget A
+    # completely (a leaked bit would be misattributed once the slot is reused).
+    idx = RadixIndex()
+    idx.store(A, None, blocks(A, 1, 0))
+    idx.store(B, None, blocks(B, 2))
+    idx.store(B, h(2), stored(B, [(1, 0)]))  # (1,0) already exists under (1,)
+    idx.remove(A, [ehash(A, (1,))])  # drops (1,) and (1,0) for A
+    idx.store(A, None, blocks(A, 2))
+    idx.store(A, h(2), stored(A, [(1, 0)]))
+    assert idx.remove_worker(A) == 2
+    idx.store("http://c", None, blocks("http://c", 0))  # reuses A's slot
+    assert idx.match([h(2), h(1, 0)]) == {B: 2}
+    assert idx.block_count("http://c") == 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import aiohttp
 import openai
 import orjson
+import pytest
 
 from cache_index.hashing import ByteTokenizer
 from engines.sim.fleet import SimFleet
@@ -86,10 +89,15 @@ async def test_openai_client_streams_chat_and_completions(fleet: SimFleet) -> No
 
         comp = await client.completions.create(model="sim/llama3-8b", prompt="abc", max_tokens=5, stream=True)
         parts = [c async for c in comp]
-        assert "".join(c.choices[0].text for c in parts if c.choices) and parts[-1].choices[0].finish_reason == "length"
+        assert (
+            "".join(c.choices[0].text for c in parts if c.choices)
+            and parts[-1].choices[0].finish_reason == "length"
+        )
         full = await client.completions.create(model="sim/llama3-8b", prompt="abc", max_tokens=3)
         assert len(full.choices[0].text) == 3 and full.usage is not None and full.usage.prompt_tokens == 3
-        chat = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], max_tokens=2)
+        chat = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "q"}], max_tokens=2
+        )
         assert chat.choices[0].message.role == "assistant" and len(chat.choices[0].message.content or "") == 2
         models = await client.models.list()
         assert [m.id for m in models.data] == ["sim/llama3-8b"]
@@ -138,7 +146,12 @@ async def test_state_endpoints(fleet: SimFleet, session: aiohttp.ClientSession) 
         assert loads["loads"][0]["cache_hit_rate"] > 0.4
     async with session.get(url + "/metrics") as r:
         text = await r.text()
-    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:cache_hit_rate"):
+    for name in (
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:token_usage",
+        "sglang:cache_hit_rate",
+    ):
         assert f"\n{name}{{" in text
     async with session.get(url + "/health") as r:
         assert r.status == 200
@@ -150,8 +163,11 @@ async def test_state_endpoints(fleet: SimFleet, session: aiohttp.ClientSession) 
     assert again["meta_info"]["cached_tokens"] == 0  # the flush emptied the cache
 
 
-async def test_abort_and_client_disconnect_free_the_engine(session: aiohttp.ClientSession) -> None:
-    async with SimFleet(1, time_scale=1.0) as f:  # real time: ~1 ms per decode step, so 4000 tokens take seconds
+async def test_abort_and_client_disconnect_free_the_engine(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # real time: ~1 ms per decode step, so 4000 tokens take seconds
+    async with SimFleet(1, time_scale=1.0) as f:
         url, eng = f.urls[0], f.engines[0]
         body = {"text": "long", "stream": True, "sampling_params": {"max_new_tokens": 4000}, "rid": "gone"}
         async with session.post(url + "/generate", json=body) as r:
@@ -162,6 +178,9 @@ async def test_abort_and_client_disconnect_free_the_engine(session: aiohttp.Clie
         assert eng.records_by_rid["gone"].finish_reason is not None
         assert eng.records_by_rid["gone"].finish_reason["type"] == "abort"
         assert eng.cache.private_tokens == 0 and eng.cache.protected_tokens == 0
+        assert not [
+            r for r in caplog.records if r.levelno >= logging.ERROR
+        ]  # a disconnect is no server error
 
         body["rid"] = "killed"
         async with session.post(url + "/generate", json=body) as r:

@@ -58,7 +58,9 @@ async def test_stall_hangs_generation_until_cleared(fleet: SimFleet, session: ai
         assert r.status == 200  # the process is up; only generation hangs
     pending = asyncio.create_task(generate(session, url, "stalled", max_new_tokens=2))
     eng = fleet.engines[0]
-    await wait_for(lambda: eng.load().num_running_reqs + eng.load().num_waiting_reqs >= 1, what="request queued")
+    await wait_for(
+        lambda: eng.load().num_running_reqs + eng.load().num_waiting_reqs >= 1, what="request queued"
+    )
     assert not pending.done()
     await set_faults(session, url, stall=False)
     status, body = await asyncio.wait_for(pending, 5)
@@ -95,3 +97,15 @@ async def test_refuse_connections_closes_and_reopens_the_port(fleet: SimFleet) -
         await fleet.set_faults(0, refuse_connections=False)
         async with fresh.get(url + "/health") as r:
             assert r.status == 200
+
+
+async def test_refusing_from_the_start_still_has_a_fixed_port() -> None:
+    async with SimFleet(1, time_scale=FAST, faults=FaultConfig(refuse_connections=True)) as f:
+        assert not f.urls[0].endswith(":0")
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientConnectorError):
+                async with s.get(f.urls[0] + "/health"):
+                    pass
+            await f.set_faults(0, refuse_connections=False)
+            async with s.get(f.urls[0] + "/health") as r:
+                assert r.status == 200

@@ -20,11 +20,17 @@ async def test_pd_pair_serves_and_reports_prefill_cache_hits(session: aiohttp.Cl
             p_info = await r.json()
         async with session.get(d_url + "/server_info") as r:
             d_info = await r.json()
-        assert p_info["disaggregation_mode"] == "prefill" and isinstance(p_info["disaggregation_bootstrap_port"], int)
+        assert p_info["disaggregation_mode"] == "prefill" and isinstance(
+            p_info["disaggregation_bootstrap_port"], int
+        )
         assert d_info["disaggregation_mode"] == "decode"
         port = p_info["disaggregation_bootstrap_port"]
         for attempt in range(2):
-            pd = {"bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": random.getrandbits(63)}
+            pd = {
+                "bootstrap_host": "127.0.0.1",
+                "bootstrap_port": port,
+                "bootstrap_room": random.getrandbits(63),
+            }
             # The router's way: the same request to both servers at the same time.
             (ps, pr), (ds, dr) = await asyncio.gather(
                 generate(session, p_url, TEXT, max_new_tokens=6, **pd),
@@ -46,7 +52,9 @@ async def test_missing_prefill_partner_times_out_with_a_clear_error(session: aio
         d_url = f.decode_urls[0]
         status, body = await generate(session, d_url, TEXT, bootstrap_room=12345)
         assert status == 500
-        assert "bootstrap room 12345" in body["error"]["message"] and "never arrived" in body["error"]["message"]
+        assert (
+            "bootstrap room 12345" in body["error"]["message"] and "never arrived" in body["error"]["message"]
+        )
         # streamed: the error still comes as an HTTP status, since no token was sent yet
         req = {"text": TEXT, "stream": True, "bootstrap_room": 777}
         async with session.post(d_url + "/generate", json=req) as r:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import pytest
 
@@ -100,3 +101,38 @@ def test_reset_refuses_locked_pages_and_records_clear() -> None:
 def test_rejects_bad_sizes(page_size: int, capacity: int) -> None:
     with pytest.raises(ValueError):
         PrefixCache(page_size, capacity)
+
+
+def test_heap_of_eviction_candidates_stays_bounded_under_repeated_hits() -> None:
+    c = PrefixCache(PS, 64)
+    c.alloc(8)
+    c.insert(toks(0, 8))
+    c.free(8)
+    for _ in range(5000):  # each touch pushes a candidate; stale ones must be dropped
+        c.match_prefix(toks(0, 8))
+    assert len(c._heap) <= 2 * c.num_pages() + 1024
+    c.alloc(64 - 8)
+    assert c.alloc(8) and c.tree_tokens == 0  # the (still correct) heap finds the leaf, then its parent
+
+
+def test_reset_and_eviction_free_the_pages_memory() -> None:
+    # Pages are invisible to the cycle collector, so the cache itself must leave no cycles behind.
+    tracemalloc.start()
+    try:
+        c = PrefixCache(PS, 1 << 20)
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            seq = [i] + toks(1000 * i, 63)
+            c.alloc(64)
+            c.insert(seq)
+            c.free(64)
+        c.take_events()
+        grown = tracemalloc.get_traced_memory()[0]
+        c.reset()
+        c.take_events()
+        c.alloc(1 << 20)  # nothing to evict now; the pool is just free
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert grown - base > 200 * 16 * 100  # 3200 pages held
+    assert after - base < (grown - base) / 10  # and released by reset

@@ -190,3 +190,35 @@ def test_conditional_without_a_local_pool_disaggregates() -> None:
 def test_unknown_policy_names_fail_at_construction() -> None:
     with pytest.raises(ValueError):
         PDSelector(_router(), PDConfig(decode_policy="nope"))
+
+
+def test_window_summarises_the_planners_inputs() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from router.pd import PDRecord
+    from router.pd_metrics import PDMetrics, PDWindow
+
+    now = [100.0]
+    window = PDWindow(horizon_s=10.0, clock=lambda: now[0])
+    m = PDMetrics(CollectorRegistry(), window)
+    m.observe(PDRecord("disaggregated", "ok", 1000, 500, 10, ttft_s=0.2, itls=[0.01, 0.03], finished_at=91.0))
+    m.observe(PDRecord("local", "ok", 200, 0, 30, ttft_s=0.1, itls=[0.02], finished_at=95.0))
+    m.observe(PDRecord("disaggregated", "upstream_error", 999, 0, 0, finished_at=96.0))  # not counted
+    m.observe(PDRecord("local", "ok", 50, 0, 5, finished_at=80.0))  # outside the horizon
+    s = window.summary(current_prefill=2, current_decode=3)
+    assert s.requests == 2 and s.local_fraction == 0.5
+    assert s.load.request_rate == pytest.approx(2 / 9.0)
+    assert s.load.prompt_tokens == 600 and s.load.output_tokens == 20
+    assert s.load.cache_hit_ratio == pytest.approx(500 / 1200)
+    assert s.load.measured_ttft_s == pytest.approx(0.15) and s.load.measured_itl_s == pytest.approx(0.02)
+    assert (s.load.current_prefill, s.load.current_decode) == (2, 3)
+    assert m.requests.labels("disaggregated", "upstream_error")._value.get() == 1
+
+
+@pytest.mark.parametrize("prefill_policy", ["kv_aware", "least_load", "round_robin", "cache_aware"])
+def test_any_policy_can_serve_the_prefill_pool(prefill_policy: str) -> None:
+    router = _router()
+    cfg = PDConfig(prefill_policy=prefill_policy, decode_policy="power_of_two")
+    route = choose_route(PDSelector(router, cfg), router.routing_request(text="q" * 64), cfg)
+    assert route.prefill is not None and route.prefill.role is WorkerRole.PREFILL
+    assert route.decode.role is WorkerRole.DECODE

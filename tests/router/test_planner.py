@@ -176,3 +176,15 @@ def test_scale_hook_failure_is_the_exit_status() -> None:
         ["--request-rate", "5", "--prompt-tokens", "2000", "--output-tokens", "100", "--scale-hook", cmd]
     )
     assert rc == 3
+
+
+def test_plan_from_query_parses_targets_and_rejects_garbage() -> None:
+    load = ObservedLoad(5.0, 2000, 100, 0.5, current_prefill=1, current_decode=1)
+    out = planner.plan_from_query(load, {"ttft_slo": "0.4", "itl_slo": "0.02"})
+    assert out["targets"]["ttft_slo_s"] == 0.4 and out["targets"]["itl_slo_s"] == 0.02
+    assert out["observed"]["request_rate"] == 5.0 and out["plan"]["prefill_workers"] >= 1
+    json.dumps(out)  # JSON-ready
+    with pytest.raises(PlanError):
+        planner.plan_from_query(load, {"ttft_slo": "fast"})
+    with pytest.raises(PlanError):
+        planner.plan_from_query(load, {"profile": "no-such-gpu"})

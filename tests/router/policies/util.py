@@ -27,7 +27,7 @@ def worker(
 def request(
     n_blocks: int = 0, prefix: int = 1, session: str | None = None, extra_tokens: int = 0
 ) -> RoutingRequest:
-    """A prompt of `n_blocks` full blocks whose content is determined by `prefix` (same prefix, same hashes)."""
+    """A prompt of `n_blocks` full blocks, its content set by `prefix` (same prefix, same hashes)."""
     ids = [prefix * 1000 + i for i in range(n_blocks * BS + extra_tokens)]
     return RoutingRequest(
         block_hashes=tuple(hash_blocks(ids, BS)),

@@ -1,0 +1,362 @@
+"""PD benchmark: do bursts of long prompts stall running decodes? Aggregated vs disaggregated serving.
+
+Workload (engine seconds): steady chat (Poisson, a shared system prompt plus a unique question, a
+streamed answer) plus, every `burst_every_s`, a burst of long unique prompts with short outputs.
+Same GPU count in every configuration, on the simulated fleet (H100 cost profile):
+- `kvroute-aggregated`: N regular workers, kvroute (kv_aware) in front.
+- `kvroute-pd`: P prefill + (N - P) decode workers, kvroute's PD path (`router.pd.forward_pd`).
+- `sglang-pd`: the same PD fleet behind `python -m sglang_router.launch_router --pd-disaggregation`.
+
+Per configuration it reports the chat requests' p50/p99 ITL while a burst is being prefilled (from the
+first burst arrival to the burst's last first token) and outside bursts, their ratio (target: <= 1.5
+for PD), and TTFT of chat and burst requests. The fleet runs in a child process (`bench.compare
+--fleet-child`), kvroute in this process, SGLang's router in its own.
+
+    python -m bench.pd_bench --duration 60 --time-scale 2 [--no-sglang] [--out bench/results/pd.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from bench.compare import REPO, BenchError, free_port, percentile, sglang_router_available, wait_router_ready
+from bench.loadgen import LoadgenConfig, RequestResult, run_load
+from bench.workloads import Request, block_text, poisson_arrivals
+from router.core import Router
+from router.pd import PDConfig, PDContext, forward_pd
+from router.types import Worker, WorkerRole, WorkerState
+
+PAGE = 16
+
+
+@dataclass(frozen=True)
+class PDBenchConfig:
+    duration_s: float = 60.0
+    chat_rate: float = 4.0  # chat requests per engine second
+    chat_system_tokens: int = 1024
+    chat_user_tokens: int = 256
+    chat_output_tokens: int = 128
+    burst_every_s: float = 20.0
+    burst_size: int = 8
+    burst_prompt_tokens: int = 8192
+    burst_output_tokens: int = 16
+    burst_spread_s: float = 0.5
+    gpus: int = 4
+    prefill: int = 2
+    profile: str = "h100-llama3-8b"
+    time_scale: float = 2.0  # wall seconds per engine second (> 1: slower than real, less CPU per token)
+    seed: int = 0
+    include_sglang: bool = True
+
+
+def build_workload(cfg: PDBenchConfig) -> tuple[list[Request], set[str], list[list[str]]]:
+    """(requests by arrival, chat rids, burst rids per burst)."""
+    rng = random.Random(cfg.seed)
+    system = block_text(0, cfg.chat_system_tokens, salt=cfg.seed)
+    n_chat = max(1, int(cfg.duration_s * cfg.chat_rate))
+    reqs: list[Request] = []
+    chat: set[str] = set()
+    for i, t in enumerate(poisson_arrivals(n_chat, cfg.chat_rate, rng)):
+        rid = f"chat-{i}"
+        chat.add(rid)
+        text = system + block_text(1000 + i, cfg.chat_user_tokens, salt=cfg.seed)
+        reqs.append(Request(rid, t, text, cfg.chat_output_tokens))
+    bursts: list[list[str]] = []
+    start = cfg.burst_every_s
+    b = 0
+    while start < cfg.duration_s - 2.0:
+        ids = []
+        for k in range(cfg.burst_size):
+            rid = f"burst-{b}-{k}"
+            ids.append(rid)
+            t = start + cfg.burst_spread_s * k / max(1, cfg.burst_size - 1)
+            text = block_text(10**6 + b * 1000 + k, cfg.burst_prompt_tokens, salt=cfg.seed)
+            reqs.append(Request(rid, t, text, cfg.burst_output_tokens))
+        bursts.append(ids)
+        start += cfg.burst_every_s
+        b += 1
+    reqs.sort(key=lambda r: r.arrival_s)
+    return reqs, chat, bursts
+
+
+# ---- processes ------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def fleet(cfg: PDBenchConfig, regular: int, prefill: int, decode: int, log: IO[str]) -> AsyncIterator[
+    list[str]
+]:
+    args = {"workers": regular, "prefill": prefill, "decode": decode, "profile": cfg.profile,
+            "page_size": PAGE, "time_scale": cfg.time_scale, "seed": cfg.seed}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.compare", "--fleet-child", json.dumps(args),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
+        if not line:
+            raise BenchError("the simulated fleet exited before listing its engines")
+        yield list(json.loads(line)["urls"])
+    finally:
+        if proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=10)
+            except TimeoutError:
+                proc.terminate()
+                await proc.wait()
+
+
+async def server_info(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with http.get(url + "/server_info") as r:
+        info: dict[str, Any] = await r.json()
+        return info
+
+
+@contextlib.asynccontextmanager
+async def kvroute_front(
+    roles: Sequence[tuple[str, WorkerRole]], http: aiohttp.ClientSession, aggregated: bool
+) -> AsyncIterator[str]:
+    """kvroute in this process: the Router, KV-event subscriptions, and an app calling `forward_pd`."""
+    router = Router(block_size=PAGE, policy="kv_aware")
+    for url, role in roles:
+        info = await server_info(http, url)
+        router.add_worker(Worker(url, role=role, state=WorkerState.HEALTHY, page_size=PAGE,
+                                 bootstrap_port=info.get("disaggregation_bootstrap_port"),
+                                 max_total_tokens=info.get("max_total_num_tokens")))
+        kv = info.get("kv_events")
+        if isinstance(kv, dict) and kv.get("endpoint"):
+            await router.subscribe(url, kv["endpoint"], kv.get("replay_endpoint"), kv.get("topic", ""))
+    # Aggregated: no prefill pool, every request is "local" (the router's own policy over regular workers).
+    pd_cfg = PDConfig(local_prefill_max_tokens=10**9) if aggregated else PDConfig()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    ctx = PDContext.create(session, router, pd_cfg)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        parsed = orjson.loads(body)
+        rr = router.routing_request(text=parsed.get("text"), input_ids=parsed.get("input_ids"))
+        return await forward_pd(ctx, request, request.path, body, parsed, rr)
+
+    app = web.Application()
+    app.router.add_post("/generate", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+        await session.close()
+        await router.close()
+
+
+@contextlib.asynccontextmanager
+async def sglang_pd_front(
+    prefill: Sequence[str], decode: Sequence[str], http: aiohttp.ClientSession, log: IO[str]
+) -> AsyncIterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+           "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+           "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    for url in prefill:
+        info = await server_info(http, url)
+        cmd += ["--prefill", url, str(info.get("disaggregation_bootstrap_port"))]
+    for url in decode:
+        cmd += ["--decode", url]
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_router_ready(url, len(prefill) + len(decode), proc, http)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+
+
+# ---- analysis -------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    name: str
+    ok: int
+    failed: int
+    itl_p50_calm_ms: float
+    itl_p99_calm_ms: float
+    itl_p50_burst_ms: float
+    itl_p99_burst_ms: float
+    itl_p99_ratio: float
+    chat_ttft_p50_ms: float
+    chat_ttft_p99_ms: float
+    chat_ttft_p99_burst_ms: float
+    burst_ttft_p50_ms: float
+    burst_ttft_p99_ms: float
+    burst_windows_s: list[tuple[float, float]]
+
+
+def summarize(
+    name: str, results: Sequence[RequestResult], chat: set[str], bursts: list[list[str]]
+) -> Summary:
+    by_rid = {r.rid: r for r in results}
+    windows: list[tuple[float, float]] = []
+    for ids in bursts:
+        rs = [by_rid[i] for i in ids if i in by_rid]
+        start = min(r.scheduled_s for r in rs)
+        ends = [r.scheduled_s + r.start_lag_s + r.ttft_s for r in rs if r.ttft_s is not None]
+        windows.append((start, max(ends) if ends else start + 1.0))
+
+    def where(t: float) -> str:
+        for a, b in windows:
+            if a <= t <= b:
+                return "burst"
+            if a - 1.0 <= t <= b + 2.0:
+                return "edge"
+        return "calm"
+
+    calm: list[float] = []
+    burst: list[float] = []
+    chat_ttft: list[float] = []
+    chat_ttft_burst: list[float] = []
+    for r in results:
+        if r.rid not in chat or not r.ok or r.ttft_s is None:
+            continue
+        t_first = r.scheduled_s + r.start_lag_s + r.ttft_s
+        chat_ttft.append(r.ttft_s)
+        if where(r.scheduled_s) == "burst":
+            chat_ttft_burst.append(r.ttft_s)
+        for t, gap in zip(itertools.accumulate(r.itl_s, initial=t_first), r.itl_s, strict=False):
+            place = where(t + gap)
+            if place == "burst":
+                burst.append(gap)
+            elif place == "calm":
+                calm.append(gap)
+    burst_ttft = [r.ttft_s for r in results if r.rid not in chat and r.ok and r.ttft_s is not None]
+    ms = 1000.0
+    p99_calm = percentile(calm, 99)
+    return Summary(
+        name, sum(r.ok for r in results), sum(not r.ok for r in results),
+        percentile(calm, 50) * ms, p99_calm * ms, percentile(burst, 50) * ms, percentile(burst, 99) * ms,
+        percentile(burst, 99) / p99_calm if p99_calm else float("nan"),
+        percentile(chat_ttft, 50) * ms, percentile(chat_ttft, 99) * ms, percentile(chat_ttft_burst, 99) * ms,
+        percentile(burst_ttft, 50) * ms, percentile(burst_ttft, 99) * ms, windows,
+    )
+
+
+def table(sums: Sequence[Summary]) -> str:
+    head = ("| config | ok/failed | ITL p50 calm | ITL p99 calm | ITL p50 burst | ITL p99 burst | p99 ratio "
+            "| chat TTFT p50 | chat TTFT p99 | chat TTFT p99 (burst) | burst TTFT p50 | burst TTFT p99 |")
+    lines = [head, "|" + "---|" * 12]
+    for s in sums:
+        lines.append(
+            f"| {s.name} | {s.ok}/{s.failed} | {s.itl_p50_calm_ms:.1f} | {s.itl_p99_calm_ms:.1f} | "
+            f"{s.itl_p50_burst_ms:.1f} | {s.itl_p99_burst_ms:.1f} | {s.itl_p99_ratio:.2f}x | "
+            f"{s.chat_ttft_p50_ms:.0f} | {s.chat_ttft_p99_ms:.0f} | {s.chat_ttft_p99_burst_ms:.0f} | "
+            f"{s.burst_ttft_p50_ms:.0f} | {s.burst_ttft_p99_ms:.0f} |"
+        )
+    return "\n".join(lines) + "\n(latencies in engine milliseconds: wall / time_scale)"
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
+    reqs, chat, bursts = build_workload(cfg)
+    n, p = cfg.gpus, cfg.prefill
+    aggregated = name == "kvroute-aggregated"
+    regular, prefill, decode = (n, 0, 0) if aggregated else (0, p, n - p)
+    async with aiohttp.ClientSession() as http, fleet(cfg, regular, prefill, decode, log) as urls:
+        roles = ([(u, WorkerRole.REGULAR) for u in urls[:regular]]
+                 + [(u, WorkerRole.PREFILL) for u in urls[regular:regular + prefill]]
+                 + [(u, WorkerRole.DECODE) for u in urls[regular + prefill:]])
+        if name == "sglang-pd":
+            front = sglang_pd_front(urls[:prefill], urls[prefill:], http, log)
+        else:
+            front = kvroute_front(roles, http, aggregated)
+        async with front as base:
+            lg = LoadgenConfig(base_url=base, api="generate", time_scale=cfg.time_scale, label=name,
+                               progress=False, request_timeout_s=600.0)
+            t0 = time.perf_counter()
+            results = await run_load(reqs, lg)
+            wall = time.perf_counter() - t0
+            print(f"# {name}: {len(results)} requests in {wall:.0f} s wall", file=sys.stderr)
+    return summarize(name, results, chat, bursts)
+
+
+async def main_async(cfg: PDBenchConfig, out: Path | None) -> list[Summary]:
+    names = ["kvroute-aggregated", "kvroute-pd"]
+    if cfg.include_sglang:
+        if sglang_router_available():
+            names.append("sglang-pd")
+        else:
+            print("# sglang_router not installed: skipping sglang-pd", file=sys.stderr)
+    sums = []
+    log_path = (out.parent if out else REPO / "bench" / "results") / "pd_bench.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        for name in names:
+            sums.append(await run_one(name, cfg, log))
+    print(table(sums))
+    for s in sums:
+        if s.name.endswith("-pd"):
+            verdict = "meets" if s.itl_p99_ratio <= 1.5 else "misses"
+            print(f"{s.name}: p99 ITL during bursts {s.itl_p99_ratio:.2f}x calm ({verdict} the 1.5x target)")
+    if out is not None:
+        out.write_text(json.dumps({"config": asdict(cfg), "results": [asdict(s) for s in sums]}, indent=1))
+    return sums
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
+    d = PDBenchConfig()
+    p = argparse.ArgumentParser(prog="python -m bench.pd_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=d.duration_s, help="engine seconds of workload")
+    p.add_argument("--chat-rate", type=float, default=d.chat_rate)
+    p.add_argument("--chat-output", type=int, default=d.chat_output_tokens)
+    p.add_argument("--burst-every", type=float, default=d.burst_every_s)
+    p.add_argument("--burst-size", type=int, default=d.burst_size)
+    p.add_argument("--burst-prompt", type=int, default=d.burst_prompt_tokens)
+    p.add_argument("--gpus", type=int, default=d.gpus)
+    p.add_argument("--prefill", type=int, default=d.prefill, help="prefill workers in the PD fleets")
+    p.add_argument("--profile", default=d.profile)
+    p.add_argument("--time-scale", type=float, default=d.time_scale)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-sglang", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="write the summaries as JSON here")
+    a = p.parse_args(argv)
+    if not 0 < a.prefill < a.gpus:
+        p.error("--prefill must be between 1 and --gpus - 1")
+    cfg = PDBenchConfig(a.duration, a.chat_rate, d.chat_system_tokens, d.chat_user_tokens, a.chat_output,
+                        a.burst_every, a.burst_size, a.burst_prompt, d.burst_output_tokens, d.burst_spread_s,
+                        a.gpus, a.prefill, a.profile, a.time_scale, a.seed, not a.no_sglang)
+    return cfg, a.out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, out = parse_args(argv)
+    asyncio.run(main_async(cfg, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,535 @@
+"""Latency the router adds and the request rate it sustains, kvroute next to SGLang's router, one run.
+
+Processes (all on loopback, each its own OS process):
+- backend: a zero-work SGLang look-alike (raw asyncio on uvloop) answering every `/generate` with
+  the same small JSON, and the control endpoints both routers probe at registration;
+- the router under test: `kvroute serve` (round_robin, and kv_aware: tokenize + hash + index) and
+  `python -m sglang_router.launch_router` (sglang-router 0.3.2, round_robin), one after another,
+  each pointed at the same backend;
+- loadgen: a raw-asyncio HTTP/1.1 client (keep-alive pool) in its own process.
+
+Two measurements per target (and for the backend called directly, the baseline):
+- latency at a fixed open-loop rate (default 200 req/s): p50/p99 of the client-side latency; the
+  router's *added* latency is the target's percentile minus the direct one;
+- sustained rate: closed loop with `--concurrency` connections for `--tput-seconds`; completed
+  requests per second (every answer checked to be a 200).
+
+    .venv/bin/python bench/router_overhead.py            # full run (3 interleaved rounds), ~5 minutes
+    .venv/bin/python bench/router_overhead.py --quick    # smoke run, ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "You are a helpful assistant. " * 8  # 232 bytes: 14 blocks for kv_aware to hash
+GEN_BODY = json.dumps({"text": PROMPT, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()
+GEN_RESPONSE = json.dumps(
+    {
+        "text": "ok",
+        "output_ids": [1],
+        "meta_info": {
+            "id": "0",
+            "prompt_tokens": 232,
+            "cached_tokens": 0,
+            "completion_tokens": 1,
+            "finish_reason": {"type": "length", "length": 1},
+        },
+    }
+).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------ backend
+
+
+def _http(status: str, body: bytes, ctype: bytes = b"application/json") -> bytes:
+    return (
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\nContent-Type: "
+        + ctype
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+_CONTROL = {
+    b"/health": _http("200 OK", b""),
+    b"/health_generate": _http("200 OK", b""),
+    b"/server_info": _http(
+        "200 OK",
+        json.dumps(
+            {
+                "page_size": 16,
+                "model_path": "zero",
+                "max_total_num_tokens": 10**6,
+                "disaggregation_mode": "null",
+            }
+        ).encode(),
+    ),
+    b"/model_info": _http("200 OK", json.dumps({"model_path": "zero", "is_generation": True}).encode()),
+    b"/v1/models": _http(
+        "200 OK", json.dumps({"object": "list", "data": [{"id": "zero", "object": "model"}]}).encode()
+    ),
+    b"/get_load": _http(
+        "200 OK", json.dumps([{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]).encode()
+    ),
+    b"/flush_cache": _http("200 OK", b"ok", b"text/plain"),
+}
+_CONTROL[b"/get_server_info"] = _CONTROL[b"/server_info"]
+_CONTROL[b"/get_model_info"] = _CONTROL[b"/model_info"]
+_GEN = _http("200 OK", GEN_RESPONSE)
+_404 = _http("404 Not Found", b"{}")
+
+
+class BackendProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive server that answers as soon as a whole request is in (zero work)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end]
+            length = 0
+            lower = head.lower()
+            i = lower.find(b"content-length:")
+            if i >= 0:
+                length = int(lower[i + 15 : lower.find(b"\r\n", i) if lower.find(b"\r\n", i) > 0 else None])
+            total = end + 4 + length
+            if len(self.buf) < total:
+                return
+            line = head[: head.find(b"\r\n")] if b"\r\n" in head else head
+            path = line.split(b" ")[1].split(b"?")[0] if line.count(b" ") >= 2 else b"/"
+            self.buf = self.buf[total:]
+            assert self.transport is not None
+            if path in (b"/generate", b"/v1/completions", b"/v1/chat/completions"):
+                self.transport.write(_GEN)
+            else:
+                self.transport.write(_CONTROL.get(path, _404))
+
+
+async def run_backend(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(BackendProtocol, "127.0.0.1", port, backlog=4096)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+# ------------------------------------------------------------------------------------ loadgen
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One keep-alive connection; one request at a time; resolves `waiter` with the status code."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[int] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection lost"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].lower()
+        i = head.find(b"content-length:")
+        if i >= 0:
+            j = head.find(b"\r\n", i)
+            length = int(head[i + 15 : j if j > 0 else None])
+            if len(self.buf) < end + 4 + length:
+                return
+            rest = self.buf[end + 4 + length :]
+        elif b"transfer-encoding: chunked" in head:
+            k = self.buf.find(b"\r\n0\r\n\r\n", end)
+            if k < 0 and not self.buf[end + 4 :].startswith(b"0\r\n\r\n"):
+                return
+            rest = b""
+        else:
+            rest = b""
+        status = int(self.buf[9:12])
+        self.buf = rest
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(status)
+
+    async def request(self, raw: bytes) -> int:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+def raw_request(port: int) -> bytes:
+    return (
+        b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:"
+        + str(port).encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(GEN_BODY)).encode()
+        + b"\r\n\r\n"
+        + GEN_BODY
+    )
+
+
+async def _connect(port: int) -> ClientProtocol:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(ClientProtocol, "127.0.0.1", port)
+    return proto
+
+
+async def latency_run(port: int, rate: float, seconds: float, warmup_s: float) -> dict[str, float]:
+    """Open loop at `rate`: request i leaves at start + i / rate on an idle pooled connection."""
+    raw = raw_request(port)
+    idle: list[ClientProtocol] = [await _connect(port) for _ in range(16)]
+    lat: list[float] = []
+    errors = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(record: bool) -> None:
+        nonlocal errors
+        conn = idle.pop() if idle else await _connect(port)
+        t0 = time.perf_counter()
+        try:
+            status = await conn.request(raw)
+        except ConnectionError:
+            errors += 1
+            return
+        dt = time.perf_counter() - t0
+        idle.append(conn)
+        if record:
+            if status == 200:
+                lat.append(dt)
+            else:
+                errors += 1
+
+    start = time.perf_counter()
+    total = warmup_s + seconds
+    i = 0
+    while True:
+        t = i / rate
+        if t >= total:
+            break
+        delay = start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.get_running_loop().create_task(one(t >= warmup_s))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    await asyncio.gather(*tasks)
+    for c in idle:
+        assert c.transport is not None
+        c.transport.close()
+    lat.sort()
+    n = len(lat)
+    return {
+        "n": n,
+        "errors": errors,
+        "p50_ms": lat[n // 2] * 1e3,
+        "p90_ms": lat[int(n * 0.9)] * 1e3,
+        "p99_ms": lat[min(n - 1, int(n * 0.99))] * 1e3,
+        "mean_ms": sum(lat) / n * 1e3,
+    }
+
+
+async def throughput_run(port: int, concurrency: int, seconds: float, warmup_s: float) -> dict[str, float]:
+    """Closed loop: `concurrency` connections, each sending its next request as soon as one is answered."""
+    raw = raw_request(port)
+    conns = [await _connect(port) for _ in range(concurrency)]
+    done = 0
+    errors = 0
+    measuring = False
+    stop = False
+
+    async def loop_one(c: ClientProtocol) -> None:
+        nonlocal done, errors
+        while not stop:
+            try:
+                status = await c.request(raw)
+            except ConnectionError:
+                errors += 1
+                return
+            if measuring:
+                if status == 200:
+                    done += 1
+                else:
+                    errors += 1
+
+    tasks = [asyncio.create_task(loop_one(c)) for c in conns]
+    await asyncio.sleep(warmup_s)
+    measuring = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    measuring = False
+    dt = time.perf_counter() - t0
+    stop = True
+    await asyncio.wait(tasks, timeout=10)
+    for c in conns:
+        assert c.transport is not None
+        c.transport.close()
+    return {"rps": done / dt, "errors": errors, "concurrency": concurrency}
+
+
+# ------------------------------------------------------------------------------------ orchestration
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    cmd: list[str] | None  # None: the backend itself (direct baseline)
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+async def _routes(port: int, timeout: float) -> None:
+    """Wait until POST /generate through `port` answers 200 (the router registered the backend)."""
+    deadline = time.monotonic() + timeout
+    raw = raw_request(port)
+    while time.monotonic() < deadline:
+        try:
+            c = await _connect(port)
+            try:
+                if await asyncio.wait_for(c.request(raw), 2) == 200:
+                    return
+            finally:
+                assert c.transport is not None
+                c.transport.close()
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"nothing answered 200 on port {port} within {timeout}s")
+
+
+def _loadgen(args: argparse.Namespace, port: int, mode: str) -> dict[str, float]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--role",
+        "loadgen",
+        "--port",
+        str(port),
+        "--mode",
+        mode,
+        "--rate",
+        str(args.rate),
+        "--latency-seconds",
+        str(args.latency_seconds),
+        "--tput-seconds",
+        str(args.tput_seconds),
+        "--concurrency",
+        str(args.concurrency),
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300, check=True)
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    logdir = ROOT / "bench" / "results" / "tmp"
+    logdir.mkdir(parents=True, exist_ok=True)
+    bport = free_port()
+    backend = _spawn(
+        [sys.executable, __file__, "--role", "backend", "--port", str(bport)], logdir / "backend.log"
+    )
+    burl = f"http://127.0.0.1:{bport}"
+    py = sys.executable
+    targets = [Target("direct (no router)", bport, None)]
+    kv_common = ["--worker-urls", burl, "--block-size", "16", "--log-level", "warning"]
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    targets.append(
+        Target(
+            "kvroute round_robin",
+            p1,
+            [py, "-m", "router", "serve", "--port", str(p1), "--policy", "round_robin", *kv_common],
+        )
+    )
+    targets.append(
+        Target(
+            "kvroute kv_aware",
+            p2,
+            [py, "-m", "router", "serve", "--port", str(p2), "--policy", "kv_aware", *kv_common],
+        )
+    )
+    if not args.no_sglang:
+        targets.append(
+            Target(
+                "sglang-router 0.3.2 round_robin",
+                p3,
+                [
+                    py,
+                    "-m",
+                    "sglang_router.launch_router",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p3),
+                    "--worker-urls",
+                    burl,
+                    "--policy",
+                    "round_robin",
+                    "--prometheus-host",
+                    "127.0.0.1",
+                    "--prometheus-port",
+                    str(free_port()),
+                    "--log-level",
+                    "warn",
+                ],
+            )
+        )
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {t.name: [] for t in targets}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for t in targets:  # every router starts now and idles while the others are measured
+            if t.cmd:
+                procs.append(_spawn(t.cmd, logdir / f"{t.name.split()[0]}-{t.port}.log"))
+        for t in targets:
+            asyncio.run(_routes(t.port, 60))
+        for rnd in range(args.repeat):
+            for t in targets:  # interleaved rounds: slow drifts of a shared machine hit every target alike
+                lat = _loadgen(args, t.port, "latency")
+                tput = _loadgen(args, t.port, "throughput")
+                runs[t.name].append({"latency": lat, "throughput": tput})
+                print(
+                    f"  round {rnd + 1} {t.name:<34} p50 {lat['p50_ms']:.3f} ms  p99 {lat['p99_ms']:.3f} ms  "
+                    f"{tput['rps']:.0f} req/s  (errors {lat['errors'] + tput['errors']:.0f})",
+                    flush=True,
+                )
+    finally:
+        for proc in procs:
+            _stop(proc)
+        _stop(backend)
+    results = {name: _median_run(rs) for name, rs in runs.items() if rs}
+    _report(results, args)
+    return 0
+
+
+def _median_run(rs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per figure, the median over rounds."""
+    out: dict[str, dict[str, float]] = {}
+    for part in ("latency", "throughput"):
+        out[part] = {k: statistics.median(r[part][k] for r in rs) for k in rs[0][part]}
+    return out
+
+
+def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    base = results.get("direct (no router)")
+    print()
+    print(
+        f"Router overhead on a zero-work backend: latency at {args.rate:g} req/s open loop "
+        f"({args.latency_seconds:g} s), sustained rate closed loop ({args.concurrency} connections, "
+        f"{args.tput_seconds:g} s). Machine: {os.cpu_count()} CPUs."
+    )
+    print(f"{'target':<34} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'req/s':>8}")
+    for name, r in results.items():
+        lat, tput = r["latency"], r["throughput"]
+        add50 = lat["p50_ms"] - base["latency"]["p50_ms"] if base and name != "direct (no router)" else 0.0
+        add99 = lat["p99_ms"] - base["latency"]["p99_ms"] if base and name != "direct (no router)" else 0.0
+        print(
+            f"{name:<34} {lat['p50_ms']:>8.3f} {lat['p99_ms']:>8.3f} {add50:>8.3f} {add99:>8.3f} "
+            f"{tput['rps']:>8.0f}"
+        )
+    sg = next((r for n, r in results.items() if n.startswith("sglang-router")), None)
+    kv = results.get("kvroute round_robin")
+    if sg and kv:
+        ratio = kv["throughput"]["rps"] / sg["throughput"]["rps"]
+        print(f"\nsustained-rate ratio kvroute round_robin / sglang-router: {ratio:.2f} (target >= 0.5)")
+        kva = results.get("kvroute kv_aware")
+        if kva:
+            print(
+                "sustained-rate ratio kvroute kv_aware / sglang-router: "
+                f"{kva['throughput']['rps'] / sg['throughput']['rps']:.2f}"
+            )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", choices=["orchestrate", "backend", "loadgen"], default="orchestrate")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--mode", choices=["latency", "throughput"], default="latency")
+    p.add_argument("--rate", type=float, default=200.0, help="open-loop rate of the latency run (req/s)")
+    p.add_argument("--latency-seconds", type=float, default=15.0)
+    p.add_argument("--tput-seconds", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=64, help="connections of the closed-loop run")
+    p.add_argument("--no-sglang", action="store_true", help="skip sglang-router")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the table shows medians")
+    p.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.latency_seconds, args.tput_seconds, args.repeat = 3.0, 3.0, 1
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:  # pragma: no cover
+        run = asyncio.run  # type: ignore[assignment]
+    if args.role == "backend":
+        run(run_backend(args.port))
+        return 0
+    if args.role == "loadgen":
+        if args.mode == "latency":
+            res = run(latency_run(args.port, args.rate, args.latency_seconds, warmup_s=1.0))
+        else:
+            res = run(throughput_run(args.port, args.concurrency, args.tput_seconds, warmup_s=1.0))
+        print(json.dumps(res), flush=True)
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
