@@ -145,7 +145,9 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _RustTokenizer
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise RuntimeError("--tokenizer needs the 'tokenizers' package: pip install 'kvroute[hf]'") from exc
+            raise RuntimeError(
+                "--tokenizer needs the 'tokenizers' package: pip install 'kvroute[hf]'"
+            ) from exc
         p = Path(path)
         tok_file = p / "tokenizer.json" if p.is_dir() else p
         if not tok_file.is_file():

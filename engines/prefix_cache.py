@@ -159,8 +159,11 @@ class PrefixCache:
         """Longest cached page-aligned prefix; `touch` marks it recently used (LRU)."""
         node = self.root
         path: list[PageNode] = []
-        for key in self.page_keys(token_ids):
-            child = node.children.get(key) if node.children else None
+        ps = self.page_size
+        for i in range(len(token_ids) // ps):  # keys built lazily: a miss stops early
+            if not node.children:
+                break
+            child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
             if child is None:
                 break
             path.append(child)

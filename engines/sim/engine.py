@@ -197,7 +197,7 @@ class SimEngine:
             )
         if not self.faults.stall:
             self._unstall.set()
-        self._task = loop.create_task(self._run(), name="sim-scheduler")
+        self._task = loop.create_task(self._run_guarded(), name="sim-scheduler")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -205,6 +205,8 @@ class SimEngine:
             try:
                 await self._task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # already logged by _run_guarded
                 pass
             self._task = None
         for t in list(self._bg):
@@ -515,6 +517,16 @@ class SimEngine:
             self._cache_tokens(r, r.req.input_ids + r.output[:-1])
         self._release(r)
         self._finish(r, {"type": "length", "length": len(r.output)})
+
+    async def _run_guarded(self) -> None:
+        """A scheduler bug must fail the requests loudly, not leave them hanging."""
+        try:
+            await self._run()
+        except Exception:
+            log.exception("simulated scheduler crashed")
+            for r in list(self.by_rid.values()):
+                self._finish_error(r, EngineError("simulated scheduler crashed (see server log)"))
+            raise
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
