@@ -619,9 +619,9 @@ def write_report(
 # ---- CLI ----------------------------------------------------------------------------------------------
 QUICK = {
     "workload": "mooncake",
-    "workload_args": {"start": 0, "count": 300, "max_output_tokens": 16},
-    "rate": 4.0,
-    "fleet": FleetSpec(workers=4, time_scale=0.5),
+    "workload_args": {"start": 0, "count": 200, "max_output_tokens": 16},
+    "rate": 2.0,
+    "fleet": FleetSpec(workers=4, time_scale=0.25),
 }
 
 

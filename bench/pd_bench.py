@@ -10,7 +10,7 @@ Same GPU count in every configuration, on the simulated fleet (H100 cost profile
 Per configuration it reports the chat requests' p50/p99 ITL while a burst is being prefilled (from the
 first burst arrival to the burst's last first token) and outside bursts, their ratio (target: <= 1.5
 for PD), and TTFT of chat and burst requests. The fleet runs in a child process (`bench.compare
---fleet-child`), kvroute in this process, SGLang's router in its own.
+--fleet-child`), kvroute and SGLang's router each in their own, the load generator in this one.
 
     python -m bench.pd_bench --duration 60 --time-scale 2 [--no-sglang] [--out bench/results/pd.json]
 """
@@ -64,6 +64,8 @@ class PDBenchConfig:
     time_scale: float = 2.0  # wall seconds per engine second (> 1: slower than real, less CPU per token)
     seed: int = 0
     include_sglang: bool = True
+    kv_events: bool = True  # kvroute subscribes to the engines' KV events
+    configs: tuple[str, ...] = ("kvroute-aggregated", "kvroute-pd", "sglang-pd")
 
 
 def build_workload(cfg: PDBenchConfig) -> tuple[list[Request], set[str], list[list[str]]]:
@@ -132,7 +134,8 @@ async def server_info(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def kvroute_front(
-    roles: Sequence[tuple[str, WorkerRole]], http: aiohttp.ClientSession, aggregated: bool
+    roles: Sequence[tuple[str, WorkerRole]], http: aiohttp.ClientSession, aggregated: bool,
+    kv_events: bool = True,
 ) -> AsyncIterator[str]:
     """kvroute in this process: the Router, KV-event subscriptions, and an app calling `forward_pd`."""
     router = Router(block_size=PAGE, policy="kv_aware")
@@ -142,7 +145,7 @@ async def kvroute_front(
                                  bootstrap_port=info.get("disaggregation_bootstrap_port"),
                                  max_total_tokens=info.get("max_total_num_tokens")))
         kv = info.get("kv_events")
-        if isinstance(kv, dict) and kv.get("endpoint"):
+        if kv_events and isinstance(kv, dict) and kv.get("endpoint"):
             await router.subscribe(url, kv["endpoint"], kv.get("replay_endpoint"), kv.get("topic", ""))
     # Aggregated: no prefill pool, every request is "local" (the router's own policy over regular workers).
     pd_cfg = PDConfig(local_prefill_max_tokens=10**9) if aggregated else PDConfig()
@@ -167,6 +170,43 @@ async def kvroute_front(
         await runner.cleanup()
         await session.close()
         await router.close()
+
+
+async def _kvroute_child(spec: dict[str, Any]) -> None:
+    """Run kvroute's front until stdin closes; print one JSON line with its URL first."""
+    roles = [(u, WorkerRole(r)) for u, r in spec["roles"]]
+    async with aiohttp.ClientSession() as http, kvroute_front(
+        roles, http, bool(spec["aggregated"]), bool(spec["kv_events"])
+    ) as url:
+        print(json.dumps({"url": url}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+@contextlib.asynccontextmanager
+async def kvroute_process(
+    roles: Sequence[tuple[str, WorkerRole]], aggregated: bool, kv_events: bool, log: IO[str]
+) -> AsyncIterator[str]:
+    """kvroute in its own process, like SGLang's router: the load generator does not share its CPU."""
+    spec = {"roles": [(u, r.value) for u, r in roles], "aggregated": aggregated, "kv_events": kv_events}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.pd_bench", "--kvroute-child", json.dumps(spec),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        if not line:
+            raise BenchError("kvroute exited before listening (see pd_bench.log)")
+        yield str(json.loads(line)["url"])
+    finally:
+        if proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=10)
+            except TimeoutError:
+                proc.terminate()
+                await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -293,7 +333,7 @@ async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
         if name == "sglang-pd":
             front = sglang_pd_front(urls[:prefill], urls[prefill:], http, log)
         else:
-            front = kvroute_front(roles, http, aggregated)
+            front = kvroute_process(roles, aggregated, cfg.kv_events, log)
         async with front as base:
             lg = LoadgenConfig(base_url=base, api="generate", time_scale=cfg.time_scale, label=name,
                                progress=False, request_timeout_s=600.0)
@@ -305,12 +345,10 @@ async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
 
 
 async def main_async(cfg: PDBenchConfig, out: Path | None) -> list[Summary]:
-    names = ["kvroute-aggregated", "kvroute-pd"]
-    if cfg.include_sglang:
-        if sglang_router_available():
-            names.append("sglang-pd")
-        else:
-            print("# sglang_router not installed: skipping sglang-pd", file=sys.stderr)
+    names = [n for n in cfg.configs if n != "sglang-pd" or cfg.include_sglang]
+    if "sglang-pd" in names and not sglang_router_available():
+        print("# sglang_router not installed: skipping sglang-pd", file=sys.stderr)
+        names.remove("sglang-pd")
     sums = []
     log_path = (out.parent if out else REPO / "bench" / "results") / "pd_bench.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,18 +380,28 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
     p.add_argument("--time-scale", type=float, default=d.time_scale)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-sglang", action="store_true")
+    p.add_argument("--no-kv-events", action="store_true", help="kvroute routes without KV events")
+    p.add_argument("--configs", default=",".join(d.configs), help="comma-separated subset to run")
     p.add_argument("--out", type=Path, default=None, help="write the summaries as JSON here")
     a = p.parse_args(argv)
     if not 0 < a.prefill < a.gpus:
         p.error("--prefill must be between 1 and --gpus - 1")
     cfg = PDBenchConfig(a.duration, a.chat_rate, d.chat_system_tokens, d.chat_user_tokens, a.chat_output,
                         a.burst_every, a.burst_size, a.burst_prompt, d.burst_output_tokens, d.burst_spread_s,
-                        a.gpus, a.prefill, a.profile, a.time_scale, a.seed, not a.no_sglang)
+                        a.gpus, a.prefill, a.profile, a.time_scale, a.seed, not a.no_sglang,
+                        not a.no_kv_events, tuple(c for c in a.configs.split(",") if c))
+    unknown = set(cfg.configs) - set(d.configs)
+    if unknown:
+        p.error(f"unknown configs {sorted(unknown)}; known: {', '.join(d.configs)}")
     return cfg, a.out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, out = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--kvroute-child"]:
+        asyncio.run(_kvroute_child(json.loads(args[1])))
+        return 0
+    cfg, out = parse_args(args)
     asyncio.run(main_async(cfg, out))
     return 0
 

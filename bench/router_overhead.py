@@ -468,7 +468,8 @@ def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Name
     base = results.get("direct (no router)")
     print()
     print(
-        f"Router overhead on a zero-work backend: latency at {args.rate:g} req/s open loop "
+        f"Router overhead on a zero-work backend, medians of {args.repeat} interleaved round(s): "
+        f"latency at {args.rate:g} req/s open loop "
         f"({args.latency_seconds:g} s), sustained rate closed loop ({args.concurrency} connections, "
         f"{args.tput_seconds:g} s). Machine: {os.cpu_count()} CPUs."
     )

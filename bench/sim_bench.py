@@ -1,5 +1,8 @@
 """How large a simulated fleet one simulator process drives on one core with event-loop lag p99 < 5 ms.
 
+A control process (the same lag probe, no fleet) runs on the same CPU at the same time: its p99
+("idle p99") is what the host alone costs, so a shared machine's noise can be told from the sim's.
+
 The fleet (H100 Llama-3-8B profile, real time: time_scale 1) runs in a child process pinned to one
 CPU, with a lag probe (a 10 ms timer; lag = how late it fires). This process, pinned to another CPU,
 runs the load: per engine S concurrent streaming /v1/completions clients, each in a loop (a prompt
@@ -30,17 +33,22 @@ sys.path.insert(0, str(ROOT))
 
 
 def pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
+    """Bind this process to one CPU (a negative cpu leaves placement to the OS)."""
+    if hasattr(os, "sched_setaffinity") and 0 <= cpu < (os.cpu_count() or 1):
         os.sched_setaffinity(0, {cpu})
 
 
 # ---- child: the simulator process ----------------------------------------------------------------
 async def serve(n: int, interval: float) -> None:
+    """The fleet plus a lag probe; with n == 0 only the probe (the control: what the host alone costs)."""
     from engines.sim.fleet import SimFleet
 
     lags: list[float] = []
-    async with SimFleet(n, profile="h100-llama3-8b", time_scale=1.0, base_port=0) as fleet:
-        print(json.dumps({"urls": fleet.urls}), flush=True)
+    fleet = SimFleet(n, profile="h100-llama3-8b", time_scale=1.0, base_port=0) if n else None
+    if fleet is not None:
+        await fleet.start()
+    try:
+        print(json.dumps({"urls": fleet.urls if fleet else []}), flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_reader(sys.stdin.fileno(), stop.set)
@@ -51,9 +59,19 @@ async def serve(n: int, interval: float) -> None:
             lags.append(time.perf_counter() - t0 - interval)
         loop.remove_reader(sys.stdin.fileno())
         cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-        steps = sum(e.steps for e in fleet.engines)
-        gen = sum(e.generation_tokens_total for e in fleet.engines)
-    print(json.dumps({"lags": lags, "steps": steps, "generated": gen, "cpu": cpu}), flush=True)
+    finally:
+        if fleet is not None:
+            await fleet.close()
+    print(json.dumps({"lags": lags, "cpu": cpu}), flush=True)
+
+
+def _quantiles(lags: list[float], skip: float) -> tuple[float, float, float]:
+    """(p50, p99, max) in ms, after dropping the warm-up fraction `skip` of the samples."""
+    kept = sorted(lags[int(len(lags) * skip) :])
+    if len(kept) < 3:
+        return 0.0, 0.0, 0.0
+    q = statistics.quantiles(kept, n=100)
+    return q[49] * 1e3, q[98] * 1e3, kept[-1] * 1e3
 
 
 # ---- parent: load and measurement -----------------------------------------------------------------
@@ -106,8 +124,13 @@ async def run_size(args: argparse.Namespace, n: int) -> dict[str, float]:
         stdout=pipe,
         env=env,
     )
+    ctl = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--serve", "0", "--cpu", str(args.sim_cpu), stdin=pipe, stdout=pipe, env=env
+    )
     assert proc.stdout is not None and proc.stdin is not None
+    assert ctl.stdout is not None and ctl.stdin is not None
     urls = json.loads(await proc.stdout.readline())["urls"]
+    await ctl.stdout.readline()
     streams = [(url, k) for url in urls for k in range(args.streams)]
     k = max(1, min(args.client_procs, len(streams)))
     clients: list[asyncio.subprocess.Process] = []
@@ -128,23 +151,28 @@ async def run_size(args: argparse.Namespace, n: int) -> dict[str, float]:
     for c in clients:
         assert c.stdout is not None
         tps += json.loads(await c.stdout.readline())["tokens_per_s"]
-    proc.stdin.write(b"stop\n")
-    await proc.stdin.drain()
+    for p in (proc, ctl):
+        assert p.stdin is not None
+        p.stdin.write(b"stop\n")
+        await p.stdin.drain()
     res = json.loads(await proc.stdout.readline())
+    ctl_res = json.loads(await ctl.stdout.readline())
+    await ctl.wait()
     for c in clients:
         await c.wait()
     await proc.wait()
-    seconds, warmup, streams_per = args.seconds, args.warmup, args.streams
-    lags = sorted(res["lags"][int(len(res["lags"]) * warmup / (warmup + seconds)) :])
-    q = statistics.quantiles(lags, n=100) if len(lags) > 2 else [0.0] * 99
+    skip = args.warmup / (args.warmup + args.seconds)
+    p50, p99, pmax = _quantiles(res["lags"], skip)
+    _, ctl99, _ = _quantiles(ctl_res["lags"], skip)
     return {
         "engines": n,
-        "streams_per_engine": streams_per,
-        "concurrent_streams": n * streams_per,
+        "streams_per_engine": args.streams,
+        "concurrent_streams": n * args.streams,
         "tokens_per_s": tps,
-        "lag_p50_ms": q[49] * 1e3,
-        "lag_p99_ms": q[98] * 1e3,
-        "lag_max_ms": lags[-1] * 1e3 if lags else 0.0,
+        "lag_p50_ms": p50,
+        "lag_p99_ms": p99,
+        "lag_max_ms": pmax,
+        "control_p99_ms": ctl99,
         "sim_cpu_fraction": res["cpu"],
     }
 
@@ -156,7 +184,7 @@ async def sweep(args: argparse.Namespace) -> None:
         f"# sim_bench: profile h100-llama3-8b, time_scale 1, {args.streams} streams/engine, "
         f"max_new {args.max_new}, {args.seconds:g} s per size, lag limit p99 < {args.limit_ms} ms"
     )
-    cols = ("engines", "streams", "tok/s", "lag p50", "lag p99", "lag max", "sim cpu")
+    cols = ("engines", "streams", "tok/s", "lag p50", "lag p99", "lag max", "sim cpu", "idle p99")
     print(" ".join(f"{c:>8}" for c in cols) + "  ok")
     for n in args.engines:
         r = await run_size(args, n)
@@ -169,6 +197,7 @@ async def sweep(args: argparse.Namespace) -> None:
             f"{r['lag_p99_ms']:.2f}",
             f"{r['lag_max_ms']:.2f}",
             f"{r['sim_cpu_fraction']:.0%}",
+            f"{r['control_p99_ms']:.2f}",
         )
         print(" ".join(f"{v:>8}" for v in vals) + ("  yes" if ok else "  NO"), flush=True)
         if ok:
@@ -193,7 +222,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--limit-ms", type=float, default=5.0)
-    p.add_argument("--sim-cpu", type=int, default=0)
+    p.add_argument("--sim-cpu", type=int, default=0, help="CPU of the simulator process; -1: unpinned")
     p.add_argument("--client-cpu", type=int, default=1, help="first CPU of the client processes")
     p.add_argument("--client-procs", type=int, default=1, help="client processes (CPUs client-cpu, +1, ...)")
     p.add_argument("--load", default=None, help=argparse.SUPPRESS)

@@ -84,7 +84,8 @@ def hash_text_blocks(text: str, chunk_bytes: int, seed: int = 0) -> list[BlockHa
 class Tokenizer(Protocol):
     """What routing needs of a tokenizer: ids for a prompt, and for chat messages after the template."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def encode(self, text: str) -> list[int]: ...
 

@@ -244,9 +244,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return _json(
             {"text": st.detokenize(ids), "output_ids": ids, "meta_info": _meta(req.rid, last, len(ids))}
         )
-    resp = await _start_sse(request)
     out: list[int] = []
+    resp = web.StreamResponse()
     try:
+        resp = await _start_sse(request)
         chunk: TokenChunk | None = first
         while chunk is not None:
             out.extend(chunk.token_ids)
@@ -332,10 +333,11 @@ async def _openai_stream(
     opening: dict[str, Any] | None,
 ) -> web.StreamResponse:
     st = request.app[STATE]
-    resp = await _start_sse(request)
     n_out = 0
     last = first
+    resp = web.StreamResponse()
     try:
+        resp = await _start_sse(request)
         if opening is not None:
             await resp.write(_sse(opening))
         chunk: TokenChunk | None = first

@@ -110,6 +110,10 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     r.add_post("/flush_cache", flush_cache)
     r.add_get("/flush_cache", flush_cache)
     r.add_get("/get_loads", get_loads)
+    for path in ("/model_info", "/get_model_info"):
+        r.add_get(path, worker_info)
+    for path in ("/server_info", "/get_server_info"):
+        r.add_get(path, worker_info)
     admin.add_routes(app)
     return app
 
@@ -191,6 +195,22 @@ async def flush_cache(request: web.Request) -> web.Response:
             ok = ok and res[0] == 200
             out[url] = {"status": res[0], "message": res[1][:500]}
     return _json({"success": ok, "workers": out}, 200 if ok else 502)
+
+
+async def worker_info(request: web.Request) -> web.Response:
+    """`/model_info` and `/server_info` of one healthy worker (clients such as benchmarks probe these)."""
+    reg = request.app[REGISTRY]
+    healthy = reg.healthy_urls()
+    if not healthy:
+        raise ApiError(503, "no healthy worker", "service_unavailable", "no_worker")
+    client = reg.client(healthy[0])
+    try:
+        info = await (client.model_info() if "model_info" in request.path else client.server_info())
+    except UpstreamError as exc:
+        raise ApiError(
+            502, f"worker {healthy[0]}: {exc.message}", "upstream_error", "upstream_error"
+        ) from exc
+    return _json(info)
 
 
 async def get_loads(request: web.Request) -> web.Response:

@@ -206,9 +206,8 @@ async def run_demo(cfg: DemoConfig, out=print) -> list[PolicyResult]:  # type: i
 
                 async def all_healthy() -> bool:
                     ws = (await _get_json(s, url + "/admin/workers"))["workers"]
-                    return (
-                        sum(w["state"] == "healthy" and w["kv_events_subscribed"] for w in ws) == cfg.workers
-                    )
+                    ready = sum(w["state"] == "healthy" and w["kv_events_subscribed"] for w in ws)
+                    return bool(ready == cfg.workers)
 
                 await _wait(all_healthy, 30, "workers to register")
                 out(

@@ -91,7 +91,10 @@ class GpuEngine:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.name = name
-        self.device = torch.device(cfg.device)
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         self._weights = weights
         self._ev_endpoint = kv_events_endpoint
         self._ev_replay = kv_events_replay
@@ -308,6 +311,11 @@ class GpuEngine:
             ctx.__enter__()
         try:
             self._loop_steps()
+        except Exception as exc:  # the engine is dead: say so to every waiting request and to /health
+            log.exception("%s: step thread died", self.name)
+            self._ready = False
+            for st in list(self._streams.values()):
+                st.loop.call_soon_threadsafe(st.q.put_nowait, EngineError(f"engine failed: {exc}"))
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)

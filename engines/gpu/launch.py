@@ -91,8 +91,10 @@ def pages_per_engine(args: LaunchArgs) -> int:
                                   torch_dtype(args.model.dtype).itemsize)
 
 
-async def serve(args: LaunchArgs, stop: asyncio.Event) -> list[dict[str, str]]:
-    """Start every engine and its HTTP site; returns their addresses once serving, runs until ``stop``."""
+async def serve(args: LaunchArgs, stop: asyncio.Event,
+                ready: asyncio.Future[list[dict[str, str]]] | None = None) -> list[dict[str, str]]:
+    """Start every engine and its HTTP site, run until ``stop``; ``ready`` gets their addresses once all
+    serve (the same list is printed as one JSON line on stdout)."""
     from aiohttp import web
 
     from engines.gpu.engine import GpuEngine
@@ -133,6 +135,8 @@ async def serve(args: LaunchArgs, stop: asyncio.Event) -> list[dict[str, str]]:
             info.append({"url": f"http://{args.host}:{port}", "kv_events": kv.endpoint if kv else "",
                          "pages": str(pages)})
         print(json.dumps({"engines": info}), flush=True)
+        if ready is not None:
+            ready.set_result(info)
         await stop.wait()
     finally:
         for r in runners:

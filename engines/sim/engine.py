@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import xxhash
 
@@ -31,10 +31,14 @@ from engines.core import (
     ServerFacts,
     TokenChunk,
 )
-from engines.prefix_cache import CacheCleared, CacheNote, PageNode, PagesRemoved, PageStored, PrefixCache
+from engines.prefix_cache import PageNode, PrefixCache
 from engines.sim.faults import FaultConfig
+from engines.sim.kv_notes import notes_to_events
 from engines.sim.pd import BootstrapRegistry, PrefilledKv
 from engines.sim.profiles import GpuProfile, tiny
+
+if TYPE_CHECKING:
+    from engines.kv_publisher import KvEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +139,7 @@ class SimEngine:
         self.records: deque[RequestRecord] = deque(maxlen=records)
         self.records_by_rid: dict[str, RequestRecord] = {}
         self._fault_rng = random.Random(cfg.seed ^ 0x5EED)
-        self._publisher: object | None = None
+        self._publisher: KvEventPublisher | None = None
         self._kv_info: KvEventsInfo | None = None
         self._task: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
@@ -177,7 +181,9 @@ class SimEngine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._started_wall = self._t0_wall = loop.time()
+        # time.monotonic, not loop.time(): uvloop's loop clock moves in 1 ms steps (100 ms of simulated
+        # time at time_scale 0.01); both are CLOCK_MONOTONIC, so sleeps computed from it agree.
+        self._started_wall = self._t0_wall = time.monotonic()
         if self.config.kv_events:
             from engines.kv_publisher import KvEventPublisher
 
@@ -218,12 +224,11 @@ class SimEngine:
             h.cancel()
         self._room_timers.clear()
         if self._publisher is not None:
-            await self._publisher.close()  # type: ignore[attr-defined]
+            await self._publisher.close()
             self._publisher = None
 
     def is_ready(self) -> bool:
-        loop = asyncio.get_running_loop()
-        return loop.time() - self._started_wall >= self.faults.slow_start_s
+        return time.monotonic() - self._started_wall >= self.faults.slow_start_s
 
     def set_faults(self, changes: dict[str, object]) -> None:
         self.faults.update(changes)
@@ -242,7 +247,7 @@ class SimEngine:
         when idle it follows the wall clock, so idle gaps pass at the configured scale."""
         if self._busy:
             return self.sim_now
-        return max(self.sim_now, self._wall_to_sim(asyncio.get_running_loop().time()))
+        return max(self.sim_now, self._wall_to_sim(time.monotonic()))
 
     # ---- submission ---------------------------------------------------------------------------
     def _validate(self, req: GenerateRequest) -> None:
@@ -285,14 +290,14 @@ class SimEngine:
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
         else:
-            self._enqueue(r)
+            self._enqueue(r, r.arrival)
         return r
 
-    def _enqueue(self, r: _Req) -> None:
+    def _enqueue(self, r: _Req, at: float | None = None) -> None:
         if not self._busy and self._wake_at is None:
             # The idle engine starts its next step at this arrival, not when the loop gets to run:
             # host scheduling latency must not count as simulated GPU time.
-            self._wake_at = self.now()
+            self._wake_at = self.now() if at is None else at
         self.waiting.append(r)
         self._work.set()
 
@@ -407,6 +412,7 @@ class SimEngine:
             room = r.req.bootstrap_room
             if room is not None:
                 self.registry.fail(room, "the prefill request was aborted")
+                self._hold_room(room)
 
     def _finish(self, r: _Req, reason: dict[str, object]) -> None:
         r.finish = reason
@@ -529,7 +535,6 @@ class SimEngine:
             raise
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         scale = self.config.time_scale
         prof = self.profile
         while True:
@@ -547,7 +552,7 @@ class SimEngine:
                 await self._work.wait()
                 continue
             if not self._busy:
-                start = self._wake_at if self._wake_at is not None else self._wall_to_sim(loop.time())
+                start = self._wake_at if self._wake_at is not None else self._wall_to_sim(time.monotonic())
                 self.sim_now = max(self.sim_now, start)
                 self._busy = True
             self._wake_at = None
@@ -566,7 +571,7 @@ class SimEngine:
                 ctx += r.prompt_len + len(r.output)
             cost_ms = prof.step_ms([(n, r.prefilled) for r, n in chunks], len(dec), ctx)
             end = self.sim_now + cost_ms / 1000.0
-            delay = self._t0_wall + end * scale - loop.time()
+            delay = self._t0_wall + end * scale - time.monotonic()
             await asyncio.sleep(delay if delay > 0.0005 else 0)
             self.sim_now = end
             self.steps += 1
@@ -619,6 +624,10 @@ class SimEngine:
                 kv_bytes=r.prompt_len * self.profile.kv_bytes_per_token,
             )
         )
+        self._hold_room(room)
+
+    def _hold_room(self, room: int) -> None:
+        """An unclaimed room is dropped after the bootstrap timeout, so the registry cannot grow forever."""
         loop = asyncio.get_running_loop()
         old = self._room_timers.pop(room, None)
         if old is not None:
@@ -637,55 +646,6 @@ class SimEngine:
         notes = self.cache.take_events()
         if not notes or self._publisher is None:
             return
-        self._publisher.publish(self._to_events(notes))  # type: ignore[attr-defined]
-
-    def _to_events(self, notes: list[CacheNote]) -> list[object]:
-        """Cache notes -> SGLang events: one per page (0.5.10, array form); the map form (0.5.23)
-        merges a chain of consecutive stored pages into one BlockStored."""
-        from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored
-
-        ps = self.config.page_size
-        merge = self.config.event_form == "map"
-        out: list[object] = []
-        run: list[PageStored] = []
-
-        def flush_run() -> None:
-            if run:
-                toks: list[int] = []
-                for p in run:
-                    toks.extend(p.token_ids)
-                out.append(
-                    BlockStored(
-                        block_hashes=tuple(p.block_hash for p in run),
-                        parent_block_hash=run[0].parent_hash,
-                        token_ids=tuple(toks),
-                        block_size=ps,
-                        lora_id=None,
-                        medium="GPU",
-                    )
-                )
-                run.clear()
-
-        for note in notes:
-            if isinstance(note, PageStored):
-                if merge:
-                    if run and note.parent_hash != run[-1].block_hash:
-                        flush_run()
-                    run.append(note)
-                else:
-                    run.append(note)
-                    flush_run()
-                continue
-            flush_run()
-            if isinstance(note, PagesRemoved):
-                for h in note.block_hashes:
-                    out.append(BlockRemoved(block_hashes=(h,), medium="GPU"))
-            elif isinstance(note, CacheCleared):
-                out.append(AllBlocksCleared())
-        flush_run()
-        return out
-
-
-def wall_clock() -> float:
-    """Seconds since the epoch; a seam so tests can compare engine and client timestamps."""
-    return time.time()
+        self._publisher.publish(
+            notes_to_events(notes, self.config.page_size, self.config.event_form == "map")
+        )

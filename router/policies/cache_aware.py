@@ -58,7 +58,9 @@ class CacheAwarePolicy(PolicyBase):
     def __init__(self, config: CacheAwareConfig, context: PolicyContext | None = None) -> None:
         self.config = config
         self._clock = context.clock if context is not None else time.monotonic
-        self.index = ApproxIndex(ttl=config.ttl_secs or None, capacity=config.max_tree_size, clock=self._clock)
+        self.index = ApproxIndex(
+            ttl=config.ttl_secs or None, capacity=config.max_tree_size, clock=self._clock
+        )
         self._next_sweep = self._clock() + config.eviction_interval_secs
 
     def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
@@ -78,8 +80,13 @@ class CacheAwarePolicy(PolicyBase):
             load = loads[w.url]
             # cache mode: fewest missing blocks, ties by load; balance mode: load, ties by match.
             cost = (n - m) + load * 1e-6 if cache_mode else load + (n - m) * 1e-9
-            terms = {"matched_blocks": float(m), "prompt_blocks": float(n), "in_flight": float(load),
-                     "cache_mode": 1.0 if cache_mode else 0.0, "imbalanced": 1.0 if imbalanced else 0.0}
+            terms = {
+                "matched_blocks": float(m),
+                "prompt_blocks": float(n),
+                "in_flight": float(load),
+                "cache_mode": 1.0 if cache_mode else 0.0,
+                "imbalanced": 1.0 if imbalanced else 0.0,
+            }
             scores.append(WorkerScore(url=w.url, cost=cost, cached_blocks=m, terms=terms))
         return sorted(scores, key=lambda s: (s.cost, order[s.url]))
 

@@ -18,12 +18,17 @@ from router.types import Decision, RoutingRequest, Worker, WorkerScore
 @dataclass(frozen=True)
 class ConsistentHashConfig:
     virtual_nodes: int = 160  # points per worker on the ring (more: smoother spread, bigger ring); >= 1
-    fallback_metric: Literal["blocks", "requests"] = "blocks"  # least_load metric for requests without a session key
+    fallback_metric: Literal["blocks", "requests"] = (
+        "blocks"  # least_load metric for requests without a session key
+    )
 
     def __post_init__(self) -> None:
         require(self.virtual_nodes >= 1, "consistent_hash", "virtual_nodes must be >= 1")
-        require(self.fallback_metric in ("blocks", "requests"), "consistent_hash",
-                "fallback_metric must be 'blocks' or 'requests'")
+        require(
+            self.fallback_metric in ("blocks", "requests"),
+            "consistent_hash",
+            "fallback_metric must be 'blocks' or 'requests'",
+        )
 
 
 def _h(s: str) -> int:
@@ -70,11 +75,15 @@ class ConsistentHashPolicy(PolicyBase):
                 walk.append(u)
                 if len(walk) == len(urls):
                     break
-        return [WorkerScore(url=u, cost=float(i), terms={"ring_distance": float(i)}) for i, u in enumerate(walk)]
+        return [
+            WorkerScore(url=u, cost=float(i), terms={"ring_distance": float(i)}) for i, u in enumerate(walk)
+        ]
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         scores = self.explain(request, candidates)
-        reason = "session owner on the ring" if request.session_key is not None else "no session key: least load"
+        reason = (
+            "session owner on the ring" if request.session_key is not None else "no session key: least load"
+        )
         return decision_from_scores(self.name, scores, reason)
 
     def on_worker_removed(self, url: str) -> None:

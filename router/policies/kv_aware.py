@@ -3,7 +3,7 @@
 The cost, in KV blocks (finite, lower is better), for worker w and a prompt of P blocks:
 
     cost(w) = prefill_cost(w) + decode_weight * decode_load(w)   (+ guard_penalty if w is hot)
-    prefill_cost(w) = (P - overlap(w)) + pending_prefill_blocks(w)
+    prefill_cost(w) = (P - overlap(w)) + queue_weight * pending_prefill_blocks(w)   [queue_weight 1]
     decode_load(w)  = active_blocks(w)   [x mean_capacity / capacity(w) when normalize_by_capacity]
 
 - overlap(w): leading prompt blocks w holds = max(event-fed index match, in-flight match). The in-flight
@@ -54,9 +54,15 @@ def _key(r: _Row) -> tuple[float, int, int]:
 
 @dataclass(frozen=True)
 class KvAwareConfig:
-    decode_weight: float = (
-        1.0  # cost of one active KV block relative to one block of prefill; 0: ignore decode
-    )
+    # Cost of one active KV block relative to one block of prefill; 0 ignores decode. Default from the
+    # H100 Llama-3-8B profile: a prefill block costs ~0.35 ms, an active block ~0.0007 ms per decode
+    # step, so over ~64 output tokens an active block slows the newcomer ~0.05 ms: ~0.1 of a block.
+    # (1.0, as in Dynamo, made decode load drown the cache in simulated fleets: see docs/routing.md.)
+    decode_weight: float = 0.1
+    # Weight of the prefill queued on the worker (the newcomer waits behind it). 1: the FCFS TTFT
+    # estimate; < 1 for engines that let a request sharing a queued prefix wait and reuse it (SGLang's
+    # LPM schedule policy), where the queue costs the newcomer less than recomputing elsewhere.
+    queue_weight: float = 1.0
     normalize_by_capacity: bool = False  # scale decode load by mean KV capacity / worker's (mixed GPUs)
     guard_factor: float = 1.5  # hot if load > factor * fleet mean + margin; 0 disables the guard
     guard_margin_blocks: float = 256.0  # absolute slack of the block-load test, in blocks
@@ -68,6 +74,7 @@ class KvAwareConfig:
     def __post_init__(self) -> None:
         for name in (
             "decode_weight",
+            "queue_weight",
             "guard_factor",
             "guard_margin_blocks",
             "guard_margin_requests",
@@ -121,7 +128,7 @@ class KvAwarePolicy(PolicyBase):
             if normalize and cap and mean_cap:
                 decode *= mean_cap / cap
             new_prefill = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
-            cost = new_prefill + pending + c.decode_weight * decode
+            cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode
             rows.append(
                 (cost, -overlap, i, url, overlap, ov_i, ov_f, new_prefill, pending, decode, load, reqs, 0.0)
             )

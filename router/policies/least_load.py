@@ -50,7 +50,9 @@ class LeastLoadPolicy(PolicyBase):
         self.config = config
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
-        return decision_from_scores(self.name, self.explain(request, candidates), f"least {self.config.metric}")
+        return decision_from_scores(
+            self.name, self.explain(request, candidates), f"least {self.config.metric}"
+        )
 
     def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
         return load_scores(request, candidates, self.config.metric)

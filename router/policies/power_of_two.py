@@ -19,7 +19,9 @@ class PowerOfTwoConfig:
     seed: int | None = None  # RNG seed, for reproducible tests; None: seeded from the OS
 
     def __post_init__(self) -> None:
-        require(self.metric in ("blocks", "requests"), "power_of_two", "metric must be 'blocks' or 'requests'")
+        require(
+            self.metric in ("blocks", "requests"), "power_of_two", "metric must be 'blocks' or 'requests'"
+        )
 
 
 class PowerOfTwoPolicy(PolicyBase):

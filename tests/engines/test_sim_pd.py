@@ -8,7 +8,7 @@ import random
 import aiohttp
 
 from engines.sim.fleet import SimFleet
-from tests.engines.conftest import FAST, generate
+from tests.engines.conftest import FAST, generate, wait_for
 
 TEXT = "disaggregated serving " * 20  # 440 tokens
 
@@ -75,3 +75,17 @@ async def test_wrong_bootstrap_port_is_rejected(session: aiohttp.ClientSession) 
             generate(session, f.decode_urls[0], TEXT, bootstrap_port=port + 1, **room),
         )
         assert ps == 200 and ds == 400 and "bootstrap port" in dr["error"]["message"]
+
+
+async def test_aborted_prefill_fails_its_decode_partner_at_once(session: aiohttp.ClientSession) -> None:
+    async with SimFleet(0, prefill=1, decode=1, time_scale=FAST, bootstrap_timeout_s=1e4) as f:
+        await f.set_faults(0, stall=True)  # the prefill engine accepts but never runs the request
+        room = {"bootstrap_room": 4242, "rid": "p-1"}
+        decode = asyncio.create_task(generate(session, f.decode_urls[0], TEXT, **room))
+        prefill = asyncio.create_task(generate(session, f.prefill_urls[0], TEXT, **room))
+        await wait_for(lambda: f.engines[0].load().num_waiting_reqs == 1, what="prefill queued")
+        async with session.post(f.prefill_urls[0] + "/abort_request", json={"rid": "p-1"}) as r:
+            assert r.status == 200
+        (ds, dr), (ps, pr) = await asyncio.wait_for(asyncio.gather(decode, prefill), 5)
+        assert ds == 500 and "prefill failed" in dr["error"]["message"]  # not a 1e4 s timeout
+        assert ps == 200 and pr["meta_info"]["finish_reason"]["type"] == "abort"

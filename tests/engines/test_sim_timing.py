@@ -50,6 +50,11 @@ async def test_cached_prompt_has_lower_ttft_in_simulated_time(session: aiohttp.C
         ttft_cold, ttft_warm = eng.records_by_rid["cold"].ttft, eng.records_by_rid["warm"].ttft
         assert ttft_cold is not None and ttft_warm is not None
         assert ttft_warm < ttft_cold / 4  # one short chunk against four full ones
+        # An idle engine starts at the arrival: TTFT is exactly the step costs, whatever the host did.
+        prof = eng.profile
+        assert ttft_warm == pytest.approx(prof.step_ms([(16, 3984)], 0, 0) / 1000, rel=1e-6)
+        cold_steps = [(1024, 0), (1024, 1024), (1024, 2048), (928, 3072)]
+        assert ttft_cold == pytest.approx(sum(prof.step_ms([c], 0, 0) for c in cold_steps) / 1000, rel=1e-6)
 
 
 async def test_kv_capacity_limits_admission(session: aiohttp.ClientSession) -> None:

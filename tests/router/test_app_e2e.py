@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import aiohttp
+import pytest
 
 from engines.sim.fleet import SimFleet
 from tests.router.conftest import wait_until
@@ -90,3 +91,27 @@ async def test_refusing_engine_is_routed_around_and_removal_drops_index(start_ro
         async with r.session.delete(r.url + "/admin/workers", params={"url": w0}) as resp:
             assert resp.status == 200
         assert r.core.index.block_count(w0) == 0 and r.core.get_worker(w0) is None
+
+
+@pytest.mark.slow
+async def test_demo_runs_both_policies() -> None:
+    from router.demo import DemoConfig, run_demo
+
+    lines: list[str] = []
+    cfg = DemoConfig(
+        workers=2,
+        duration_s=1.5,
+        rate=10,
+        groups=4,
+        prefix_tokens=256,
+        output_tokens=4,
+        kv_capacity_tokens=0,
+        profile="tiny",
+        time_scale=0.05,
+    )
+    results = await run_demo(cfg, out=lines.append)
+    assert [r.policy for r in results] == ["round_robin", "kv_aware"]
+    assert all(r.ttft_s and r.errors == 0 for r in results)
+    kv = results[1]
+    assert kv.cached_tokens / kv.prompt_tokens > 0.3  # repeated prefixes hit the cache
+    assert any(line.startswith("kv_aware") for line in lines)

@@ -89,3 +89,44 @@ def test_bad_file(tmp_path) -> None:
         build_config({"config": str(p)}, environ={})
     with pytest.raises(ConfigError, match="cannot read"):
         build_config({"config": str(tmp_path / "missing.toml")}, environ={})
+
+
+def test_cli_flags_and_sglang_aliases() -> None:
+    from router.cli import build_serve_parser, config_from_args
+
+    args = build_serve_parser().parse_args(
+        [
+            "--worker-urls",
+            "http://a:1",
+            "http://b:2",
+            "--policy",
+            "cache_aware",
+            "--port",
+            "0",
+            "--max-payload-size",
+            "1000",
+            "--retry-max-retries",
+            "4",
+            "--cb-failure-threshold",
+            "7",
+            "--policy-param",
+            "balance_abs_threshold=32",
+            "--kv-events",
+            "http://a:1=tcp://a:5557",
+            "--disable-health-check",
+        ]
+    )
+    c = config_from_args(args, environ={"KVROUTE_PORT": "9", "KVROUTE_BLOCK_SIZE": "64"})
+    assert c.worker_urls == ("http://a:1", "http://b:2") and c.policy == "cache_aware"
+    assert (c.port, c.block_size, c.max_body_bytes, c.max_retries) == (0, 64, 1000, 4)
+    assert (c.circuit_failure_threshold, c.health_check_interval_s) == (7, 0)
+    assert c.policy_params_dict == {"balance_abs_threshold": 32}
+    assert c.kv_events_dict == {"http://a:1": "tcp://a:5557"}
+
+
+def test_cli_dispatch(capsys) -> None:
+    from router.cli import COMMANDS, main
+
+    assert {"serve", "sim", "demo"} <= set(COMMANDS)
+    assert main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
+    assert main(["serve", "--worker-urls", "ftp://x"]) == 2 and "http://" in capsys.readouterr().err

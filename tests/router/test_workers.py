@@ -130,3 +130,15 @@ async def test_circuit_opens_after_request_failures(engines, start_router) -> No
     assert len(eng.seen) == 2
     text = await (await r.session.get(r.url + "/metrics")).text()
     assert f'kvroute_circuit_opened_total{{worker="{eng.url}"}} 1.0' in text
+
+
+async def test_worker_serving_without_events_is_reported_blind(engines, start_router, caplog) -> None:
+    eng = await engines()  # publishes no KV events
+    r = await start_router(worker_urls=(eng.url,))
+    await r.wait_healthy(1)
+    async with r.session.post(r.url + "/generate", json={"text": "z" * 64}) as resp:  # 4 full blocks
+        assert resp.status == 200
+    text = await (await r.session.get(r.url + "/metrics")).text()
+    assert "kvroute_blind_workers 1.0" in text
+    assert f'kvroute_worker_blind{{worker="{eng.url}"}} 1.0' in text
+    assert any("no KV events arrived" in rec.getMessage() for rec in caplog.records)

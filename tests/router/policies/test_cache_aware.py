@@ -71,7 +71,9 @@ def test_text_fallback_hashes_work_the_same() -> None:
     from router.types import RoutingRequest
 
     def text_req(text: str) -> RoutingRequest:
-        return RoutingRequest(block_hashes=tuple(hash_text_blocks(text, 64)), prompt_tokens=len(text), block_size=16)
+        return RoutingRequest(
+            block_hashes=tuple(hash_text_blocks(text, 64)), prompt_tokens=len(text), block_size=16
+        )
 
     p, _ = trained(0)
     ws = [worker("w0"), worker("w1")]

@@ -12,8 +12,9 @@ from tests.router.policies.util import BS, FakeOverlap, request, worker
 
 
 def policy(indexed: dict[str, int], inflight: dict[str, int] | None = None, **params: object):  # noqa: ANN201
+    """The tables use decode_weight 1 unless they say otherwise (round numbers; the default is 0.1)."""
     ctx = PolicyContext(kv_index=FakeOverlap(indexed), inflight=FakeOverlap(inflight))
-    return make_policy("kv_aware", dict(params), ctx)
+    return make_policy("kv_aware", {"decode_weight": 1.0, **params}, ctx)
 
 
 # Prompt of 10 blocks; decode_weight 1 unless said. cost = (10 - overlap) + pending + dw * active.
@@ -44,6 +45,14 @@ def policy(indexed: dict[str, int], inflight: dict[str, int] | None = None, **pa
         ({}, [worker("w0", active=7), worker("w1", active=3)], {}, {"w0": 17.0, "w1": 13.0}, "w1"),
         # tie on cost: the worker holding more blocks wins (cache reuse), here w1 with 10
         ({"w1": 10}, [worker("w0"), worker("w1", 1, 10 * BS)], {}, {"w0": 10.0, "w1": 10.0}, "w1"),
+        # queue_weight 0.5: w1 holds 9 and queues 8 blocks of prefill -> 1 + 4 = 5 < w0's 10
+        (
+            {"w1": 9},
+            [worker("w0"), worker("w1", 1, 8 * BS)],
+            {"queue_weight": 0.5},
+            {"w0": 10.0, "w1": 5.0},
+            "w1",
+        ),
         # the engine's token usage floors active blocks: 0.5 of 1600 tokens = 50 blocks
         (
             {"w0": 10},
@@ -67,14 +76,9 @@ def test_cost_terms(
     assert d.cached_blocks == indexed.get(expected_first, 0)  # the header value comes from the overlap
     for s in d.scores:
         t = s.terms
-        recomputed = (
-            t["new_prefill_blocks"]
-            + t["pending_prefill_blocks"]
-            + t["decode_load"]
-            * (
-                params.get("decode_weight", 1.0)  # type: ignore[operator]
-            )
-        )
+        dw = float(params.get("decode_weight", 1.0))  # type: ignore[arg-type]
+        qw = float(params.get("queue_weight", 1.0))  # type: ignore[arg-type]
+        recomputed = t["new_prefill_blocks"] + qw * t["pending_prefill_blocks"] + dw * t["decode_load"]
         assert s.cost == pytest.approx(recomputed)  # the explained terms add up to the cost
 
 
@@ -153,6 +157,7 @@ def test_temperature_zero_is_deterministic_and_explain_is_pure() -> None:
     ws = [worker("w0"), worker("w1")]
     idx, infl = FakeOverlap({"w1": 3}), FakeOverlap({})
     p = make_policy("kv_aware", {}, PolicyContext(kv_index=idx, inflight=infl))
+    assert p.config.decode_weight == 0.1  # type: ignore[attr-defined]  # the documented default
     assert {p.select(request(10), ws).worker for _ in range(20)} == {"w1"}
     before = [w.load for w in ws]
     scores = p.explain(request(10), ws)
