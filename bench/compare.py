@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -204,7 +205,11 @@ async def router_process(
     cmd = router_command(spec, urls, port, page_size)
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # SGLang's router looks up the served model's tokenizer on the Hub (unused for HTTP routing): offline.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_router_ready(url, len(urls), proc, http)
@@ -580,7 +585,9 @@ def write_report(
         "# Router comparison",
         "",
         f"Workload: {wl.name} {json.dumps(wl.params)}, {len(wl.requests)} requests, "
-        f"{wl.prompt_tokens:,} prompt tokens, rate x{cfg.rate:g}. ",
+        f"{wl.prompt_tokens:,} prompt tokens, rate "
+        + (f"sweep {', '.join(f'x{r:g}' for r in cfg.sweep)} (table: x{cfg.sweep[-1]:g}). " if cfg.sweep
+           else f"x{cfg.rate:g}. "),
         f"Fleet: {fleet.workers} simulated engines, profile {fleet.profile}, page {fleet.page_size}, "
         f"KV capacity {fleet.kv_capacity_tokens:,} tokens each, time_scale {fleet.time_scale:g}. ",
         f"Prefix-reuse ceiling: {ceiling.ratio:.1%} of prompt tokens; mean TTFT lower bound "
