@@ -80,13 +80,15 @@ def step_costs(model_name: str, page_size: int) -> dict[str, Any]:
                      "ratio": ms / pred})
     for n, p in [(512, 0), (2048, 0), (8192, 0), (512, 2048), (2048, 2048), (512, 8192), (8192, 2048)]:
         pages = [pages_all[: -(-(p + n) // page_size)]]
-        meta = build_meta(page_size, dev, [], [], pages, [p], [n], prefill_block_m=attn.prefill_tuning.block_m)
+        meta = build_meta(page_size, dev, [], [], pages, [p], [n],
+                          prefill_block_m=attn.prefill_tuning.block_m)
         ids, srows = tensors(n, [n - 1])
         pos = torch.arange(p, p + n, device=dev)
         ms = timed(lambda meta=meta, ids=ids, pos=pos, srows=srows:
                    model.forward(ids, pos, meta, pool.k, pool.v, srows).argmax(-1))
         pred = prof.step_ms([(n, p)], 0, 0)
-        rows.append({"kind": "prefill", "new": n, "cached": p, "ms": ms, "profile_ms": pred, "ratio": ms / pred})
+        rows.append({"kind": "prefill", "new": n, "cached": p, "ms": ms, "profile_ms": pred,
+                     "ratio": ms / pred})
     return {"device": torch.cuda.get_device_name(), "model": cfg.name, "page_size": page_size,
             "profile": prof.source, "rows": rows}
 

@@ -12,6 +12,7 @@ ours through the page table vs torch ``scaled_dot_product_attention`` on contigu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -40,8 +41,7 @@ def copy_bandwidth() -> float:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    del src, dst
+    ms = bench(functools.partial(dst.copy_, src))
     return 2 * 2 * n / (ms * 1e-3)
 
 
@@ -77,8 +77,8 @@ def decode_bench(copy_bw: float, quick: bool) -> dict[str, object]:
         ref = reference_extend(q[:1], kc, vc, pages[0], ctx - 1, ps, out_dtype=torch.float32)
         for t in tunings if ps == 16 else tunings[:1]:
             try:
-                fn = lambda t=t: kernels.paged_decode(q, kc, vc, meta.decode_table, meta.decode_lens_t, ctx, ps,  # noqa: E731
-                                                      out=o, tuning=t)
+                fn = functools.partial(kernels.paged_decode, q, kc, vc, meta.decode_table, meta.decode_lens_t,
+                                       ctx, ps, out=o, tuning=t)
                 fn()
                 err = float((o[:1].float() - ref).norm() / ref.norm())
                 ms = bench(fn)
@@ -93,11 +93,9 @@ def decode_bench(copy_bw: float, quick: bool) -> dict[str, object]:
             qs = q[:, :, None, :].contiguous()
             ks = torch.randn(b, NKV, ctx, HD, device="cuda", dtype=DT)
             vs = torch.randn_like(ks)
-            ms = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True))
+            ms = bench(functools.partial(F.scaled_dot_product_attention, qs, ks, vs, enable_gqa=True))
             out["sdpa_contiguous_ms"] = ms
             out["sdpa_fraction_of_copy"] = kv_bytes / (ms * 1e-3) / copy_bw
-            del ks, vs
-        del kc, vc
     return out
 
 
@@ -128,19 +126,20 @@ def prefill_bench(quick: bool) -> dict[str, object]:
         vs = vc.index_select(0, rows_idx).transpose(0, 1)[None].contiguous()
         qs = q.transpose(0, 1)[None].contiguous()
         if p == 0:
-            sd = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)  # noqa: E731
+            sd = functools.partial(F.scaled_dot_product_attention, qs, ks, vs, is_causal=True,
+                                   enable_gqa=True)
         else:
-            mask = causal_lower_right(n, p + n)
-            sd = lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)  # noqa: E731
+            sd = functools.partial(F.scaled_dot_product_attention, qs, ks, vs,
+                                   attn_mask=causal_lower_right(n, p + n), enable_gqa=True)
         sdpa_ms = bench(sd)
         ref = sd()[0].transpose(0, 1).float()
         best = None
         for t in tunings:
             meta = build_meta(ps, torch.device("cuda"), [], [], pages, [p], [n], prefill_block_m=t.block_m)
             assert meta.blk_req is not None and meta.blk_start is not None
-            fn = lambda t=t, meta=meta: kernels.paged_prefill(  # noqa: E731
-                q, kc, vc, meta.prefill_table, meta.prefix_lens_t, meta.new_lens_t, meta.cu_q_t, meta.blk_req,
-                meta.blk_start, ps, out=o, tuning=t)
+            fn = functools.partial(kernels.paged_prefill, q, kc, vc, meta.prefill_table, meta.prefix_lens_t,
+                                   meta.new_lens_t, meta.cu_q_t, meta.blk_req, meta.blk_start, ps, out=o,
+                                   tuning=t)
             try:
                 fn()
                 err = float((o.float() - ref).norm() / ref.norm())
@@ -153,7 +152,6 @@ def prefill_bench(quick: bool) -> dict[str, object]:
             rows.append(row)
             if best is None or ms < best["ms"]:
                 best = row
-        del kc, vc, ks, vs
     return {"page_size": ps, "runs": rows}
 
 
@@ -166,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth()
     dec = decode_bench(copy_bw, args.quick)
     pre = prefill_bench(args.quick)
-    res = {"device": dev, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "decode": dec, "prefill": pre}
+    res = {"device": dev, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "decode": dec,
+           "prefill": pre}
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_kernels.json").write_text(json.dumps(res, indent=1))
@@ -190,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in pre["runs"] if r.get("n") == n and r.get("p") == p and "ms" in r]  # type: ignore[union-attr]
         best = min(mine, key=lambda r: r["ms"])
         dflt = next((r for r in mine if r["tuning"] == pdef), best)
-        print(f"  {n:5d} new x {p:5d} cached: sdpa {best['sdpa_ms']:.3f} ms ({best['sdpa_tflops']:.0f} TF/s); "
-              f"default {dflt['ms']:.3f} ms x{dflt['ratio']:.2f}; best {best['ms']:.3f} ms x{best['ratio']:.2f} "
+        print(f"  {n:5d} new x {p:5d} cached: sdpa {best['sdpa_ms']:.3f} ms "
+              f"({best['sdpa_tflops']:.0f} TF/s); default {dflt['ms']:.3f} ms x{dflt['ratio']:.2f}; "
+              f"best {best['ms']:.3f} ms x{best['ratio']:.2f} "
               f"({best['tflops']:.0f} TF/s) {tuple(best['tuning'].values())} err {best['rel_err']:.1e}")
     errs = [r for r in (*dec["runs"], *pre["runs"]) if "error" in r]  # type: ignore[misc]
     if errs:

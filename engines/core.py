@@ -1,6 +1,6 @@
 """The engine-core seam: what the SGLang-compatible HTTP layer needs of any engine (simulated or GPU).
 
-The HTTP layer (`engines/http_api.py`) parses SGLang/OpenAI requests into a `GenerateRequest`,
+The HTTP layer (`engines/http_api/`) parses SGLang/OpenAI requests into a `GenerateRequest`,
 calls `EngineCore.generate`, and renders the `TokenChunk`s it yields; it never knows how tokens
 are produced. A simulated engine (`engines/sim/`) and a real GPU engine implement the same Protocol.
 """

@@ -1,13 +1,12 @@
 """Async client of one SGLang server: control calls (health, info, load, flush, abort) and raw forwarding.
 
-All calls share the caller's aiohttp session (one connection pool per router). Every low-level
-failure leaves this module as an `engines.errors` exception raised `from` the original.
+Control calls share the caller's aiohttp session; `open` (the proxy's hot path) goes through the
+lean `engines.http1.Http1Pool`. Every low-level failure leaves this module as an `engines.errors`
+exception raised `from` the original.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict
 
 from engines.errors import (
     UpstreamConnectError,
@@ -25,6 +23,18 @@ from engines.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
+from engines.http1 import Http1Pool, Timeouts, UpstreamResponse
+
+# Re-exported: the transport lived here before `engines/http1.py` (router/pd.py and older callers).
+__all__ = [
+    "EngineLoad",
+    "Http1Pool",
+    "SGLangClient",
+    "Timeouts",
+    "UpstreamResponse",
+    "map_exception",
+    "parse_load",
+]
 
 
 def map_exception(url: str, exc: BaseException, *, started: bool = False) -> UpstreamError:
@@ -183,352 +193,3 @@ def parse_load(data: Any, url: str = "") -> EngineLoad:
         if isinstance(u, int | float):
             usages.append(float(u))
     return EngineLoad(running, queued, sum(usages) / len(usages) if usages else None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Lean HTTP/1.1 transport for the proxy's hot path.
-#
-# aiohttp's client costs ~100 us of Python per request (request object, URL, cookies, tracing hooks);
-# the proxy only needs: write one pre-built request, parse status + headers, relay the body. This
-# transport does that over pooled keep-alive connections (asyncio.Protocol, no StreamReader), with
-# connect / idle / total timeouts, flow control, and the same error mapping as the rest of the module.
-
-_MAX_BUFFER = 256 * 1024  # body bytes buffered before reading from the engine pauses
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds; None = no limit. `idle`: between two reads; `total`: the whole exchange."""
-
-    connect: float | None = None
-    idle: float | None = None
-    total: float | None = None
-
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection; carries one exchange at a time and parses its response incrementally."""
-
-    def __init__(self, pool: Http1Pool, key: tuple[str, int]) -> None:
-        self.pool = pool
-        self.key = key
-        self.transport: asyncio.Transport | None = None
-        self.reused = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self._buf = b""
-        self._phase = 0  # 0 head, 1 content-length body, 2 chunked body, 3 body until close, 4 done
-        self._remaining = 0
-        self._chunk_left = -1  # chunked: bytes left in the current chunk (-1: expecting a size line)
-        self.status = 0
-        self.headers: CIMultiDict[str] = CIMultiDict()
-        self.keep_alive = True
-        self._body: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._paused = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.got_bytes = False
-
-    # -- asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.keep_alive = False
-        if self._phase == 3:
-            self._phase = 4
-        elif self._phase != 4 and self._exc is None:
-            self._exc = ConnectionResetError("connection closed by the engine") if exc is None else exc
-        self.pool._forget(self)
-        self._wake()
-
-    def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
-        try:
-            self._feed(data)
-        except ValueError as exc:  # malformed response: drop the connection
-            self._exc = exc
-            self.keep_alive = False
-            if self.transport is not None:
-                self.transport.abort()
-        self._wake()
-
-    def pause_writing(self) -> None:  # pragma: no cover - request bodies are written in one go
-        pass
-
-    def resume_writing(self) -> None:  # pragma: no cover
-        pass
-
-    # -- parser
-    def _feed(self, data: bytes) -> None:
-        while self._phase == 0:
-            self._buf += data
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > 65536:
-                    raise ValueError("response head too large")
-                return
-            self._parse_head(self._buf[:end])
-            data, self._buf = self._buf[end + 4 :], b""
-            if 100 <= self.status < 200:  # interim response (100 Continue): the real one follows
-                self._phase, self.status, self.headers = 0, 0, CIMultiDict()
-                if not data:
-                    return
-                continue
-            if not data:
-                return
-        if self._phase == 1:
-            take = data[: self._remaining]
-            self._remaining -= len(take)
-            self._push(take)
-            if self._remaining == 0:
-                self._phase = 4
-        elif self._phase == 2:
-            self._feed_chunked(data)
-        elif self._phase == 3:
-            self._push(data)
-
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status_line = lines[0].split(b" ", 2)
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
-            raise ValueError(f"bad status line {lines[0][:80]!r}")
-        self.status = int(status_line[1])
-        http10 = status_line[0] == b"HTTP/1.0"
-        h = self.headers
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                h.add(name.strip().decode("latin-1"), value.strip().decode("utf-8", "surrogateescape"))
-        conn = h.get("Connection", "").lower()
-        self.keep_alive = ("keep-alive" in conn) if http10 else ("close" not in conn)
-        if self.status in (204, 304) or 100 <= self.status < 200:
-            self._phase = 4  # no body (1xx heads are skipped by _feed)
-        elif "chunked" in h.get("Transfer-Encoding", "").lower():
-            self._phase = 2
-        elif "Content-Length" in h:
-            self._remaining = int(h["Content-Length"])
-            self._phase = 1 if self._remaining else 4
-        else:
-            self._phase = 3
-            self.keep_alive = False
-
-    def _feed_chunked(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        self._buf = b""
-        pos = 0
-        n = len(buf)
-        while pos < n:
-            if self._chunk_left > 0:
-                take = buf[pos : pos + self._chunk_left]
-                self._chunk_left -= len(take)
-                pos += len(take)
-                self._push(take)
-                if self._chunk_left == 0:
-                    self._chunk_left = -2  # expect the CRLF after the data
-                continue
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                self._buf = buf[pos:]
-                return
-            line = buf[pos:eol]
-            pos = eol + 2
-            if self._chunk_left == -2:  # the CRLF closing a chunk's data
-                self._chunk_left = -1
-                continue
-            if self._chunk_left == -3:  # trailers, until an empty line
-                if not line:
-                    self._phase = 4
-                    return
-                continue
-            size = int(line.split(b";", 1)[0].strip() or b"x", 16)
-            if size == 0:
-                self._chunk_left = -3
-            else:
-                self._chunk_left = size
-
-    def _push(self, data: bytes) -> None:
-        if not data:
-            return
-        self._body.append(data)
-        self._buffered += len(data)
-        if self._buffered > _MAX_BUFFER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def wait(self, timeout: float | None, deadline: float | None) -> None:
-        """Wait for the parser to make progress (bytes, end, error) or the timeout."""
-        loop = asyncio.get_running_loop()
-        self._waiter = fut = loop.create_future()
-        handle = None
-        at = None if timeout is None else loop.time() + timeout
-        if deadline is not None:
-            at = deadline if at is None else min(at, deadline)
-        if at is not None:
-            handle = loop.call_at(at, _expire, fut)
-        try:
-            await fut
-        finally:
-            self._waiter = None
-            if handle is not None:
-                handle.cancel()
-
-    def take(self) -> bytes:
-        out = b"".join(self._body) if len(self._body) > 1 else (self._body[0] if self._body else b"")
-        self._body.clear()
-        self._buffered = 0
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return out
-
-
-def _expire(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-class UpstreamResponse:
-    """An engine's response: status and headers now, the body read whole or relayed chunk by chunk.
-
-    `close()` returns the connection to the pool when the body was read to the end, else drops it
-    (which is how an engine learns that the client left).
-    """
-
-    def __init__(self, conn: _Conn, url: str, timeouts: Timeouts, deadline: float | None) -> None:
-        self._conn = conn
-        self.url = url
-        self.status = conn.status
-        self.headers = conn.headers
-        ctype = conn.headers.get("Content-Type", "")
-        self.content_type = ctype.split(";", 1)[0].strip().lower()
-        self._timeouts = timeouts
-        self._deadline = deadline
-        self._closed = False
-
-    async def next_chunk(self) -> bytes:
-        """The next body bytes; b"" at the end. UpstreamTimeout / UpstreamStreamBroken on failure."""
-        c = self._conn
-        while True:
-            if c._body:
-                return c.take()
-            if c._phase == 4:
-                return b""
-            if c._exc is not None:
-                raise UpstreamStreamBroken(self.url, f"stream broken: {c._exc}") from c._exc
-            try:
-                await c.wait(self._timeouts.idle, self._deadline)
-            except TimeoutError as exc:
-                raise UpstreamTimeout(self.url, "no data within the timeout") from exc
-
-    async def read(self, limit: int | None = None) -> bytes:
-        parts = []
-        size = 0
-        while limit is None or size < limit:
-            chunk = await self.next_chunk()
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        data = b"".join(parts)
-        return data if limit is None else data[:limit]
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        c = self._conn
-        if c._phase == 4 and c.keep_alive and c._exc is None and not c._body:
-            c.pool._release(c)
-        else:
-            c.keep_alive = False
-            if c.transport is not None:
-                c.transport.abort()
-
-
-class Http1Pool:
-    """Keep-alive connections per (host, port), shared by every `SGLangClient` of one router."""
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
-        self._all: set[_Conn] = set()
-
-    def _forget(self, conn: _Conn) -> None:
-        self._all.discard(conn)
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
-
-    def _pop_idle(self, key: tuple[str, int]) -> _Conn | None:
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
-            self._all.discard(conn)
-        return None
-
-    def _release(self, conn: _Conn) -> None:
-        conn._reset()
-        conn.reused = True
-        self._idle.setdefault(conn.key, []).append(conn)
-
-    async def _connect(self, key: tuple[str, int], url: str, timeout: float | None) -> _Conn:
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), *key), timeout)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(url, "connect timed out") from exc
-        except OSError as exc:
-            raise UpstreamConnectError(url, f"{type(exc).__name__}: {exc}") from exc
-        self._all.add(conn)
-        return conn
-
-    async def request(
-        self, url: str, key: tuple[str, int], head: bytes, body: bytes, timeouts: Timeouts
-    ) -> UpstreamResponse:
-        """Send `head + body` and return once the response head arrived.
-
-        A reused connection that the engine closed while idle is retried once on a fresh one (the
-        engine answered nothing on it, so the request was not processed).
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeouts.total is None else loop.time() + timeouts.total
-        for attempt in range(2):
-            conn = self._pop_idle(key) or await self._connect(key, url, timeouts.connect)
-            assert conn.transport is not None
-            conn.transport.write(head + body if len(body) < 16384 else head)
-            if len(body) >= 16384:
-                conn.transport.write(body)
-            while conn._phase == 0:
-                if conn._exc is not None:
-                    break
-                try:
-                    await conn.wait(timeouts.idle, deadline)
-                except TimeoutError as exc:
-                    conn.transport.abort()
-                    raise UpstreamTimeout(url, "no response within the timeout") from exc
-                except asyncio.CancelledError:
-                    conn.transport.abort()
-                    raise
-            if conn._phase != 0:
-                return UpstreamResponse(conn, url, timeouts, deadline)
-            err = conn._exc
-            conn.transport.abort()
-            if conn.reused and not conn.got_bytes and attempt == 0:
-                continue
-            raise UpstreamConnectError(url, f"connection failed before a response: {err}") from err
-        raise UpstreamConnectError(url, "no usable connection")
-
-    def close(self) -> None:
-        for conn in list(self._all):
-            if conn.transport is not None:
-                conn.transport.abort()
-        self._all.clear()
-        self._idle.clear()

@@ -87,6 +87,7 @@ class AdminApi:
         self.router = router
         self.registry = registry
         self.token = token
+        self.pd_metrics: Any = None  # router.pd_metrics.PDMetrics in PD mode (GET /admin/plan)
 
     def add_routes(self, app: web.Application) -> None:
         """Every admin route, each behind the access check (no middleware on the serving hot path)."""
@@ -104,6 +105,7 @@ class AdminApi:
         r.add_get("/admin/index", g(self.index_stats))
         r.add_post("/admin/route/explain", g(self.explain))
         r.add_get("/admin/counters", g(self.counters))
+        r.add_get("/admin/plan", g(self.plan))
 
     def _guarded(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -111,6 +113,23 @@ class AdminApi:
             return await handler(request)
 
         return guarded
+
+    async def plan(self, request: web.Request) -> web.Response:
+        """PD mode: the planner's worker counts for the load seen over the last window."""
+        from router.planner import PlanError, plan_from_query
+
+        if self.pd_metrics is None:
+            raise ApiError(
+                404, "the planner needs PD mode (--pd-disaggregation)", "invalid_request_error", "no_pd"
+            )
+        healthy = [w for w in self.router.workers() if w.routable]
+        n_prefill = sum(1 for w in healthy if w.role is WorkerRole.PREFILL)
+        n_decode = sum(1 for w in healthy if w.role is WorkerRole.DECODE)
+        load = self.pd_metrics.window.summary(n_prefill, n_decode).load
+        try:
+            return _json(plan_from_query(load, request.query))
+        except PlanError as exc:
+            raise bad_request(str(exc), "invalid_plan_query") from exc
 
     async def list_workers(self, request: web.Request) -> web.Response:
         return _json({"workers": self.registry.describe_all()})
@@ -128,8 +147,15 @@ class AdminApi:
         kv = body.get("kv_events")
         if kv is not None and not isinstance(kv, str):
             raise bad_request("'kv_events' must be a zmq endpoint string", "invalid_kv_events")
+        bp = body.get("bootstrap_port")
+        if bp is not None and (
+            not isinstance(bp, int) or isinstance(bp, bool) or role is not WorkerRole.PREFILL
+        ):
+            raise bad_request(
+                "'bootstrap_port' must be an integer, for a prefill worker", "invalid_bootstrap_port"
+            )
         try:
-            worker = self.registry.add(url, role=role, kv_events=kv)
+            worker = self.registry.add(url, role=role, kv_events=kv, bootstrap_port=bp)
         except RegistryError as exc:
             raise ApiError(
                 409 if "already" in str(exc) else 400,

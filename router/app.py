@@ -19,13 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from cache_index.hashing import HFTokenizer, Tokenizer
 from engines.errors import UpstreamError
-from engines.sglang import Http1Pool
+from engines.http1 import Http1Pool
 from router.admin import AdminApi
-from router.config import RouterConfig
+from router.config import ConfigError, RouterConfig
 from router.core import Router
 from router.errors import ApiError, error_response
 from router.metrics import Metrics
-from router.proxy import CHAT, COMPLETIONS, GENERATE, Proxy, RouteSpec
+from router.pd import PDConfig, PDContext, PDSelector
+from router.pd_metrics import PDMetrics
+from router.proxy import CHAT, COMPLETIONS, GENERATE, RID_KEY, Proxy, RouteSpec
 from router.workers import WorkerRegistry
 
 log = logging.getLogger("kvroute.app")
@@ -36,19 +38,41 @@ METRICS = web.AppKey("metrics", Metrics)
 REGISTRY = web.AppKey("registry", WorkerRegistry)
 PROXY = web.AppKey("proxy", Proxy)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+PD_SELECTOR = web.AppKey("pd_selector", PDSelector)
+PD_METRICS = web.AppKey("pd_metrics", PDMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def build_router(config: RouterConfig) -> Router:
+    """ConfigError for an unknown policy or bad policy parameters."""
     tokenizer: Tokenizer | None = HFTokenizer(config.tokenizer) if config.tokenizer else None
-    return Router(
-        block_size=config.block_size,
-        policy=config.policy,
-        policy_params=config.policy_params_dict,
-        tokenizer=tokenizer,
-        model_seed=config.model_seed,
+    try:
+        return Router(
+            block_size=config.block_size,
+            policy=config.policy,
+            policy_params=config.policy_params_dict,
+            tokenizer=tokenizer,
+            model_seed=config.model_seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def pd_config(config: RouterConfig) -> PDConfig:
+    return PDConfig(
+        local_prefill_max_tokens=config.pd_local_prefill_max_tokens,
+        max_attempts=1 + config.max_retries,
+        prefill_policy=config.prefill_policy,
+        decode_policy=config.decode_policy,
     )
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """PD mode: `forward_pd` builds the response; the request id header is added as it is sent."""
+    rid = request.get(RID_KEY)
+    if rid is not None and rid[0] not in response.headers:
+        response.headers[rid[0]] = rid[1]
 
 
 @web.middleware
@@ -91,6 +115,14 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     app[ROUTER] = core
     app[METRICS] = metrics
     app[REGISTRY] = registry
+    if config.pd_disaggregation:
+        try:
+            app[PD_SELECTOR] = PDSelector(core, pd_config(config))
+        except ValueError as exc:  # unknown prefill/decode policy
+            raise ConfigError(f"PD policies: {exc}") from exc
+        app[PD_METRICS] = PDMetrics(metrics.registry)
+        admin.pd_metrics = app[PD_METRICS]
+        app.on_response_prepare.append(_add_request_id)
     app.cleanup_ctx.append(_lifecycle)
 
     def gen(spec: RouteSpec) -> Handler:
@@ -132,7 +164,22 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     pool = Http1Pool()  # the proxy's keep-alive connections to engines (lean HTTP/1.1, hot path)
     app[SESSION] = session
-    app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session)
+    pd: PDContext | None = None
+    if config.pd_disaggregation:
+        selector = app[PD_SELECTOR]
+        pd = PDContext(
+            session,
+            selector,
+            pd_config(config),
+            observer=app[PD_METRICS],
+            health=app[REGISTRY],
+            timeout=aiohttp.ClientTimeout(
+                total=config.request_timeout_s or None,
+                connect=config.connect_timeout_s or None,
+                sock_read=config.stream_idle_timeout_s or None,
+            ),
+        )
+    app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session, pd=pd)
     await app[REGISTRY].start(session, pool)
     try:
         yield

@@ -1,4 +1,4 @@
-"""The `kvroute` command: a dispatch table of subcommands (`serve`, `sim`, `demo`; more to come).
+"""The `kvroute` command: a dispatch table of subcommands (`serve`, `sim`, `demo`, `bench`, `plan`, `engine`).
 
 `serve` flag names follow SGLang's router (`--worker-urls`, `--policy`, `--host`, `--port`, and its
 `--max-payload-size`, `--request-timeout-secs`, `--retry-max-retries`, `--cb-*`, `--health-*` as
@@ -65,6 +65,14 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         float,
         "seconds between /get_load polls (0 = off)",
     ),
+    (("--prefill-policy",), "prefill_policy", str, "PD: prefill pool's policy (default kv_aware)"),
+    (("--decode-policy",), "decode_policy", str, "PD: decode pool's policy (default least_load)"),
+    (
+        ("--pd-local-prefill-max-tokens",),
+        "pd_local_prefill_max_tokens",
+        int,
+        "PD: uncached prompts up to this many tokens run on a --worker-urls worker alone (0 = never)",
+    ),
     (("--log-level",), "log_level", str, "debug | info | warning | error"),
 ]
 
@@ -89,6 +97,21 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
     )
     for flags, dest, typ, help_ in _SERVE_FLAGS:
         p.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+    pd = p.add_argument_group("prefill/decode disaggregation (flags as SGLang's router)")
+    pd.add_argument(
+        "--pd-disaggregation", action="store_true", default=None, help="route through prefill/decode pairs"
+    )
+    pd.add_argument(
+        "--prefill",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar=("URL", "BOOTSTRAP_PORT"),
+        help="a prefill server, optionally with its bootstrap port or 'none' (repeatable)",
+    )
+    pd.add_argument(
+        "--decode", action="append", default=None, metavar="URL", help="a decode server (repeatable)"
+    )
     p.add_argument("--disable-retries", action="store_true", help="same as --max-retries 0")
     p.add_argument("--disable-circuit-breaker", action="store_true", help="same as --cb-failure-threshold 0")
     p.add_argument(
@@ -103,6 +126,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cli["worker_urls"] = args.worker_urls
     cli["kv_events"] = args.kv_events
     cli["policy_params"] = args.policy_param
+    cli["pd_disaggregation"] = args.pd_disaggregation
+    cli["prefill_urls"] = args.prefill
+    cli["decode_urls"] = args.decode
     if args.disable_retries:
         cli["max_retries"] = 0
     if args.disable_circuit_breaker:
@@ -170,6 +196,9 @@ def cmd_serve(argv: Sequence[str]) -> int:
     setup_logging(config.log_level)
     try:
         run_async(serve(config))
+    except ConfigError as exc:  # found while building the app (unknown policy, bad policy params)
+        print(f"kvroute serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -188,11 +217,46 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return demo_main(list(argv))
 
 
-# Subcommand -> (handler, one-line help). Later: "bench", "plan", "engine".
+def cmd_bench(argv: Sequence[str]) -> int:
+    from bench.compare import main as bench_main
+
+    return int(bench_main(list(argv)) or 0)
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    from router.planner import main as plan_main
+
+    return int(plan_main(list(argv)) or 0)
+
+
+def cmd_engine(argv: Sequence[str]) -> int:
+    """The GPU engine needs PyTorch (and a GPU); without it, say so instead of a traceback.
+
+    `engines.gpu.launch` imports torch lazily too, so the guard covers the call as well as the import.
+    """
+    try:
+        from engines.gpu.launch import main as engine_main
+
+        return int(engine_main(list(argv)) or 0)
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in ("torch", "triton"):
+            raise
+        print(
+            f"kvroute engine: needs PyTorch ({exc.name} is not installed); install torch with CUDA "
+            "support on a machine with an NVIDIA GPU",
+            file=sys.stderr,
+        )
+        return 2
+
+
+# Subcommand -> (handler, one-line help). Handlers import their module lazily (fast start, optional deps).
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (cmd_serve, "run the router (flags as SGLang's router)"),
     "sim": (cmd_sim, "run a simulated SGLang fleet"),
     "demo": (cmd_demo, "simulated fleet + router: round_robin vs kv_aware on a shared-prefix load"),
+    "bench": (cmd_bench, "benchmark routers/policies side by side (bench/compare.py)"),
+    "plan": (cmd_plan, "recommend prefill/decode worker counts for a load (PD planner)"),
+    "engine": (cmd_engine, "run the GPU engine (needs PyTorch and a CUDA GPU)"),
 }
 
 

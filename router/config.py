@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "KVROUTE_"
+_BOOL_WORDS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 class ConfigError(ValueError):
@@ -40,6 +50,14 @@ class RouterConfig:
     # --- routing
     policy: str = "kv_aware"  # random | round_robin | least_load | power_of_two | consistent_hash | ...
     policy_params: tuple[tuple[str, str], ...] = ()  # policy parameters as given (k=v), typed by the policy
+    # --- prefill/decode disaggregation (router/pd.py; flag shapes as SGLang's router)
+    pd_disaggregation: bool = False  # route generation through (prefill, decode) pairs
+    prefill_urls: tuple[tuple[str, int | None], ...] = ()  # (url, bootstrap port or None = /server_info's)
+    decode_urls: tuple[str, ...] = ()  # decode servers registered at start-up
+    prefill_policy: str = "kv_aware"  # prefill pool's policy (kv_aware runs with decode_weight=0)
+    decode_policy: str = "least_load"  # decode pool's policy
+    pd_local_prefill_max_tokens: int = 0  # conditional disaggregation: uncached prompts up to this many
+    # tokens run on a regular (--worker-urls) worker alone; 0 = always disaggregate
     # --- upstream timeouts and retries
     connect_timeout_s: float = 5.0  # seconds to open a connection to an engine; 0 = no limit
     request_timeout_s: float = 600.0  # seconds for a whole upstream request; 0 = no limit
@@ -67,6 +85,7 @@ class RouterConfig:
         for name in (
             "max_body_bytes",
             "max_retries",
+            "pd_local_prefill_max_tokens",
             "health_failure_threshold",
             "circuit_failure_threshold",
             "circuit_success_threshold",
@@ -76,7 +95,12 @@ class RouterConfig:
         for f in fields(self):
             if f.name.endswith("_s") and getattr(self, f.name) < 0:
                 raise ConfigError(f"{f.name} must be >= 0 seconds")
-        for url in self.worker_urls:
+        if (self.prefill_urls or self.decode_urls) and not self.pd_disaggregation:
+            raise ConfigError("prefill/decode workers given without pd_disaggregation (--pd-disaggregation)")
+        for _, port in self.prefill_urls:
+            if port is not None and not 0 < port < 65536:
+                raise ConfigError(f"prefill bootstrap port out of range: {port}")
+        for url in (*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls):
             if not url.startswith("http://"):
                 raise ConfigError(
                     f"worker url must start with http:// (https to engines is not supported): {url!r}"
@@ -140,6 +164,47 @@ def parse_kv_events(items: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_prefill(items: Any) -> tuple[tuple[str, int | None], ...]:
+    """Prefill servers with their bootstrap ports, as SGLang's router takes them: each item is a URL,
+    optionally followed by a port or `none` (`["http://p:30001", "9001"]`, `"http://p:30001 9001"`,
+    `{"url": ..., "bootstrap_port": ...}`). The environment gives them comma-separated."""
+    if items is None:
+        return ()
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    out: list[tuple[str, int | None]] = []
+    for item in items:
+        if isinstance(item, Mapping):
+            parts = [item.get("url"), item.get("bootstrap_port")]
+        elif isinstance(item, str):
+            parts = item.split()
+        elif isinstance(item, list | tuple):
+            parts = list(item)
+        else:
+            raise ConfigError(f"prefill: expected 'URL [BOOTSTRAP_PORT|none]', got {item!r}")
+        if not parts or not isinstance(parts[0], str) or len(parts) > 2:
+            raise ConfigError(f"prefill: expected 'URL [BOOTSTRAP_PORT|none]', got {item!r}")
+        port_raw = parts[1] if len(parts) == 2 else None
+        port: int | None
+        if port_raw is None or (isinstance(port_raw, str) and port_raw.strip().lower() in ("none", "")):
+            port = None
+        else:
+            try:
+                if isinstance(port_raw, bool):
+                    raise ValueError
+                port = int(port_raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"prefill {parts[0]}: bootstrap port must be an integer or 'none'") from exc
+        out.append((normalize_url(parts[0]), port))
+    return tuple(out)
+
+
+def _url_list(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = [s for s in raw.replace(",", " ").split() if s]
+    return tuple(normalize_url(str(u)) for u in raw)
+
+
 def _scalar_str(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -152,10 +217,10 @@ def _coerce(name: str, raw: Any) -> Any:
     if f is None:
         raise ConfigError(f"unknown configuration key: {name!r}")
     t = str(f.type)
-    if name == "worker_urls":
-        if isinstance(raw, str):
-            raw = [s for s in raw.replace(",", " ").split() if s]
-        return tuple(normalize_url(str(u)) for u in raw)
+    if name in ("worker_urls", "decode_urls"):
+        return _url_list(raw)
+    if name == "prefill_urls":
+        return parse_prefill(raw)
     if name == "kv_events":
         return parse_kv_events(raw)
     if name == "policy_params":
@@ -164,6 +229,11 @@ def _coerce(name: str, raw: Any) -> Any:
         if "None" in t:
             return None
         raise ConfigError(f"{name} may not be empty")
+    if t == "bool":
+        word = raw.strip().lower() if isinstance(raw, str) else raw
+        if isinstance(raw, bool) or word in _BOOL_WORDS:
+            return raw if isinstance(raw, bool) else _BOOL_WORDS[word]
+        raise ConfigError(f"{name}: expected a boolean, got {raw!r}")
     try:
         if t.startswith("int"):
             if isinstance(raw, bool):

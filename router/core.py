@@ -149,11 +149,16 @@ class Router:
         session_key: str | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
+        with_blocks: bool | None = None,
     ) -> RoutingRequest:
         """Tokenize once (input_ids, else the tokenizer, else text chunks) and hash the full blocks.
 
+        Hashing is skipped (empty `block_hashes`) when the policy says it reads no blocks (its
+        `needs_blocks` attribute, default True); `with_blocks` overrides that (PD's own policies).
         ValueError, with a message fit for a 400, for an empty prompt or ill-typed fields.
         """
+        if with_blocks is None:
+            with_blocks = bool(getattr(self._policy, "needs_blocks", True))
         if session_key is not None and not isinstance(session_key, str):
             raise ValueError("session key must be a string")
         if model is not None and not isinstance(model, str):
@@ -165,7 +170,8 @@ class Router:
         hashes: list[BlockHash]
         if input_ids is not None:
             ids = _check_ids(input_ids)
-            hashes, n_tokens = hash_blocks(ids, self.block_size, self.seed), len(ids)
+            hashes = hash_blocks(ids, self.block_size, self.seed) if with_blocks else []
+            n_tokens = len(ids)
         else:
             if text is not None:
                 if not isinstance(text, str):
@@ -177,14 +183,15 @@ class Router:
                 raise ValueError("the request has no prompt (input_ids, text or messages)")
             if self.text_fallback:
                 text = text if text is not None else render_plain_chat(messages or ())
-                hashes = hash_text_blocks(text, self.text_chunk_bytes, self.seed)
+                hashes = hash_text_blocks(text, self.text_chunk_bytes, self.seed) if with_blocks else []
                 # Blocks count as block_size tokens each so that loads stay in one unit.
                 n_tokens = len(text.encode("utf-8")) * self.block_size // self.text_chunk_bytes
                 n_tokens = max(n_tokens, 1 if text else 0)
             else:
                 tok = self.tokenizer
                 toks = tok.encode(text) if text is not None else tok.apply_chat_template(messages or ())
-                hashes, n_tokens = hash_blocks(toks, self.block_size, self.seed), len(toks)
+                hashes = hash_blocks(toks, self.block_size, self.seed) if with_blocks else []
+                n_tokens = len(toks)
         if n_tokens == 0:
             raise ValueError("the prompt is empty")
         return RoutingRequest(

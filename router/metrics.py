@@ -65,6 +65,14 @@ class Metrics:
             buckets=_TPOT,
             registry=r,
         )
+        self.itl = Histogram(
+            "kvroute_itl_seconds",
+            "Inter-token latency: each gap between two streamed tokens (SSE data events), as the router "
+            "received them; events delivered together share their gap evenly.",
+            ["policy", "worker"],
+            buckets=_TPOT,
+            registry=r,
+        )
         self.e2e = Histogram(
             "kvroute_e2e_seconds",
             "Time from request arrival to the end of the response.",
@@ -170,6 +178,7 @@ class Metrics:
         e2e_s: float,
         ttft_s: float | None,
         tpot_s: float | None,
+        itl_gaps: Iterable[tuple[float, int]] = (),
         prompt_tokens: int | None,
         cached_tokens: int | None,
         predicted_blocks: int,
@@ -183,6 +192,7 @@ class Metrics:
                 self.e2e.labels(route, policy),
                 self.ttft.labels(policy, worker),
                 self.tpot.labels(policy, worker),
+                self.itl.labels(policy, worker),
                 self.prompt_tokens.labels(worker),
                 self.cached_tokens.labels(worker),
                 self.cached_ratio.labels(policy),
@@ -198,6 +208,9 @@ class Metrics:
             ch.ttft.observe(ttft_s)
         if tpot_s is not None:
             ch.tpot.observe(tpot_s)
+        for gap, n in itl_gaps:
+            for _ in range(n):
+                ch.itl.observe(gap)
         if prompt_tokens:
             ch.prompt.inc(prompt_tokens)
             if cached_tokens is not None:
@@ -269,6 +282,7 @@ class _Children:
     e2e: Any
     ttft: Any
     tpot: Any
+    itl: Any
     prompt: Any
     cached: Any
     ratio: Any

@@ -16,45 +16,54 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from engines.errors import UpstreamError, UpstreamHTTPError, UpstreamStreamBroken, UpstreamTimeout
-from engines.sglang import Timeouts, UpstreamResponse
+from engines.http1 import Timeouts, UpstreamResponse
 from router.config import RouterConfig
 from router.errors import ApiError, bad_request, error_response, from_upstream, sse_error_event
 from router.metrics import Metrics
+from router.pd import PDContext, forward_pd
 from router.policies.base import NoWorkerAvailable
 from router.types import Decision
+from router.wire import (
+    RoutingFields,
+    SseObserver,
+    Usage,
+    extract_fields,
+    forward_headers,
+    loads_or_none,
+    response_headers,
+    usage_of,
+)
 from router.workers import WorkerRegistry
+
+# Re-exported: these lived here before `router/wire.py`.
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "GENERATE",
+    "Proxy",
+    "RouteSpec",
+    "RoutingFields",
+    "SseObserver",
+    "Usage",
+    "extract_fields",
+    "forward_headers",
+    "response_headers",
+    "usage_of",
+]
 
 log = logging.getLogger("kvroute.proxy")
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus the ones the HTTP stack recomputes for the new hop.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-_RESPONSE_DROP = _HOP_BY_HOP | {"date", "server"}
 WORKER_HEADER = "X-Kvroute-Worker"
+RID_KEY = "kvroute_request_id"  # request-dict key: (header name, value) the response must carry (PD)
 CACHED_BLOCKS_HEADER = "X-Kvroute-Cached-Blocks"
 
 
@@ -73,214 +82,6 @@ class RouteSpec:
 GENERATE = RouteSpec("/generate", "generate")
 COMPLETIONS = RouteSpec("/v1/completions", "completions")
 CHAT = RouteSpec("/v1/chat/completions", "chat")
-
-
-@dataclass(frozen=True)
-class RoutingFields:
-    """The few fields of a body the router reads; everything else is only forwarded."""
-
-    text: str | None = None
-    input_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
-    model: str | None = None
-    max_tokens: int | None = None
-    user: str | None = None
-    rid: str | None = None
-
-
-def _opt(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
-    v = body.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, types) or isinstance(v, bool) and bool not in _as_tuple(types):
-        raise bad_request(f"'{key}' must be {what}", f"invalid_{key}")
-    return v
-
-
-def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
-    return t if isinstance(t, tuple) else (t,)
-
-
-def _token_list(v: Any, key: str) -> list[int]:
-    if not v or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
-        raise bad_request(f"'{key}' must be a non-empty list of non-negative integers", f"invalid_{key}")
-    return list(v)
-
-
-def extract_fields(kind: str, body: Mapping[str, Any]) -> RoutingFields:
-    """Read and type-check the routing fields; a batch is routed by its first item."""
-    _opt(body, "stream", bool, "a boolean")
-    model = _opt(body, "model", str, "a string")
-    user = _opt(body, "user", str, "a string")
-    rid = body.get("rid")
-    rid = rid if isinstance(rid, str) else None
-    if kind == "generate":
-        sp = _opt(body, "sampling_params", dict, "an object")
-        max_tokens = _opt(sp, "max_new_tokens", int, "an integer") if sp else None
-        text, ids = body.get("text"), body.get("input_ids")
-        if text is None and ids is None:
-            if body.get("input_embeds") is not None:
-                raise bad_request("requests with only 'input_embeds' cannot be routed", "unroutable")
-            raise bad_request("one of 'text' or 'input_ids' is required", "missing_prompt")
-        if text is not None:
-            if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-                text = text[0]
-            if not isinstance(text, str) or not text:
-                raise bad_request("'text' must be a non-empty string or list of strings", "invalid_text")
-            return RoutingFields(text=text, model=model, max_tokens=max_tokens, user=user, rid=rid)
-        if isinstance(ids, list) and ids and isinstance(ids[0], list):
-            ids = ids[0]
-        if not isinstance(ids, list):
-            raise bad_request("'input_ids' must be a list of integers", "invalid_input_ids")
-        return RoutingFields(
-            input_ids=_token_list(ids, "input_ids"), model=model, max_tokens=max_tokens, user=user, rid=rid
-        )
-    max_tokens = _opt(body, "max_tokens", int, "an integer")
-    if kind == "chat":
-        mct = _opt(body, "max_completion_tokens", int, "an integer")
-        max_tokens = max_tokens if max_tokens is not None else mct
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise bad_request("'messages' must be a non-empty list", "invalid_messages")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise bad_request("each message must be an object with a string 'role'", "invalid_messages")
-            c = m.get("content")
-            if c is not None and not isinstance(c, str | list):
-                raise bad_request("message 'content' must be a string or a list of parts", "invalid_messages")
-        return RoutingFields(messages=msgs, model=model, max_tokens=max_tokens, user=user, rid=rid)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("'prompt' must not be empty", "invalid_prompt")
-        return RoutingFields(text=prompt, model=model, max_tokens=max_tokens, user=user, rid=rid)
-    if isinstance(prompt, list):
-        return RoutingFields(
-            input_ids=_token_list(prompt, "prompt"), model=model, max_tokens=max_tokens, user=user, rid=rid
-        )
-    raise bad_request("'prompt' must be a string, a list of strings or a list of token ids", "invalid_prompt")
-
-
-def forward_headers(headers: CIMultiDictProxy[str], request_id_header: str, rid: str) -> CIMultiDict[str]:
-    """End-to-end headers of the client's request, minus hop-by-hop ones (and those named in Connection)."""
-    extra = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk not in _HOP_BY_HOP and lk not in extra:
-            out.add(k, v)
-    out[request_id_header] = rid
-    return out
-
-
-def response_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    extra = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk not in _RESPONSE_DROP and lk not in extra:
-            out.add(k, v)
-    return out
-
-
-class SseObserver:
-    """Reads an SSE stream on the side: first token time, event count, the last event, the rid.
-
-    Never alters or holds back bytes; parses JSON only for the first and the last data event.
-    """
-
-    __slots__ = ("_rest", "events", "first_at", "last_data", "first_data", "ends_clean", "done")
-
-    def __init__(self) -> None:
-        self._rest = b""
-        self.events = 0
-        self.first_at: float | None = None
-        self.first_data: bytes | None = None
-        self.last_data: bytes | None = None
-        self.ends_clean = True  # the bytes so far end at an event boundary ("\n\n")
-        self.done = False
-
-    def feed(self, chunk: bytes, now: float) -> bool:
-        """Returns True when this chunk carried the first data event."""
-        data = self._rest + chunk if self._rest else chunk
-        self.ends_clean = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
-        lines = data.split(b"\n")
-        self._rest = lines.pop()
-        first = False
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if not payload:
-                continue
-            if payload == b"[DONE]":
-                self.done = True
-                continue
-            self.events += 1
-            self.last_data = payload
-            if self.first_at is None:
-                self.first_at = now
-                self.first_data = payload
-                first = True
-        return first
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int | None = None
-    cached_tokens: int | None = None
-    output_tokens: int | None = None
-    rid: str | None = None
-
-
-def usage_of(obj: Any) -> Usage:
-    """Token counts from an engine answer: native `meta_info` or OpenAI `usage` (batches: summed)."""
-    if isinstance(obj, list):
-        total = Usage()
-        for item in obj:
-            u = usage_of(item)
-            for f in ("prompt_tokens", "cached_tokens", "output_tokens"):
-                v = getattr(u, f)
-                if v is not None:
-                    setattr(total, f, (getattr(total, f) or 0) + v)
-            total.rid = total.rid or u.rid
-        return total
-    if not isinstance(obj, dict):
-        return Usage()
-    meta = obj.get("meta_info")
-    if isinstance(meta, dict):
-        return Usage(
-            _int(meta.get("prompt_tokens")),
-            _int(meta.get("cached_tokens")),
-            _int(meta.get("completion_tokens")),
-            _str(meta.get("id")),
-        )
-    usage = obj.get("usage")
-    rid = _str(obj.get("id"))
-    if isinstance(usage, dict):
-        details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-        return Usage(_int(usage.get("prompt_tokens")), cached, _int(usage.get("completion_tokens")), rid)
-    return Usage(rid=rid)
-
-
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def _loads(b: bytes | None) -> Any:
-    if not b:
-        return None
-    try:
-        return orjson.loads(b)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _kind(exc: UpstreamError) -> str:
@@ -303,8 +104,11 @@ class Proxy:
         metrics: Metrics,
         config: RouterConfig,
         session: aiohttp.ClientSession,
+        pd: PDContext | None = None,
     ) -> None:
+        """`pd`: PD disaggregation is on; generation requests go through `router.pd.forward_pd`."""
         self.router = router
+        self.pd = pd
         self.registry = registry
         self.metrics = metrics
         self.config = config
@@ -379,9 +183,12 @@ class Proxy:
                 session_key=session_key,
                 model=f.model,
                 max_tokens=f.max_tokens,
+                with_blocks=True if self.pd is not None else None,  # PD's per-role policies read blocks
             )
         except ValueError as exc:
             raise bad_request(f"cannot route this prompt: {exc}", "invalid_prompt") from exc
+        if self.pd is not None:
+            return await self._handle_pd(request, spec, body, data, rr, rid_header, t0)
         try:
             decision = self.router.select(rr)
         except NoWorkerAvailable as exc:
@@ -412,6 +219,43 @@ class Proxy:
                     break
         assert last is not None
         raise from_upstream(last) from last
+
+    async def _handle_pd(
+        self,
+        request: web.Request,
+        spec: RouteSpec,
+        body: bytes,
+        data: dict[str, Any],
+        rr: Any,
+        rid_header: str,
+        t0: float,
+    ) -> web.StreamResponse:
+        """PD mode: `forward_pd` picks the pair, rewrites the body (bootstrap fields) and relays the
+        decode side; it records its own PD metrics. Here: the request counter and end-to-end latency."""
+        assert self.pd is not None
+        headers = forward_headers(request.headers, self.config.request_id_header, rid_header)
+        request[RID_KEY] = (self.config.request_id_header, rid_header)
+        resp = await forward_pd(
+            self.pd, request, spec.path, body, data, rr, openai=spec.openai, headers=headers
+        )
+        worker = resp.headers.get(WORKER_HEADER, "none")
+        status = resp.status
+        if status >= 500 or status == 429:
+            kind = {503: "no_worker", 429: "upstream_429"}.get(status, "upstream_5xx")
+            self.metrics.errors.labels(spec.path, worker, kind).inc()
+        self.metrics.observe_request(
+            spec.path,
+            "pd",
+            worker,
+            status,
+            e2e_s=time.perf_counter() - t0,
+            ttft_s=None,
+            tpot_s=None,
+            prompt_tokens=None,
+            cached_tokens=None,
+            predicted_blocks=0,
+        )
+        return resp
 
     async def _attempt(
         self,
@@ -458,7 +302,7 @@ class Proxy:
                     exc.retryable = True  # nothing reached the client yet: another worker may serve it
                     raise
                 if resp.content_type == "application/json" and status < 400:
-                    u = usage_of(_loads(payload))
+                    u = usage_of(loads_or_none(payload))
                     usage.prompt_tokens, usage.cached_tokens, usage.output_tokens = (
                         u.prompt_tokens,
                         u.cached_tokens,
@@ -505,7 +349,7 @@ class Proxy:
             if obs.feed(chunk, time.perf_counter()):
                 self.router.on_first_token(ticket)
                 if usage.rid is None:
-                    usage.rid = usage_of(_loads(obs.first_data)).rid
+                    usage.rid = usage_of(loads_or_none(obs.first_data)).rid
             try:
                 await out.write(chunk)
             except ConnectionError:
@@ -533,7 +377,8 @@ class Proxy:
 
     @staticmethod
     def _fill_usage(obs: SseObserver, usage: Usage) -> None:
-        u = usage_of(_loads(obs.last_data))
+        usage.itl_gaps = obs.gaps
+        u = usage_of(loads_or_none(obs.last_data))
         usage.prompt_tokens = u.prompt_tokens
         usage.cached_tokens = u.cached_tokens
         usage.output_tokens = u.output_tokens if u.output_tokens is not None else obs.events or None
@@ -575,6 +420,7 @@ class Proxy:
             e2e_s=now - t0,
             ttft_s=None if first_at is None else first_at - t0,
             tpot_s=(now - first_at) / (n - 1) if first_at is not None and n and n > 1 else None,
+            itl_gaps=usage.itl_gaps,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
             predicted_blocks=cached_blocks,

@@ -13,82 +13,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import orjson
 
 from engines.errors import UpstreamError, UpstreamHTTPError
-from engines.sglang import Http1Pool, SGLangClient
+from engines.http1 import Http1Pool
+from engines.sglang import SGLangClient
+from router.breaker import CircuitBreaker
 from router.config import RouterConfig, normalize_url
+from router.discovery import apply_server_info, discover_kv_events, page_size_problem
 from router.metrics import Metrics
 from router.types import Worker, WorkerRole, WorkerState
 
 log = logging.getLogger("kvroute.workers")
 
-_WILDCARD_HOSTS = {"", "*", "0.0.0.0", "::", "[::]"}
-_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+# Re-exported: these lived here before `router/breaker.py` and `router/discovery.py`.
+__all__ = ["CircuitBreaker", "RegistryError", "WorkerRegistry", "blind_workers", "discover_kv_events"]
 
 
 class RegistryError(ValueError):
     """An admin operation on the registry cannot be done (unknown or duplicate worker, bad URL)."""
-
-
-class CircuitBreaker:
-    """Per-worker breaker on request outcomes.
-
-    closed --N consecutive failures--> open --cooldown--> half_open --M successes--> closed;
-    any failure in half_open opens it again. `failure_threshold == 0` disables it (always closed).
-    """
-
-    def __init__(
-        self,
-        failure_threshold: int,
-        cooldown_s: float,
-        success_threshold: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.failure_threshold = failure_threshold
-        self.cooldown_s = cooldown_s
-        self.success_threshold = max(1, success_threshold)
-        self._clock = clock
-        self.state = "closed"
-        self.failures = 0
-        self.successes = 0
-        self.opened_at = 0.0
-
-    def poll(self) -> str:
-        """Advance open -> half_open once the cooldown has passed; returns the state."""
-        if self.state == "open" and self._clock() - self.opened_at >= self.cooldown_s:
-            self.state = "half_open"
-            self.successes = 0
-        return self.state
-
-    def record_success(self) -> bool:
-        """Returns True when this success closed the breaker."""
-        self.failures = 0
-        if self.poll() == "half_open":
-            self.successes += 1
-            if self.successes >= self.success_threshold:
-                self.state = "closed"
-                return True
-        return False
-
-    def record_failure(self) -> bool:
-        """Returns True when this failure opened the breaker."""
-        if self.failure_threshold <= 0:
-            return False
-        state = self.poll()
-        self.failures += 1
-        if state == "half_open" or (state == "closed" and self.failures >= self.failure_threshold):
-            self.state = "open"
-            self.opened_at = self._clock()
-            self.successes = 0
-            return True
-        return False
 
 
 @dataclass
@@ -99,6 +46,7 @@ class _Entry:
     client: SGLangClient
     breaker: CircuitBreaker
     kv_override: str | None = None
+    bootstrap_override: int | None = None  # PD: the operator's `--prefill URL PORT`
     task: asyncio.Task[None] | None = None
     registered_at: float | None = None
     health_failures: int = 0
@@ -134,6 +82,10 @@ class WorkerRegistry:
             self._pool = pool
         for url in self.config.worker_urls:
             self.add(url)
+        for url, port in self.config.prefill_urls:
+            self.add(url, WorkerRole.PREFILL, bootstrap_port=port)
+        for url in self.config.decode_urls:
+            self.add(url, WorkerRole.DECODE)
         if self.config.blind_check_interval_s > 0:
             self._blind_task = asyncio.create_task(self._blind_loop(), name="kvroute-blind-check")
 
@@ -146,8 +98,19 @@ class WorkerRegistry:
 
     # ---- admin operations
 
-    def add(self, url: str, role: WorkerRole = WorkerRole.REGULAR, kv_events: str | None = None) -> Worker:
-        """Register `url`; returns at once (PENDING), the checks run in the background."""
+    def add(
+        self,
+        url: str,
+        role: WorkerRole = WorkerRole.REGULAR,
+        kv_events: str | None = None,
+        bootstrap_port: int | None = None,
+    ) -> Worker:
+        """Register `url`; returns at once (PENDING), the checks run in the background.
+
+        `role`: PD pools (`prefill` / `decode`); a REGULAR worker takes the engine's own
+        `disaggregation_mode`. `bootstrap_port`: a prefill server's KV bootstrap port, overriding the
+        one its `/server_info` reports (None: use that one).
+        """
         if self._session is None:
             raise RuntimeError("registry not started")
         url = normalize_url(url)
@@ -156,7 +119,9 @@ class WorkerRegistry:
             raise RegistryError(f"worker url must be http://host:port, got {url!r}")
         if url in self._entries:
             raise RegistryError(f"worker already registered: {url}")
-        worker = Worker(url=url, role=role, state=WorkerState.PENDING)
+        if bootstrap_port is not None and not 0 < bootstrap_port < 65536:
+            raise RegistryError(f"bootstrap port out of range: {bootstrap_port}")
+        worker = Worker(url=url, role=role, state=WorkerState.PENDING, bootstrap_port=bootstrap_port)
         entry = _Entry(
             worker=worker,
             client=SGLangClient(
@@ -168,6 +133,7 @@ class WorkerRegistry:
                 self.config.circuit_success_threshold,
             ),
             kv_override=kv_events or self.config.kv_events_dict.get(url),
+            bootstrap_override=bootstrap_port,
         )
         self._entries[url] = entry
         self.router.add_worker(worker)
@@ -387,44 +353,12 @@ class WorkerRegistry:
         return True
 
     def _apply_info(self, e: _Entry, info: dict[str, Any], minfo: dict[str, Any]) -> None:
-        w = e.worker
-        ps = info.get("page_size")
-        w.page_size = int(ps) if isinstance(ps, int) else None
-        w.model = (
-            minfo.get("served_model_name")
-            or info.get("served_model_name")
-            or minfo.get("model_path")
-            or info.get("model_path")
-            or w.model
-        )
-        mode = minfo.get("disaggregation_mode") or info.get("disaggregation_mode")
-        if mode in ("prefill", "decode") and w.role is WorkerRole.REGULAR:
-            w.role = WorkerRole(mode)
-        bp = info.get("disaggregation_bootstrap_port")
-        if isinstance(bp, int):
-            w.bootstrap_port = bp
-        mtt = info.get("max_total_num_tokens", info.get("max_total_tokens"))
-        if isinstance(mtt, int):
-            w.max_total_tokens = mtt
-        endpoint, replay, topic = discover_kv_events(w.url, info)
-        if e.kv_override:
-            endpoint, replay = e.kv_override, None
-        w.kv_events_endpoint = endpoint
-        w.kv_events_replay_endpoint = replay
-        w.kv_events_topic = topic
+        apply_server_info(e.worker, info, minfo, e.kv_override)
+        if e.bootstrap_override is not None:
+            e.worker.bootstrap_port = e.bootstrap_override
 
     def _page_size_problem(self, w: Worker, info: dict[str, Any]) -> str | None:
-        bs = self.config.block_size
-        if w.page_size is not None and w.page_size != bs:
-            return (
-                f"engine page_size {w.page_size} != router --block-size {bs}: KV-aware routing would "
-                f"match nothing; start the engine with --page-size {bs} or the router with "
-                f"--block-size {w.page_size}"
-            )
-        kv = info.get("kv_events")
-        if isinstance(kv, dict) and isinstance(kv.get("block_size"), int) and kv["block_size"] != bs:
-            return f"engine KV-event block_size {kv['block_size']} != router --block-size {bs}"
-        return None
+        return page_size_problem(w, info, self.config.block_size)
 
     async def _subscribe(self, e: _Entry) -> None:
         w = e.worker
@@ -508,54 +442,3 @@ def blind_workers(router: Any) -> list[str]:
     stats = router.index_stats()
     b = stats.get("blind_workers") if isinstance(stats, dict) else None
     return list(b or [])
-
-
-def discover_kv_events(url: str, info: dict[str, Any]) -> tuple[str | None, str | None, str]:
-    """Event endpoint from `/server_info`, in the forms SGLang versions report it:
-    0.5.23's `kv_events` descriptor (`endpoint_host` + `endpoint_port_base`), a source dict with an
-    `endpoint` (`kv_events` or the `kv_event_sources` list), else the `kv_events_config` server arg.
-
-    Wildcard or loopback hosts are replaced by the worker URL's host (the address the router can
-    dial). Only rank 0 of a data-parallel engine is returned.
-    """
-    host = urlsplit(url).hostname or "127.0.0.1"
-    kv = info.get("kv_events")
-    if isinstance(kv, dict) and isinstance(kv.get("endpoint_port_base"), int):
-        h = str(kv.get("endpoint_host") or "")
-        h = host if h in _WILDCARD_HOSTS else h
-        endpoint = f"tcp://{h}:{kv['endpoint_port_base']}"
-        rp = kv.get("replay_endpoint_port_base")
-        replay = f"tcp://{h}:{rp}" if isinstance(rp, int) else None
-        return endpoint, replay, str(kv.get("topic") or "")
-    sources = info.get("kv_event_sources")
-    source = kv if isinstance(kv, dict) and isinstance(kv.get("endpoint"), str) else None
-    if source is None and isinstance(sources, list):
-        ranked = [s for s in sources if isinstance(s, dict) and isinstance(s.get("endpoint"), str)]
-        ranked.sort(key=lambda s: s.get("dp_rank") or 0)
-        source = ranked[0] if ranked else None
-    cfg: Any = source
-    if cfg is None:
-        cfg = info.get("kv_events_config")
-        if isinstance(cfg, str) and cfg.strip():
-            try:
-                cfg = orjson.loads(cfg)
-            except orjson.JSONDecodeError:
-                return None, None, ""
-    if isinstance(cfg, dict) and isinstance(cfg.get("endpoint"), str):
-        replay = cfg.get("replay_endpoint")
-        return (
-            _dialable(cfg["endpoint"], host),
-            _dialable(replay, host) if isinstance(replay, str) else None,
-            str(cfg.get("topic") or ""),
-        )
-    return None, None, ""
-
-
-def _dialable(endpoint: str, host: str) -> str:
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep or scheme != "tcp":
-        return endpoint
-    h, _, port = rest.rpartition(":")
-    if h in _WILDCARD_HOSTS or (h in _LOOPBACK_HOSTS and host not in _LOOPBACK_HOSTS):
-        h = host
-    return f"tcp://{h}:{port}"

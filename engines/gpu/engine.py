@@ -16,13 +16,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from cache_index.events import KvEvent
 from engines.core import (
     BadRequest,
     EngineError,
@@ -37,25 +37,12 @@ from engines.gpu.config import EngineConfig, ModelConfig
 from engines.gpu.kv_pool import KVPool
 from engines.gpu.model import LlamaModel, LlamaWeights, torch_dtype
 from engines.gpu.scheduler import Req, Scheduler, Step
-from engines.prefix_cache import CacheCleared, CacheNote, PagesRemoved, PageStored, PrefixCache
+from engines.prefix_cache import CacheNote, PrefixCache
+from engines.sim.kv_notes import notes_to_events
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_PAGES = 256
-
-
-def notes_to_events(notes: Sequence[CacheNote], page_size: int) -> list[KvEvent]:
-    """SGLang 0.5.10's shape: one BlockStored / BlockRemoved per page, medium "GPU"."""
-    out: list[KvEvent] = []
-    for n in notes:
-        if isinstance(n, PageStored):
-            out.append(BlockStored(block_hashes=(n.block_hash,), parent_block_hash=n.parent_hash,
-                                   token_ids=n.token_ids, block_size=page_size, lora_id=None, medium="GPU"))
-        elif isinstance(n, PagesRemoved):
-            out.extend(BlockRemoved(block_hashes=(h,), medium="GPU") for h in n.block_hashes)
-        elif isinstance(n, CacheCleared):
-            out.append(AllBlocksCleared())
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +259,8 @@ class GpuEngine:
     def _publish(self, notes: list[CacheNote]) -> None:
         if not notes or self._publisher is None or self._loop is None:
             return
-        events = notes_to_events(notes, self.cfg.page_size)
+        # SGLang 0.5.10 sends one BlockStored per page; 0.5.23 (map form) merges chains.
+        events = notes_to_events(notes, self.cfg.page_size, merge_chains=self._ev_form == "map")
         if events:
             self._loop.call_soon_threadsafe(self._publish_now, events)
 
@@ -324,14 +312,14 @@ class GpuEngine:
         s = self.sched
         assert s is not None
         while not self._stop.is_set():
+            self._wake.clear()  # before reading the inbox: a submit after this line wakes the wait below
             self._process_inbox()
             step, gone = s.schedule()
             for r in gone:
                 self._deliver(r, [], {"type": "abort", "message": "Abort request"})
             if step.empty():
                 self._publish(s.take_events())
-                self._wake.wait(0.05)
-                self._wake.clear()
+                self._wake.wait(0.5)
                 continue
             try:
                 t0 = time.perf_counter()

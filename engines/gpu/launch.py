@@ -38,7 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> LaunchArgs:
     ap = argparse.ArgumentParser(prog="kvroute engine", description="kvroute's GPU engine (SGLang API)")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     ap.add_argument("--model-config", default="tiny", help="preset name, ModelConfig JSON or HF config.json")
-    ap.add_argument("--model-path", default=None, help="safetensors weights (HF Llama names); random if absent")
+    ap.add_argument("--model-path", default=None,
+                    help="safetensors weights (HF Llama names); random if absent")
     ap.add_argument("--dtype", default=None, help="override the config's dtype")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30001, help="engine i serves on port + i")
@@ -84,7 +85,8 @@ def pages_per_engine(args: LaunchArgs) -> int:
         return DEFAULT_CPU_PAGES
     free, _ = torch.cuda.mem_get_info(dev)
     # Keep room for activations of the largest step: logits (vocab x rows) and MLP intermediates.
-    reserve = 4 * args.engine.max_batch_tokens * (args.model.intermediate_size * 2 + args.model.hidden_size * 4)
+    m = args.model
+    reserve = 4 * args.engine.max_batch_tokens * (m.intermediate_size * 2 + m.hidden_size * 4)
     reserve = reserve * args.num_engines + (2 << 30)
     budget = max(0, int(free * args.engine.kv_memory_fraction) - reserve)
     return KVPool.pages_for_bytes(args.model, args.engine.page_size, budget // args.num_engines,

@@ -181,7 +181,8 @@ class LlamaModel:
         return F.linear(x, w.lm_head).float()
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMeta,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
+                       k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       sample_rows: torch.Tensor) -> torch.Tensor:
         cfg, w, kn = self.cfg, self.w, self._k
         t = input_ids.shape[0]
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -264,5 +264,6 @@ class Scheduler:
         """Pool and cache agree page for page (tests call this after every step)."""
         private = sum(len(r.pages) - r.n_tree for r in self.running)
         assert self.cache.private_tokens == private * self.ps, (self.cache.private_tokens, private)
-        assert self.cache.tree_tokens == len(self.page_of) * self.ps, (self.cache.tree_tokens, len(self.page_of))
+        tree = len(self.page_of)
+        assert self.cache.tree_tokens == tree * self.ps, (self.cache.tree_tokens, tree)
         assert self.pool.free_pages == self.pool.num_pages - private - len(self.page_of)

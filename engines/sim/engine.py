@@ -36,6 +36,7 @@ from engines.sim.faults import FaultConfig
 from engines.sim.kv_notes import notes_to_events
 from engines.sim.pd import BootstrapRegistry, PrefilledKv
 from engines.sim.profiles import GpuProfile, tiny
+from engines.sim.schedule_policy import SchedulePolicy, SchedulePolicyName
 
 if TYPE_CHECKING:
     from engines.kv_publisher import KvEventPublisher
@@ -68,6 +69,8 @@ class SimConfig:
     event_topic: str = ""
     event_form: Literal["array", "map"] = "array"
     incremental_streaming_output: bool = False
+    schedule_policy: SchedulePolicyName = "fcfs"
+    """SGLang's `--schedule-policy` (its default: fcfs); lpm sorts the queue by cached prefix."""
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -105,6 +108,10 @@ class RequestRecord:
     finish_reason: dict[str, object] | None
 
 
+def _prompt_ids(r: _Req) -> list[int]:
+    return r.req.input_ids
+
+
 class SimEngine:
     """A simulated SGLang server's engine (scheduler + prefix cache + KV-event publisher)."""
 
@@ -128,6 +135,7 @@ class SimEngine:
         self.max_running = cfg.max_running_requests or prof.max_running_requests
         self.chunk_size = cfg.chunked_prefill_size or prof.chunked_prefill_size
         self.faults = cfg.faults
+        self.policy = SchedulePolicy(cfg.schedule_policy)
         self.registry = registry
         if cfg.disaggregation_mode != "null" and registry is None:
             raise ValueError("a PD engine needs a BootstrapRegistry shared with its partners")
@@ -457,11 +465,23 @@ class SimEngine:
 
     # ---- scheduler ----------------------------------------------------------------------------
     def _admit(self) -> int:
-        """Move waiting requests into the batch while slots, step budget and KV allow (FCFS, no skipping)."""
+        """Move waiting requests into the batch, in the policy's order (no skipping), while slots,
+        step budget and KV allow. Like SGLang's PrefillAdder loop, each prompt is matched against the
+        tree when it is admitted, so it reuses what earlier steps inserted (including chunks so far)."""
         budget = self.chunk_size - sum(
             min(r.prompt_len - r.prefilled, self.chunk_size) for r in self.prefilling
         )
         ps = self.config.page_size
+        if (
+            budget > 0
+            and len(self.waiting) > 1
+            and self.config.disaggregation_mode != "decode"
+            and len(self.prefilling) + len(self.decoding) < self.max_running
+        ):
+            # SGLang's calc_priority runs only when a prefill batch can be formed (batch not full).
+            ordered = self.policy.order(self.waiting, _prompt_ids, self.cache)
+            if ordered is not None:
+                self.waiting = deque(ordered)
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_running:
             r = self.waiting[0]
             if r.transferred is not None:  # PD decode: the whole prompt's KV arrives, no prefill
@@ -590,6 +610,9 @@ class SimEngine:
                     continue
                 r.prefilled += n
                 if r.prefilled < r.prompt_len:
+                    # SGLang's stash_chunked_request (cache_unfinished_req): the chunks computed so far
+                    # go into the tree, so requests admitted next step reuse them.
+                    self._cache_tokens(r, r.req.input_ids[: r.prefilled])
                     continue
                 self.prefilling.remove(r)
                 self._cache_tokens(r, r.req.input_ids)

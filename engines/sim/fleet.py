@@ -25,6 +25,7 @@ from engines.sim.engine import DisaggMode, SimConfig, SimEngine
 from engines.sim.faults import FaultConfig
 from engines.sim.pd import BootstrapRegistry
 from engines.sim.profiles import PROFILES, GpuProfile, get_profile
+from engines.sim.schedule_policy import SCHEDULE_POLICIES, SchedulePolicyName
 from engines.sim.server import SimServer
 
 
@@ -80,6 +81,7 @@ class SimFleet:
         model_path: str = "sim/llama3-8b",
         max_running_requests: int | None = None,
         chunked_prefill_size: int | None = None,
+        schedule_policy: SchedulePolicyName = "fcfs",
     ) -> None:
         if workers < 0 or prefill < 0 or decode < 0 or workers + prefill + decode == 0:
             raise ValueError("a fleet needs at least one engine")
@@ -107,6 +109,7 @@ class SimFleet:
                 kv_capacity_tokens=kv_capacity_tokens,
                 max_running_requests=max_running_requests,
                 chunked_prefill_size=chunked_prefill_size,
+                schedule_policy=schedule_policy,
                 time_scale=time_scale,
                 seed=seed + i,
                 disaggregation_mode=role,
@@ -212,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--event-form", choices=["array", "map"], default="array", help="0.5.10 array / 0.5.23 map"
     )
+    p.add_argument(
+        "--schedule-policy", choices=SCHEDULE_POLICIES, default="fcfs", help="SGLang's; fcfs is its default"
+    )
     p.add_argument("--event-topic", default="")
     p.add_argument("--no-kv-events", action="store_true")
     p.add_argument("--model-path", default="sim/llama3-8b")
@@ -255,6 +261,7 @@ def fleet_from_args(args: argparse.Namespace) -> SimFleet:
         model_path=args.model_path,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
+        schedule_policy=args.schedule_policy,
     )
 
 

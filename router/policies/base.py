@@ -62,6 +62,8 @@ class PolicyBase:
     """No-op hooks, so a policy file only writes what it uses."""
 
     name: str = ""
+    # Reads RoutingRequest.block_hashes (directly or through the block load); False: no hashing.
+    needs_blocks: bool = True
 
     def on_routed(self, request: RoutingRequest, worker: Worker) -> None:
         return None

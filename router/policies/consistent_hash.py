@@ -48,6 +48,7 @@ class ConsistentHashPolicy(PolicyBase):
 
     def __init__(self, config: ConsistentHashConfig) -> None:
         self.config = config
+        self.needs_blocks = config.fallback_metric == "blocks"  # block load counts the uncached prefill only
         self._rings: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}
 
     def _ring(self, urls: tuple[str, ...]) -> tuple[list[int], list[str]]:

@@ -48,6 +48,7 @@ class LeastLoadPolicy(PolicyBase):
 
     def __init__(self, config: LeastLoadConfig) -> None:
         self.config = config
+        self.needs_blocks = config.metric == "blocks"  # block load counts the uncached prefill only
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         return decision_from_scores(

@@ -36,6 +36,7 @@ class PowerOfTwoPolicy(PolicyBase):
 
     def __init__(self, config: PowerOfTwoConfig) -> None:
         self.config = config
+        self.needs_blocks = config.metric == "blocks"  # block load counts the uncached prefill only
         self._rng = _random.Random(config.seed)
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:

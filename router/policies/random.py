@@ -24,6 +24,7 @@ class RandomPolicy(PolicyBase):
     """
 
     name = "random"
+    needs_blocks = False  # never reads the prompt
 
     def __init__(self, config: RandomConfig) -> None:
         self.config = config

@@ -24,6 +24,7 @@ class RoundRobinPolicy(PolicyBase):
     """
 
     name = "round_robin"
+    needs_blocks = False  # never reads the prompt
 
     def __init__(self, config: RoundRobinConfig) -> None:
         self.config = config

@@ -30,8 +30,8 @@ async def collect(e: GpuEngine, rid: str, ids: list[int], n: int) -> tuple[list[
 
 
 def engine(pages: int = 64, ps: int = 4, max_batch_tokens: int = 32, **kw: object) -> GpuEngine:
-    return GpuEngine(PRESETS["tiny"], EngineConfig(page_size=ps, max_batch_tokens=max_batch_tokens, device="cpu"),
-                     num_pages=pages, **kw)  # type: ignore[arg-type]
+    cfg = EngineConfig(page_size=ps, max_batch_tokens=max_batch_tokens, device="cpu")
+    return GpuEngine(PRESETS["tiny"], cfg, num_pages=pages, **kw)  # type: ignore[arg-type]
 
 
 async def test_prefix_cache_hit_gives_same_tokens_and_truthful_cached_tokens() -> None:
@@ -147,7 +147,8 @@ async def test_http_api_and_kv_events_over_loopback() -> None:
             removed = []
             for _ in range(20):
                 frames = await asyncio.wait_for(sub.recv_multipart(), 5)
-                removed += [ev for ev in decode_batch(frames[2]).events if type(ev).__name__ == "BlockRemoved"]
+                evs = decode_batch(frames[2]).events
+                removed += [ev for ev in evs if type(ev).__name__ == "BlockRemoved"]
                 if removed:
                     break
             assert removed
@@ -160,7 +161,8 @@ async def test_http_api_and_kv_events_over_loopback() -> None:
 async def test_launcher_serves_two_engines_sharing_weights() -> None:
     from engines.gpu import launch
 
-    args = launch.parse_args(["--device", "cpu", "--model-config", "tiny", "--port", "0", "--num-engines", "2",
+    args = launch.parse_args(["--device", "cpu", "--model-config", "tiny", "--port", "0",
+                              "--num-engines", "2",
                               "--page-size", "4", "--num-pages", "32", "--events-port", "0"])
     stop = asyncio.Event()
     ready: asyncio.Future[list[dict[str, str]]] = asyncio.get_running_loop().create_future()
@@ -174,8 +176,8 @@ async def test_launcher_serves_two_engines_sharing_weights() -> None:
             for eng in info:
                 async with s.get(eng["url"] + "/server_info") as r:
                     assert (await r.json())["page_size"] == 4
-                async with s.post(eng["url"] + "/generate", json={"input_ids": [5, 6, 7, 8, 9],
-                                                                    "sampling_params": {"max_new_tokens": 3}}) as r:
+                body = {"input_ids": [5, 6, 7, 8, 9], "sampling_params": {"max_new_tokens": 3}}
+                async with s.post(eng["url"] + "/generate", json=body) as r:
                     outs.append((await r.json())["output_ids"])
         assert outs[0] == outs[1]  # same weights in both engines
     finally:
@@ -184,12 +186,11 @@ async def test_launcher_serves_two_engines_sharing_weights() -> None:
 
 
 def test_kv_event_payload_matches_sglang_shape() -> None:
-    from engines.gpu.engine import notes_to_events
-    from engines.prefix_cache import PagesRemoved, PageStored
-
     from engines.kv_publisher import KvEventPublisher
+    from engines.prefix_cache import PagesRemoved, PageStored
+    from engines.sim.kv_notes import notes_to_events
 
-    ev = notes_to_events([PageStored(5, None, (1, 2, 3, 4)), PagesRemoved((5, 6))], 4)
+    ev = notes_to_events([PageStored(5, None, (1, 2, 3, 4)), PagesRemoved((5, 6))], 4, merge_chains=False)
     payload = KvEventPublisher("tcp://127.0.0.1:0").encode(ev, ts=1.0)
     wire = msgspec.msgpack.decode(payload)
     assert wire[1][0] == ["BlockStored", [5], None, [1, 2, 3, 4], 4, None, "GPU"]

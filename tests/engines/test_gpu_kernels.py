@@ -20,7 +20,8 @@ SHAPES = [(32, 8, 128), (8, 8, 64), (16, 2, 128), (8, 1, 64)]  # (query heads, K
 PAGE_SIZES = [1, 16, 64]
 
 
-def _pool(nkv: int, dim: int, num_pages: int, ps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool(nkv: int, dim: int, num_pages: int, ps: int,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     k = torch.randn(num_pages * ps, nkv, dim, device="cuda", dtype=dtype)
     return k, torch.randn_like(k)
 

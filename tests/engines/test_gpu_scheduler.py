@@ -79,7 +79,8 @@ def test_admission_waits_for_pages_then_evicts_lru_and_frees_pool_pages() -> Non
     run_all(s)
     notes = s.take_events()
     stored = [n for n in notes if isinstance(n, PageStored)]
-    assert len(stored) == 4 and stored[0].parent_hash is None and stored[1].parent_hash == stored[0].block_hash
+    assert len(stored) == 4 and stored[0].parent_hash is None
+    assert stored[1].parent_hash == stored[0].block_hash
     assert s.pool.free_pages == 4  # 4 cached pages, the rest back in the pool
     big = Req("b", list(range(100, 120)), max_new_tokens=4)  # 24 tokens = 6 pages: must evict 2
     s.add(big)

@@ -193,33 +193,3 @@ async def test_metrics_exposition(engines, start_router) -> None:
     )
     assert f'kvroute_cached_tokens_total{{worker="{eng.url}"}} 7.0' in text
     assert "kvroute_ttft_seconds_bucket" in text and "kvroute_worker_in_flight" in text
-
-
-class _Pool:
-    def _forget(self, conn) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-
-def _parse_bytewise(raw: bytes):  # type: ignore[no-untyped-def]
-    from engines.sglang import _Conn
-
-    conn = _Conn(_Pool(), ("127.0.0.1", 1))  # type: ignore[arg-type]
-    for i in range(len(raw)):  # worst case: every byte in its own read
-        conn.data_received(raw[i : i + 1])
-    return conn
-
-
-def test_transport_parses_chunked_and_interim_responses_split_anywhere() -> None:
-    raw = (
-        b"HTTP/1.1 100 Continue\r\n\r\n"
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
-        b'6\r\ndata: \r\na;ext=1\r\n{"k": 1}\n\n\r\n0\r\nTrailer: x\r\n\r\n'
-    )
-    conn = _parse_bytewise(raw)
-    assert (conn.status, conn.headers["X-A"], conn._phase, conn.keep_alive) == (200, "1", 4, True)
-    assert conn.take() == b'data: {"k": 1}\n\n'
-
-
-def test_transport_content_length_and_close() -> None:
-    conn = _parse_bytewise(b"HTTP/1.1 503 Busy\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
-    assert (conn.status, conn.take(), conn._phase, conn.keep_alive) == (503, b"hello", 4, False)

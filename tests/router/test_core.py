@@ -227,11 +227,25 @@ def test_lifecycle_reserves_load_and_records_cached_ratio() -> None:
 def test_on_routed_by_url_computes_the_overlap_itself() -> None:
     r = make_router(2, policy="round_robin")
     feed(r, "http://w1", SYSTEM)
-    req = r.routing_request(text=SYSTEM)
+    req = r.routing_request(text=SYSTEM, with_blocks=True)  # round_robin alone would not hash
     t = r.on_routed("http://w1", req)
     assert t.cached_blocks_predicted == 32 and t.uncached_tokens == 8  # the trailing partial block
     with pytest.raises(KeyError):
         r.on_routed("http://nope", req)
+
+
+def test_hashing_only_for_policies_that_read_blocks() -> None:
+    r = make_router(2, policy="round_robin")
+    plain = r.routing_request(text=SYSTEM)
+    assert plain.block_hashes == () and plain.prompt_tokens == len(SYSTEM.encode())
+    r.set_policy("least_load", {"metric": "requests"})
+    assert r.routing_request(input_ids=list(range(64))).block_hashes == ()
+    r.set_policy("least_load")  # metric=blocks: the pending prefill counts the uncached part only
+    assert len(r.routing_request(input_ids=list(range(64))).block_hashes) == 64 // BS
+    r.set_policy("kv_aware")
+    hashed = r.routing_request(text=SYSTEM)
+    assert len(hashed.block_hashes) == len(SYSTEM.encode()) // BS
+    assert hashed.prompt_tokens == plain.prompt_tokens
 
 
 def test_candidates_roles_exclusions_and_no_worker() -> None:

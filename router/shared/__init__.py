@@ -1,0 +1,39 @@
+"""Router replicas sharing worker load and membership through Redis (DESIGN.md "Scale"); see docs/replicas.md.
+
+Map: `common` (config, client, key names, backoff), `load_sync` (per-worker load published and folded
+in), `membership` (admin add/remove/drain seen by every replica), `records` (optional: cache_aware's
+routing records on a capped stream), `runtime` (one replica's parts as a unit).
+"""
+
+from router.shared.common import Keys, ReplicaConfig, SharedStateError, connect
+from router.shared.load_sync import LoadVector, RemoteLoadFolder, ReplicaStateSync
+from router.shared.membership import (
+    MembershipChange,
+    MembershipListener,
+    Op,
+    RegistryMembership,
+    SharedMembership,
+    WorkerSpec,
+)
+from router.shared.records import RoutingRecordShare, cache_aware_sink
+from router.shared.runtime import ReplicaRuntime, replica_context
+
+__all__ = [
+    "Keys",
+    "LoadVector",
+    "MembershipChange",
+    "MembershipListener",
+    "Op",
+    "RegistryMembership",
+    "RemoteLoadFolder",
+    "ReplicaConfig",
+    "ReplicaRuntime",
+    "ReplicaStateSync",
+    "RoutingRecordShare",
+    "SharedMembership",
+    "SharedStateError",
+    "WorkerSpec",
+    "cache_aware_sink",
+    "connect",
+    "replica_context",
+]

@@ -1,0 +1,138 @@
+"""What the replica-sharing parts have in common: their config, the Redis client, key names and backoff."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+# What "Redis is unreachable or misbehaving" looks like from the client: caught at one boundary per task.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+
+class SharedStateError(RuntimeError):
+    """A replica-sharing component was used wrongly (not started, bad config)."""
+
+
+def default_replica_id() -> str:
+    """host-pid-random: unique per process, readable in `redis-cli` when debugging."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """How router replicas share state through Redis. Mirrors the proposed `RouterConfig` fields."""
+
+    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; None = no sharing (single replica)
+    replica_id: str = ""  # this replica's name in Redis; "" = host-pid-random
+    sync_interval_s: float = 0.2  # seconds between load syncs (one Redis round trip each)
+    replica_ttl_s: float = 2.0  # seconds a replica's load counts without a refresh (crashed replicas expire)
+    key_prefix: str = "kvroute"  # namespace of every key and channel (one per fleet sharing a Redis)
+    reconnect_max_s: float = 5.0  # longest wait between reconnect tries while Redis is down
+    redis_timeout_s: float = 1.0  # socket connect/read timeout per Redis call, seconds
+    share_records: bool = False  # share cache_aware's routing records (a capped stream); False = off
+
+    def __post_init__(self) -> None:
+        if self.sync_interval_s <= 0:
+            raise SharedStateError(f"sync_interval_s must be > 0, got {self.sync_interval_s}")
+        if self.replica_ttl_s <= self.sync_interval_s:
+            raise SharedStateError(
+                f"replica_ttl_s ({self.replica_ttl_s}) must exceed sync_interval_s ({self.sync_interval_s}),"
+                " or live replicas would flicker out between syncs"
+            )
+        if self.reconnect_max_s <= 0 or self.redis_timeout_s <= 0:
+            raise SharedStateError("reconnect_max_s and redis_timeout_s must be > 0")
+        if not self.key_prefix:
+            raise SharedStateError("key_prefix must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
+
+    @property
+    def resolved_id(self) -> str:
+        return self.replica_id or default_replica_id()
+
+    @classmethod
+    def from_router_config(cls, cfg: Any) -> ReplicaConfig:
+        """Read the proposed `RouterConfig` fields (`redis_url`, `replica_id`, `sync_interval_s`,
+        `replica_ttl_s`, `redis_key_prefix`, `redis_share_records`); absent ones take the defaults."""
+        d = cls()
+        return cls(
+            redis_url=getattr(cfg, "redis_url", d.redis_url),
+            replica_id=getattr(cfg, "replica_id", d.replica_id),
+            sync_interval_s=getattr(cfg, "sync_interval_s", d.sync_interval_s),
+            replica_ttl_s=getattr(cfg, "replica_ttl_s", d.replica_ttl_s),
+            key_prefix=getattr(cfg, "redis_key_prefix", d.key_prefix),
+            share_records=getattr(cfg, "redis_share_records", d.share_records),
+        )
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis name the replicas use, under one prefix (so a test or a fleet owns its own names)."""
+
+    prefix: str
+
+    @property
+    def replicas(self) -> str:
+        """Sorted set: replica id -> Redis server time (ms) of its last sync."""
+        return f"{self.prefix}:replicas"
+
+    def load(self, replica_id: str) -> str:
+        """String per replica (TTL'd): lines "url in_flight pending_prefill_tokens active_blocks"."""
+        return f"{self.prefix}:load:{replica_id}"
+
+    @property
+    def load_prefix(self) -> str:
+        return f"{self.prefix}:load:"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker url -> JSON WorkerSpec (the shared membership)."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def workers_epoch(self) -> str:
+        """String: random id set when the hash is (re)created; a change means Redis lost the set."""
+        return f"{self.prefix}:workers:epoch"
+
+    @property
+    def workers_channel(self) -> str:
+        """Pub/sub channel of membership changes (JSON MembershipChange)."""
+        return f"{self.prefix}:workers:changes"
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client that fails fast: no built-in retries (our loops back off themselves), short timeouts,
+    so a dead Redis costs one timeout per sync instead of stalling the task for seconds."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+class Backoff:
+    """Exponential delays from `base` to `cap` seconds; `reset` after a success."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self.base, self.cap = base, max(base, cap)
+        self._next = base
+
+    def next(self) -> float:
+        d = self._next
+        self._next = min(self.cap, self._next * 2)
+        return d
+
+    def reset(self) -> None:
+        self._next = self.base

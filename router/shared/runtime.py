@@ -1,0 +1,117 @@
+"""One replica's sharing machinery, started and stopped as a unit (the app's `cleanup_ctx` hook)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from router.config import normalize_url
+from router.shared.common import REDIS_ERRORS, ReplicaConfig, connect
+from router.shared.load_sync import RemoteLoadFolder, ReplicaStateSync
+from router.shared.membership import Op, RegistryMembership, SharedMembership, WorkerSpec
+from router.shared.records import RoutingRecordShare, cache_aware_sink
+from router.types import RoutingRequest, Worker
+
+
+class ReplicaRuntime:
+    """The Redis client, the load sync and the membership mirror of one replica."""
+
+    def __init__(self, config: ReplicaConfig, router: Any, registry: Any | None) -> None:
+        """`router`: a `Router` (its `workers()` are synced); `registry`: a `WorkerRegistry`, or None to
+        share load only (library use without the HTTP layer)."""
+        if config.redis_url is None:
+            raise ValueError("ReplicaRuntime needs config.redis_url")
+        self.config = config
+        self.replica_id = config.resolved_id
+        self.client = connect(config.redis_url, config.redis_timeout_s)
+        self.sync = ReplicaStateSync(self.client, RemoteLoadFolder(router.workers), config, self.replica_id)
+        self.membership = (
+            SharedMembership(self.client, RegistryMembership(registry), config, self.replica_id)
+            if registry is not None
+            else None
+        )
+        self.records = (
+            RoutingRecordShare(self.client, cache_aware_sink(router), config, self.replica_id)
+            if config.share_records
+            else None
+        )
+        self._router = router
+
+    def on_routed(self, request: RoutingRequest, worker: Worker) -> None:
+        """`Router.routed_hooks` entry: queue the routing record for the other replicas."""
+        if self.records is not None:
+            self.records.record(worker.url, request.block_hashes)
+
+    async def start(self) -> None:
+        """Starts the tasks; never waits on Redis (an unreachable Redis leaves the replica degraded)."""
+        self.sync.start()
+        if self.membership is not None:
+            self.membership.start()
+        if self.records is not None:
+            self.records.start()
+            hooks = getattr(self._router, "routed_hooks", None)  # the proposed Router hook, once it exists
+            if hooks is not None:
+                hooks.append(self.on_routed)
+
+    async def close(self) -> None:
+        hooks = getattr(self._router, "routed_hooks", None)
+        if hooks is not None and self.on_routed in hooks:
+            hooks.remove(self.on_routed)
+        if self.records is not None:
+            await self.records.close()
+        if self.membership is not None:
+            await self.membership.close()
+        await self.sync.close(forget=True)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.client.aclose()
+
+    # --- hooks for the admin API, called after a local change succeeded (sync, never block) ------
+
+    def notify_add(self, url: str, role: str = "regular", kv_events: str | None = None) -> None:
+        self._notify(Op.ADD, WorkerSpec(url=normalize_url(url), role=role, kv_events=kv_events))
+
+    def notify_remove(self, url: str) -> None:
+        self._notify(Op.REMOVE, WorkerSpec(url=normalize_url(url)))
+
+    def notify_drain(self, url: str, drained: bool = True) -> None:
+        url = normalize_url(url)
+        known = self.membership.known.get(url) if self.membership is not None else None
+        spec = WorkerSpec(url=url) if known is None else known
+        spec = WorkerSpec(spec.url, spec.role, spec.kv_events, drained)
+        self._notify(Op.DRAIN if drained else Op.UNDRAIN, spec)
+
+    def _notify(self, op: Op, spec: WorkerSpec) -> None:
+        if self.membership is not None:
+            self.membership.notify(op, spec)
+
+    def status(self) -> dict[str, Any]:
+        """For /admin and metrics: who we are, which peers we see, whether Redis is reachable."""
+        return {
+            "replica_id": self.replica_id,
+            "peers": list(self.sync.peers),
+            "degraded": self.sync.degraded
+            or bool(self.membership and self.membership.degraded)
+            or bool(self.records and self.records.degraded),
+            "syncs": self.sync.syncs,
+            "sync_failures": self.sync.failures,
+            "shared_workers": sorted(self.membership.known) if self.membership else [],
+        }
+
+
+@contextlib.asynccontextmanager
+async def replica_context(
+    config: Any, router: Any, registry: Any | None
+) -> AsyncIterator[ReplicaRuntime | None]:
+    """Yields the running `ReplicaRuntime`, or None when `redis_url` is unset (sharing disabled).
+    `config`: a `RouterConfig` (the proposed fields are read with defaults) or a `ReplicaConfig`."""
+    rc = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_router_config(config)
+    if not rc.enabled:
+        yield None
+        return
+    rt = ReplicaRuntime(rc, router, registry)
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.close()

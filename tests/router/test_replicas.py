@@ -1,0 +1,494 @@
+"""Router replicas sharing load and membership through a real Redis server (router/shared)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from cache_index.hashing import BlockHash
+from router.config import RouterConfig
+from router.core import Router
+from router.load import LoadTracker
+from router.metrics import Metrics
+from router.shared import (
+    LoadVector,
+    MembershipChange,
+    Op,
+    RegistryMembership,
+    RemoteLoadFolder,
+    ReplicaConfig,
+    ReplicaStateSync,
+    RoutingRecordShare,
+    SharedMembership,
+    SharedStateError,
+    WorkerSpec,
+    connect,
+    replica_context,
+)
+from router.shared.load_sync import add_blob, encode_blob
+from router.types import RoutingRequest, Worker, WorkerState
+from router.workers import WorkerRegistry
+from tests.router.conftest import refused_url, wait_until
+
+W1, W2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+REQ = RoutingRequest(block_hashes=(), prompt_tokens=64, block_size=16)
+
+
+# --- a Redis server of our own ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A private redis-server (no persistence) on a free loopback port; restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not _reachable(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private server when `redis-server` exists, else a reachable 127.0.0.1:6379 (keys namespaced
+    per test, never flushed), else skip."""
+    if shutil.which("redis-server"):
+        srv = RedisServer(tmp_path_factory.mktemp("redis"))
+        srv.start()
+        try:
+            yield srv.url
+        finally:
+            srv.stop()
+    elif _reachable(6379):
+        yield "redis://127.0.0.1:6379/0"
+    else:
+        pytest.skip("no redis-server binary and nothing listening on 127.0.0.1:6379")
+
+
+def _cleanup(url: str, prefix: str) -> None:
+    """Delete this test's keys only (the server may be shared)."""
+    with redis.Redis.from_url(url, socket_timeout=2) as c:
+        keys = list(c.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            c.delete(*keys)
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    p = f"kvroute-test-{uuid.uuid4().hex[:10]}"
+    yield p
+    try:
+        _cleanup(redis_url, p)
+    except redis.RedisError:
+        pass  # the outage test's own server is gone; nothing of ours is left on the shared one
+
+
+def rcfg(url: str | None, prefix: str, rid: str, **kw: Any) -> ReplicaConfig:
+    kw.setdefault("sync_interval_s", 0.05)
+    kw.setdefault("replica_ttl_s", 0.5)
+    kw.setdefault("reconnect_max_s", 0.2)
+    kw.setdefault("redis_timeout_s", 0.5)
+    return ReplicaConfig(redis_url=url, replica_id=rid, key_prefix=prefix, **kw)
+
+
+class Replica:
+    """One router replica in miniature: a Router with two healthy workers and its load sync."""
+
+    def __init__(self, config: ReplicaConfig) -> None:
+        assert config.redis_url is not None
+        self.router = Router(block_size=16, policy="least_load", policy_params={"metric": "requests"})
+        for url in (W1, W2):
+            self.router.add_worker(Worker(url=url, state=WorkerState.HEALTHY))
+        self.client = connect(config.redis_url, config.redis_timeout_s)
+        self.sync = ReplicaStateSync(
+            self.client, RemoteLoadFolder(self.router.workers), config, config.replica_id
+        )
+
+    def load(self, url: str) -> int:
+        w = self.router.get_worker(url)
+        assert w is not None
+        return w.load.in_flight
+
+    async def close(self, forget: bool = True) -> None:
+        await self.sync.close(forget=forget)
+        await self.client.aclose()
+
+
+@pytest.fixture
+async def pair(redis_url: str, prefix: str) -> AsyncIterator[tuple[Replica, Replica]]:
+    a, b = Replica(rcfg(redis_url, prefix, "a")), Replica(rcfg(redis_url, prefix, "b"))
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("3 100 7", LoadVector(3, 100, 7)),  # the wire form
+        ("-1 5 0", LoadVector(0, 5, 0)),  # negative clamped: counters are never < 0
+        ("3 100", None),  # a field missing: ignored, never fatal
+        ("x 1 2", None),  # not an int
+    ],
+)
+def test_load_vector_decode(raw: str, expected: LoadVector | None) -> None:
+    assert LoadVector.decode(raw) == expected
+    if expected is not None:
+        assert LoadVector.decode(expected.encode()) == expected
+
+
+def test_blob_round_trip_and_sum() -> None:
+    sums: dict[str, list[int]] = {}
+    add_blob(sums, encode_blob({W1: LoadVector(1, 2, 3), W2: LoadVector(0, 0, 1)}))
+    add_blob(sums, f"{W1} 4 5 6\ngarbage\n{W2} x 1 1\n{W2} -3 0 0\n")  # bad lines skipped, negatives -> 0
+    assert sums == {W1: [5, 7, 9], W2: [0, 0, 1]}
+
+
+def test_config_rejects_ttl_not_above_interval() -> None:
+    with pytest.raises(SharedStateError, match="replica_ttl_s"):
+        ReplicaConfig(sync_interval_s=1.0, replica_ttl_s=1.0)
+
+
+def test_folder_keeps_local_share_exact_through_tickets() -> None:
+    """Folding remote load in and out never disturbs the tickets' own accounting."""
+    workers = {W1: Worker(url=W1, state=WorkerState.HEALTHY)}
+    tracker = LoadTracker(workers)
+    folder = RemoteLoadFolder(workers.values)
+    t1 = tracker.on_routed(W1, 64, 32, 16)
+    folder.apply({W1: LoadVector(5, 1000, 9)})
+    ld = workers[W1].load
+    assert (ld.in_flight, ld.pending_prefill_tokens, ld.active_blocks) == (6, 1032, 9)  # local + remote
+    assert folder.local() == {W1: LoadVector(1, 32, 0)}  # what we publish: our share only
+    tracker.on_first_token(t1)
+    folder.apply({W1: LoadVector(2, 0, 1)})
+    assert (ld.in_flight, ld.pending_prefill_tokens, ld.active_blocks) == (3, 0, 5)  # 4 blocks ours
+    tracker.on_finished(t1)
+    assert folder.local() == {}  # our ticket is gone; only the remote share is left
+    folder.apply({})
+    assert (ld.in_flight, ld.pending_prefill_tokens, ld.active_blocks) == (0, 0, 0)
+    # A re-added worker (new Worker object) starts without the old remote share.
+    folder.apply({W1: LoadVector(4, 0, 0)})
+    workers[W1] = Worker(url=W1, state=WorkerState.HEALTHY)
+    assert folder.local() == {}
+    folder.apply({W1: LoadVector(1, 0, 0)})
+    assert workers[W1].load.in_flight == 1
+
+
+async def test_disabled_without_redis_url() -> None:
+    async with replica_context(RouterConfig(), Router(), None) as rt:
+        assert rt is None  # RouterConfig has no redis_url yet: sharing off
+
+
+# --- load sharing ----------------------------------------------------------------------------------
+
+
+async def test_replicas_see_each_others_load(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    tickets = [a.router.on_routed(W1, REQ) for _ in range(3)]
+    a.sync.start()
+    b.sync.start()
+    await wait_until(lambda: b.load(W1) == 3, 5.0, "b to see a's 3 requests on W1")
+    assert b.sync.peers == ("a",)
+    assert b.sync.folder.local() == {}  # b publishes nothing of a's back
+    assert b.router.select(REQ).worker == W2  # b now routes around the worker a keeps busy
+    b_ticket = b.router.on_routed(W2, REQ)
+    await wait_until(lambda: a.load(W2) == 1, 5.0, "a to see b's request on W2")
+    assert a.load(W1) == 3  # a's own count is untouched by the fold
+    for t in tickets:
+        a.router.on_finished(t)
+    await wait_until(lambda: b.load(W1) == 0, 5.0, "a's finished requests to leave b's view")
+    b.router.on_finished(b_ticket)
+    await wait_until(lambda: a.load(W2) == 0, 5.0, "b's finished request to leave a's view")
+
+
+async def test_crashed_replica_load_expires(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    a.router.on_routed(W1, REQ)
+    a.sync.start()
+    b.sync.start()
+    await wait_until(lambda: b.load(W1) == 1, 5.0, "b to see a's request")
+    await a.sync.close(forget=False)  # a crash: nothing removed from Redis, the TTL must do it
+    t0 = time.monotonic()
+    await wait_until(lambda: b.load(W1) == 0, 5.0, "a's load to expire")
+    assert time.monotonic() - t0 < 0.5 + 0.5  # within ttl plus a couple of sync intervals
+    assert b.sync.peers == ()
+
+
+async def test_graceful_close_forgets_at_once(redis_url: str, prefix: str) -> None:
+    a = Replica(rcfg(redis_url, prefix, "a", replica_ttl_s=30.0))  # TTL far beyond the wait below
+    b = Replica(rcfg(redis_url, prefix, "b", replica_ttl_s=30.0))
+    try:
+        a.router.on_routed(W1, REQ)
+        assert await a.sync.sync_once()
+        assert await b.sync.sync_once()
+        assert b.load(W1) == 1
+        await a.close(forget=True)
+        assert await b.sync.sync_once()
+        assert b.load(W1) == 0  # gone with a's close, not with its 30 s TTL
+    finally:
+        await b.close()
+
+
+@pytest.mark.slow
+async def test_redis_outage_degrades_then_recovers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if not shutil.which("redis-server"):
+        pytest.skip("needs a redis-server binary to stop and restart")
+    srv = RedisServer(tmp_path)
+    srv.start()
+    a = Replica(rcfg(srv.url, "kvroute-outage", "a"))
+    b = Replica(rcfg(srv.url, "kvroute-outage", "b"))
+    try:
+        a.router.on_routed(W1, REQ)
+        a.sync.start()
+        b.sync.start()
+        await wait_until(lambda: b.load(W1) == 1, 5.0, "b to see a's request")
+        srv.stop()
+        await wait_until(lambda: a.sync.degraded and b.sync.degraded, 5.0, "both to notice the outage")
+        await wait_until(lambda: b.load(W1) == 0, 5.0, "a's stale load to be dropped after the TTL")
+        # Still routing, on local state: b's own reservations count, the loop is alive.
+        assert b.router.select(REQ).worker in (W1, W2)
+        b.router.on_routed(W2, REQ)
+        assert b.load(W2) == 1
+        fails = b.sync.failures
+        await wait_until(lambda: b.sync.failures >= fails + 2, 5.0, "b to keep retrying")
+        outage_logs = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+        assert len(outage_logs) == 2  # once per replica, not once per retry
+        srv.start()  # same port, empty data
+        await wait_until(lambda: not a.sync.degraded and not b.sync.degraded, 10.0, "reconnection")
+        await wait_until(lambda: b.load(W1) == 1 and a.load(W2) == 1, 5.0, "loads shared again")
+    finally:
+        await a.close()
+        await b.close()
+        srv.stop()
+
+
+# --- membership ------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A listener that records what it was asked to apply."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str]] = []
+
+    async def apply_membership(self, change: MembershipChange) -> None:
+        self.changes.append((change.op.value, change.spec.url))
+
+
+async def _registry(session: aiohttp.ClientSession, router: Router) -> WorkerRegistry:
+    cfg = RouterConfig(health_check_interval_s=0, load_poll_interval_s=0, blind_check_interval_s=0)
+    reg = WorkerRegistry(router, cfg, Metrics())
+    await reg.start(session)
+    return reg
+
+
+async def test_membership_changes_reach_other_replicas(redis_url: str, prefix: str) -> None:
+    """a's admin add/drain/remove reach b's real WorkerRegistry; a replica started later loads the set."""
+    url = refused_url()  # never healthy: the test is about membership, not registration
+    async with aiohttp.ClientSession() as session:
+        reg_b = await _registry(session, Router())
+        ca, cb, cc = (connect(redis_url, 0.5) for _ in range(3))
+        rec_a, rec_c = Recorder(), Recorder()
+        ma = SharedMembership(ca, rec_a, rcfg(redis_url, prefix, "a"), "a")
+        mb = SharedMembership(cb, RegistryMembership(reg_b), rcfg(redis_url, prefix, "b"), "b")
+        mc = SharedMembership(cc, rec_c, rcfg(redis_url, prefix, "c"), "c")
+        try:
+            ma.start()
+            mb.start()
+            await asyncio.wait_for(asyncio.gather(ma.ready.wait(), mb.ready.wait()), 5)
+            assert await ma.publish(Op.ADD, WorkerSpec(url=url, role="regular"))
+            await wait_until(lambda: url in reg_b, 5.0, "b to register a's worker")
+            assert await ma.publish(Op.DRAIN, WorkerSpec(url=url, drained=True))
+            await wait_until(
+                lambda: reg_b.router.get_worker(url).state is WorkerState.DRAINING, 5.0, "b to drain it"
+            )
+            mc.start()  # late joiner: learns the set from the hash, drained state included
+            await asyncio.wait_for(mc.ready.wait(), 5)
+            assert rec_c.changes == [("add", url), ("drain", url)]
+            assert mc.known[url].drained
+            assert await ma.publish(Op.REMOVE, WorkerSpec(url=url))
+            await wait_until(lambda: url not in reg_b, 5.0, "b to remove it")
+            await wait_until(lambda: ("remove", url) in rec_c.changes, 5.0, "c to hear the removal")
+            assert rec_a.changes == []  # a never re-applies its own changes
+        finally:
+            for m in (ma, mb, mc):
+                await m.close()
+            for c in (ca, cb, cc):
+                await c.aclose()
+            await reg_b.close()
+
+
+async def test_membership_publish_without_redis_keeps_local(prefix: str) -> None:
+    """Redis down at publish time: False, logged, no exception into the admin call."""
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    c = connect(url, 0.3)
+    m = SharedMembership(c, Recorder(), rcfg(url, prefix, "a"), "a")
+    try:
+        assert not await m.publish(Op.ADD, WorkerSpec(url=W1))
+        assert m.known == {}
+        m.start()
+        await wait_until(lambda: m.degraded, 5.0, "the channel to report degraded")
+        assert not m.ready.is_set()
+    finally:
+        await m.close()
+        await c.aclose()
+
+
+@pytest.mark.slow
+async def test_membership_survives_redis_losing_its_data(tmp_path: Path) -> None:
+    """Redis restarts empty: replicas reconnect, keep their workers (no mass removal) and re-seed the set."""
+    if not shutil.which("redis-server"):
+        pytest.skip("needs a redis-server binary to stop and restart")
+    srv = RedisServer(tmp_path)
+    srv.start()
+    ca, cb = connect(srv.url, 0.5), connect(srv.url, 0.5)
+    rec_b = Recorder()
+    ma = SharedMembership(ca, Recorder(), rcfg(srv.url, "kvroute-loss", "a"), "a")
+    mb = SharedMembership(cb, rec_b, rcfg(srv.url, "kvroute-loss", "b"), "b")
+    try:
+        ma.start()
+        mb.start()
+        await asyncio.wait_for(asyncio.gather(ma.ready.wait(), mb.ready.wait()), 5)
+        assert await ma.publish(Op.ADD, WorkerSpec(url=W1))
+        await wait_until(lambda: W1 in mb.known, 5.0, "b to learn W1")
+        srv.stop()
+        await wait_until(lambda: ma.degraded and mb.degraded, 5.0, "both channels to notice the outage")
+        srv.start()  # same port, no data
+        await wait_until(lambda: not ma.degraded and not mb.degraded, 10.0, "both to reconnect")
+        assert rec_b.changes == [("add", W1)]  # no removal applied on the empty snapshot
+        assert W1 in ma.known and W1 in mb.known
+        with redis.Redis.from_url(srv.url, decode_responses=True) as c:
+            assert W1 in c.hgetall("kvroute-loss:workers")  # re-seeded for replicas that start later
+    finally:
+        for m in (ma, mb):
+            await m.close()
+        for c in (ca, cb):
+            await c.aclose()
+        srv.stop()
+
+
+# --- the runtime as the app would run it (records, load and membership together) --------------------
+
+PROMPT = RoutingRequest(
+    block_hashes=tuple(BlockHash(1000 + i) for i in range(8)), prompt_tokens=128, block_size=16
+)
+
+
+def _fleet(policy: str) -> Router:
+    r = Router(block_size=16, policy=policy)
+    for url in (W1, W2):
+        r.add_worker(Worker(url=url, state=WorkerState.HEALTHY))
+    return r
+
+
+async def test_runtime_shares_records_load_and_membership(redis_url: str, prefix: str) -> None:
+    ra, rb = _fleet("cache_aware"), _fleet("cache_aware")
+    ra.routed_hooks = []  # type: ignore[attr-defined]  # the proposed Router hook (see docs/replicas.md)
+    async with aiohttp.ClientSession() as session:
+        reg_a, reg_b = await _registry(session, ra), await _registry(session, rb)
+        try:
+            async with (
+                replica_context(rcfg(redis_url, prefix, "a", share_records=True), ra, reg_a) as rt_a,
+                replica_context(rcfg(redis_url, prefix, "b", share_records=True), rb, reg_b) as rt_b,
+            ):
+                assert rt_a is not None and rt_b is not None
+                assert rt_a.on_routed in ra.routed_hooks  # type: ignore[attr-defined]
+                assert rb.select(PROMPT).worker == W1  # b knows nothing yet: least loaded, first on ties
+                w2 = ra.get_worker(W2)
+                assert w2 is not None
+                ticket = ra.on_routed(W2, PROMPT)  # a sends the prompt to W2 ...
+                for hook in ra.routed_hooks:  # type: ignore[attr-defined]
+                    hook(PROMPT, w2)  # ... and, with the hook applied, Router.on_routed calls this
+                await wait_until(lambda: rb.select(PROMPT).worker == W2, 5.0, "b to learn a's placement")
+                assert rb.select(PROMPT).reason.startswith("cache hit 8/8")
+                b_w2 = rb.get_worker(W2)
+                assert b_w2 is not None
+                await wait_until(lambda: b_w2.load.in_flight == 1, 5.0, "b to see a's load")
+                url = refused_url()
+                reg_a.add(url)  # an admin add on a, shared through the hook
+                rt_a.notify_add(url)
+                await wait_until(lambda: url in reg_b, 5.0, "b to register the worker")
+                rt_a.notify_drain(url)
+                await wait_until(
+                    lambda: rt_b.membership is not None and rt_b.membership.known[url].drained, 5.0, "drain"
+                )
+                st = rt_b.status()
+                assert st["peers"] == ["a"] and not st["degraded"] and st["shared_workers"] == [url]
+                ra.on_finished(ticket)
+            assert ra.routed_hooks == []  # type: ignore[attr-defined]  # detached on close
+        finally:
+            await reg_a.close()
+            await reg_b.close()
+
+
+async def test_record_stream_is_capped(redis_url: str, prefix: str) -> None:
+    got: list[tuple[str, list[BlockHash]]] = []
+    c = connect(redis_url, 0.5)
+    share = RoutingRecordShare(
+        c, lambda u, h: got.append((u, list(h))), rcfg(redis_url, prefix, "a"), "a", max_entries=5
+    )
+    try:
+        for i in range(300):
+            share.record(W1, [BlockHash(i)])
+            assert await share.sync_once()
+        assert got == []  # own records are never applied back
+        assert await c.xlen(f"{prefix}:records") < 300  # MAXLEN ~ trims (approximately, by whole nodes)
+        other = RoutingRecordShare(
+            c, lambda u, h: got.append((u, list(h))), rcfg(redis_url, prefix, "b"), "b"
+        )
+        assert await other.sync_once()
+        assert got and got[-1] == (W1, [BlockHash(299)])  # a late replica replays what the stream kept
+    finally:
+        await c.aclose()
