@@ -63,7 +63,8 @@ __all__ = [
 log = logging.getLogger("kvroute.proxy")
 
 WORKER_HEADER = "X-Kvroute-Worker"
-RID_KEY = "kvroute_request_id"  # request-dict key: (header name, value) the response must carry (PD)
+# (header name, value) of the request id the response must carry (PD mode: set as the response starts).
+RID_KEY: web.RequestKey[tuple[str, str]] = web.RequestKey("kvroute_request_id", tuple)
 CACHED_BLOCKS_HEADER = "X-Kvroute-Cached-Blocks"
 
 

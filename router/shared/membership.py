@@ -152,7 +152,9 @@ class SharedMembership:
                         log.warning("replica %s: ignoring malformed membership message", self.replica_id)
                     elif change.origin != self.replica_id:
                         await self._apply(change)
-            except REDIS_ERRORS as exc:
+            except Exception as exc:  # Redis errors expected; anything else logged, and retried all the same
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.exception("replica %s: membership loop failed", self.replica_id)
                 if not self.degraded:
                     self.degraded = True
                     log.warning(

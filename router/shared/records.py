@@ -115,7 +115,11 @@ class RoutingRecordShare:
 
     async def _run(self) -> None:
         while True:
-            ok = await self.sync_once()
+            try:
+                ok = await self.sync_once()
+            except Exception:  # a bug must not silently end sharing for the process's lifetime
+                log.exception("replica %s: record sync failed", self.replica_id)
+                ok = False
             await asyncio.sleep(self.config.sync_interval_s if ok else self._backoff.next())
 
 

@@ -130,3 +130,91 @@ def test_cli_dispatch(capsys) -> None:
     assert {"serve", "sim", "demo"} <= set(COMMANDS)
     assert main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
     assert main(["serve", "--worker-urls", "ftp://x"]) == 2 and "http://" in capsys.readouterr().err
+
+
+def test_pd_flags_in_sglang_router_shapes() -> None:
+    from router.cli import build_serve_parser, config_from_args
+
+    argv = (
+        "--pd-disaggregation --prefill http://p1:30001 9001 --prefill http://p2:30001 none "
+        "--prefill http://p3:30001 --decode http://d1:30002 --decode http://d2:30002 "
+        "--prefill-policy cache_aware --decode-policy power_of_two --pd-local-prefill-max-tokens 256"
+    ).split()
+    c = config_from_args(build_serve_parser().parse_args(argv), environ={})
+    assert c.pd_disaggregation is True
+    assert c.prefill_urls == (("http://p1:30001", 9001), ("http://p2:30001", None), ("http://p3:30001", None))
+    assert c.decode_urls == ("http://d1:30002", "http://d2:30002")
+    assert (c.prefill_policy, c.decode_policy, c.pd_local_prefill_max_tokens) == (
+        "cache_aware",
+        "power_of_two",
+        256,
+    )
+    bad_port = build_serve_parser().parse_args("--pd-disaggregation --prefill http://p:1 x".split())
+    with pytest.raises(ConfigError, match="bootstrap port"):
+        config_from_args(bad_port, environ={})
+    with pytest.raises(ConfigError, match="pd_disaggregation"):
+        config_from_args(build_serve_parser().parse_args(["--decode", "http://d:1"]), environ={})
+
+
+def test_pd_from_env_and_file(tmp_path) -> None:
+    env = {
+        "KVROUTE_PD_DISAGGREGATION": "true",
+        "KVROUTE_PREFILL_URLS": "http://p:1 9001,http://q:2",
+        "KVROUTE_DECODE_URLS": "http://d:1,http://d:2",
+    }
+    c = build_config({}, environ=env)
+    assert c.pd_disaggregation and c.prefill_urls == (("http://p:1", 9001), ("http://q:2", None))
+    assert c.decode_urls == ("http://d:1", "http://d:2")
+    path = tmp_path / "pd.json"
+    path.write_text(
+        json.dumps(
+            {
+                "pd-disaggregation": True,
+                "prefill_urls": [["http://p:1", 9001], {"url": "http://q:2", "bootstrap_port": None}],
+                "decode_urls": ["http://d:1"],
+            }
+        )
+    )
+    c = build_config({"config": str(path)}, environ={})
+    assert c.prefill_urls == (("http://p:1", 9001), ("http://q:2", None)) and c.decode_urls == ("http://d:1",)
+    with pytest.raises(ConfigError, match="boolean"):
+        build_config({}, environ={"KVROUTE_PD_DISAGGREGATION": "maybe"})
+
+
+def test_yaml_without_pyyaml_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("port: 1\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml -> ImportError
+    with pytest.raises(ConfigError, match="PyYAML"):
+        build_config({"config": str(path)}, environ={})
+
+
+def test_cli_dispatches_plan_bench_and_engine(capsys, monkeypatch) -> None:
+    from router.cli import COMMANDS, main
+
+    assert {"bench", "plan", "engine"} <= set(COMMANDS)
+    rc = main(["plan", "--request-rate", "2", "--prompt-tokens", "1000", "--output-tokens", "100", "--json"])
+    assert rc == 0 and '"prefill_workers": 1' in capsys.readouterr().out
+
+    import engines.gpu.launch as launch
+
+    def no_torch(argv: object) -> int:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(launch, "main", no_torch)
+    assert main(["engine", "--help"]) == 2 and "needs PyTorch" in capsys.readouterr().err
+
+    import bench.compare
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(bench.compare, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert main(["bench", "--quick"]) == 0 and seen == [["--quick"]]
+
+
+def test_serve_reports_an_unknown_pd_policy(capsys) -> None:
+    from router.app import create_app
+
+    with pytest.raises(ConfigError, match="PD policies"):
+        create_app(RouterConfig(pd_disaggregation=True, decode_policy="nope"))

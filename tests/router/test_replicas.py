@@ -262,7 +262,7 @@ async def test_crashed_replica_load_expires(pair: tuple[Replica, Replica]) -> No
     await a.sync.close(forget=False)  # a crash: nothing removed from Redis, the TTL must do it
     t0 = time.monotonic()
     await wait_until(lambda: b.load(W1) == 0, 5.0, "a's load to expire")
-    assert time.monotonic() - t0 < 0.5 + 0.5  # within ttl plus a couple of sync intervals
+    assert time.monotonic() - t0 < 0.5 + 1.5  # by the 0.5 s TTL (slack for a loaded 2-core box)
     assert b.sync.peers == ()
 
 
@@ -281,7 +281,6 @@ async def test_graceful_close_forgets_at_once(redis_url: str, prefix: str) -> No
         await b.close()
 
 
-@pytest.mark.slow
 async def test_redis_outage_degrades_then_recovers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     if not shutil.which("redis-server"):
         pytest.skip("needs a redis-server binary to stop and restart")
@@ -386,7 +385,6 @@ async def test_membership_publish_without_redis_keeps_local(prefix: str) -> None
         await c.aclose()
 
 
-@pytest.mark.slow
 async def test_membership_survives_redis_losing_its_data(tmp_path: Path) -> None:
     """Redis restarts empty: replicas reconnect, keep their workers (no mass removal) and re-seed the set."""
     if not shutil.which("redis-server"):
