@@ -38,7 +38,13 @@ import aiohttp
 
 from bench.loadgen import LoadgenConfig, RequestResult, run_load
 from bench.workloads import Workload, build
-from bench.workloads.ceiling import Ceiling, prefix_reuse_ceiling, profile_prefill_cost, ttft_lower_bounds
+from bench.workloads.ceiling import (
+    Ceiling,
+    owner_affinity,
+    prefix_reuse_ceiling,
+    profile_prefill_cost,
+    ttft_lower_bounds,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 KVROUTE_POLICIES = ("round_robin", "least_load", "cache_aware", "kv_aware")
@@ -433,9 +439,12 @@ class Summary:
     goodput_fraction: float
     wall_s: float
     host_overhead_s: float  # mean client e2e minus the engine's own e2e: router + host, in engine s
+    owner_affinity: float  # continuations sent to their prefix's last worker (NaN: router doesn't say)
 
 
-def summarize(run: RunResult, ceiling: Ceiling, bounds: Sequence[float], cfg: BenchConfig) -> Summary:
+def summarize(
+    run: RunResult, ceiling: Ceiling, bounds: Sequence[float], cfg: BenchConfig, wl: Workload | None = None
+) -> Summary:
     rs = run.results
     ok = [r for r in rs if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -474,6 +483,9 @@ def summarize(run: RunResult, ceiling: Ceiling, bounds: Sequence[float], cfg: Be
         goodput_req_s=good / span if span and span > 0 else math.nan,
         goodput_fraction=good / len(rs) if rs else 0.0,
         wall_s=run.wall_s,
+        owner_affinity=(
+            owner_affinity(wl.requests, [r.worker for r in rs], ceiling.page_size) if wl else math.nan
+        ),
         host_overhead_s=_mean([r.e2e_s - r.engine_e2e_s for r in ok
                                if r.e2e_s and r.engine_e2e_s is not None]),
     )
@@ -486,18 +498,23 @@ def _mean(xs: Sequence[float]) -> float:
 def markdown_table(sums: Sequence[Summary]) -> str:
     head = (
         "| router | ok | TTFT mean (s) | TTFT p50 | TTFT p99 | ITL p50 (ms) | ITL p99 (ms) | tok/s | req/s "
-        "| cache hit | of ceiling | req/worker max/mean | goodput |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| cache hit | of ceiling | owner affinity | req/worker max/mean | goodput "
+        "| router+host overhead (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for s in sums:
         rows.append(
             f"| {s.router} | {s.ok}/{s.requests} | {s.ttft_mean:.3f} | {s.ttft_p50:.3f} | {s.ttft_p99:.3f} "
             f"| {s.itl_p50 * 1000:.1f} | {s.itl_p99 * 1000:.1f} | {s.throughput_tok_s:.0f} | {s.req_s:.2f} "
-            f"| {s.hit_ratio:.1%} | {s.hit_share_of_ceiling:.1%} | {s.worker_max_over_mean:.2f} "
-            f"| {s.goodput_fraction:.1%} |"
+            f"| {s.hit_ratio:.1%} | {s.hit_share_of_ceiling:.1%} | {_pct(s.owner_affinity)} "
+            f"| {s.worker_max_over_mean:.2f} | {s.goodput_fraction:.1%} | {s.host_overhead_s:.3f} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.0%}"
 
 
 def sweep_table(sums: Sequence[Summary], sla_ttft: float) -> str:
@@ -558,7 +575,7 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
                 for spec in routers:
                     run = await run_router(spec, urls, wl, cfg, rate, http, rlog)
                     runs.append(run)
-                    s = summarize(run, ceiling, bounds, cfg)
+                    s = summarize(run, ceiling, bounds, cfg, wl)
                     summaries.append(s)
                     suffix = "" if len(rates) == 1 else f"@{rate:g}"
                     with open(out / f"{spec.name}{suffix}.jsonl", "w") as f:
@@ -567,7 +584,8 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
                         f"{s.router}{suffix}: {s.ok}/{s.requests} ok, TTFT mean {s.ttft_mean:.3f} s p99 "
                         f"{s.ttft_p99:.3f} s, hit {s.hit_ratio:.1%} "
                         f"({s.hit_share_of_ceiling:.0%} of ceiling), "
-                        f"max/mean {s.worker_max_over_mean:.2f}, host overhead {s.host_overhead_s:.3f} s, "
+                        f"max/mean {s.worker_max_over_mean:.2f}, owner affinity {s.owner_affinity:.0%}, "
+                        f"host overhead {s.host_overhead_s:.3f} s, "
                         f"wall {s.wall_s:.0f} s",
                         file=sys.stderr,
                     )
@@ -593,7 +611,9 @@ def write_report(
         f"Prefix-reuse ceiling: {ceiling.ratio:.1%} of prompt tokens; mean TTFT lower bound "
         f"{sum(bounds) / max(1, len(bounds)):.3f} s (p99 {percentile(bounds, 99):.3f} s). ",
         f"Goodput: requests with TTFT <= {cfg.sla_ttft_s:g} s and mean ITL <= {cfg.sla_itl_s * 1000:g} ms. "
-        "Times in engine seconds.",
+        "Times in engine seconds. Owner affinity: of the requests whose ceiling is >= 25% of their prompt, "
+        "the share sent to the worker holding their prefix (routers that name the worker only). "
+        "Router+host overhead: mean client e2e minus the engine's own e2e.",
         "",
         markdown_table(base),
     ]

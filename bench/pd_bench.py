@@ -5,7 +5,10 @@ streamed answer) plus, every `burst_every_s`, a burst of long unique prompts wit
 Same GPU count in every configuration, on the simulated fleet (H100 cost profile):
 - `kvroute-aggregated`: N regular workers, kvroute (kv_aware) in front.
 - `kvroute-pd`: P prefill + (N - P) decode workers, kvroute's PD path (`router.pd.forward_pd`).
-- `sglang-pd`: the same PD fleet behind `python -m sglang_router.launch_router --pd-disaggregation`.
+- `kvroute-pd-conditional`: P prefill + 1 regular + (N - P - 1) decode; prompts whose uncached part is
+  short (chat, whose system prompt is cached) are served whole on the regular worker, bursts by pairs.
+- `sglang-pd`: the same PD fleet as `kvroute-pd` behind
+  `python -m sglang_router.launch_router --pd-disaggregation`.
 
 Per configuration it reports the chat requests' p50/p99 ITL while a burst is being prefilled (from the
 first burst arrival to the burst's last first token) and outside bursts, their ratio (target: <= 1.5
@@ -65,7 +68,8 @@ class PDBenchConfig:
     seed: int = 0
     include_sglang: bool = True
     kv_events: bool = True  # kvroute subscribes to the engines' KV events
-    configs: tuple[str, ...] = ("kvroute-aggregated", "kvroute-pd", "sglang-pd")
+    local_max_tokens: int = 512  # kvroute-pd-conditional: uncached prompts up to this go to the regular GPU
+    configs: tuple[str, ...] = ("kvroute-aggregated", "kvroute-pd", "kvroute-pd-conditional", "sglang-pd")
 
 
 def build_workload(cfg: PDBenchConfig) -> tuple[list[Request], set[str], list[list[str]]]:
@@ -136,6 +140,7 @@ async def server_info(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 async def kvroute_front(
     roles: Sequence[tuple[str, WorkerRole]], http: aiohttp.ClientSession, aggregated: bool,
     kv_events: bool = True,
+    local_max_tokens: int = 0,
 ) -> AsyncIterator[str]:
     """kvroute in this process: the Router, KV-event subscriptions, and an app calling `forward_pd`."""
     router = Router(block_size=PAGE, policy="kv_aware")
@@ -148,7 +153,7 @@ async def kvroute_front(
         if kv_events and isinstance(kv, dict) and kv.get("endpoint"):
             await router.subscribe(url, kv["endpoint"], kv.get("replay_endpoint"), kv.get("topic", ""))
     # Aggregated: no prefill pool, every request is "local" (the router's own policy over regular workers).
-    pd_cfg = PDConfig(local_prefill_max_tokens=10**9) if aggregated else PDConfig()
+    pd_cfg = PDConfig(local_prefill_max_tokens=10**9 if aggregated else local_max_tokens)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     ctx = PDContext.create(session, router, pd_cfg)
 
@@ -176,7 +181,7 @@ async def _kvroute_child(spec: dict[str, Any]) -> None:
     """Run kvroute's front until stdin closes; print one JSON line with its URL first."""
     roles = [(u, WorkerRole(r)) for u, r in spec["roles"]]
     async with aiohttp.ClientSession() as http, kvroute_front(
-        roles, http, bool(spec["aggregated"]), bool(spec["kv_events"])
+        roles, http, bool(spec["aggregated"]), bool(spec["kv_events"]), int(spec["local_max_tokens"])
     ) as url:
         print(json.dumps({"url": url}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -184,10 +189,12 @@ async def _kvroute_child(spec: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def kvroute_process(
-    roles: Sequence[tuple[str, WorkerRole]], aggregated: bool, kv_events: bool, log: IO[str]
+    roles: Sequence[tuple[str, WorkerRole]], aggregated: bool, kv_events: bool, local_max_tokens: int,
+    log: IO[str],
 ) -> AsyncIterator[str]:
     """kvroute in its own process, like SGLang's router: the load generator does not share its CPU."""
-    spec = {"roles": [(u, r.value) for u, r in roles], "aggregated": aggregated, "kv_events": kv_events}
+    spec = {"roles": [(u, r.value) for u, r in roles], "aggregated": aggregated, "kv_events": kv_events,
+            "local_max_tokens": local_max_tokens}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.pd_bench", "--kvroute-child", json.dumps(spec),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
@@ -325,7 +332,13 @@ async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
     reqs, chat, bursts = build_workload(cfg)
     n, p = cfg.gpus, cfg.prefill
     aggregated = name == "kvroute-aggregated"
-    regular, prefill, decode = (n, 0, 0) if aggregated else (0, p, n - p)
+    conditional = name == "kvroute-pd-conditional"
+    if aggregated:
+        regular, prefill, decode = n, 0, 0
+    elif conditional:  # one GPU moves from the decode pool to a regular pool for short prompts
+        regular, prefill, decode = 1, p, n - p - 1
+    else:
+        regular, prefill, decode = 0, p, n - p
     async with aiohttp.ClientSession() as http, fleet(cfg, regular, prefill, decode, log) as urls:
         roles = ([(u, WorkerRole.REGULAR) for u in urls[:regular]]
                  + [(u, WorkerRole.PREFILL) for u in urls[regular:regular + prefill]]
@@ -333,7 +346,8 @@ async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
         if name == "sglang-pd":
             front = sglang_pd_front(urls[:prefill], urls[prefill:], http, log)
         else:
-            front = kvroute_process(roles, aggregated, cfg.kv_events, log)
+            local = cfg.local_max_tokens if conditional else 0
+            front = kvroute_process(roles, aggregated, cfg.kv_events, local, log)
         async with front as base:
             lg = LoadgenConfig(base_url=base, api="generate", time_scale=cfg.time_scale, label=name,
                                progress=False, request_timeout_s=600.0)
@@ -357,7 +371,7 @@ async def main_async(cfg: PDBenchConfig, out: Path | None) -> list[Summary]:
             sums.append(await run_one(name, cfg, log))
     print(table(sums))
     for s in sums:
-        if s.name.endswith("-pd"):
+        if "-pd" in s.name:
             verdict = "meets" if s.itl_p99_ratio <= 1.5 else "misses"
             print(f"{s.name}: p99 ITL during bursts {s.itl_p99_ratio:.2f}x calm ({verdict} the 1.5x target)")
     if out is not None:
@@ -384,8 +398,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
     p.add_argument("--configs", default=",".join(d.configs), help="comma-separated subset to run")
     p.add_argument("--out", type=Path, default=None, help="write the summaries as JSON here")
     a = p.parse_args(argv)
-    if not 0 < a.prefill < a.gpus:
-        p.error("--prefill must be between 1 and --gpus - 1")
+    if not 0 < a.prefill < a.gpus - 1:
+        p.error("--prefill must be between 1 and --gpus - 2 (the conditional fleet also needs a decode GPU)")
     cfg = PDBenchConfig(a.duration, a.chat_rate, d.chat_system_tokens, d.chat_user_tokens, a.chat_output,
                         a.burst_every, a.burst_size, a.burst_prompt, d.burst_output_tokens, d.burst_spread_s,
                         a.gpus, a.prefill, a.profile, a.time_scale, a.seed, not a.no_sglang,

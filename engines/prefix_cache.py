@@ -168,6 +168,25 @@ class PrefixCache:
                 break
             path.append(child)
             node = child
+        return self._matched(path, touch)
+
+    def extend_match(
+        self, keys: Sequence[tuple[int, ...]], node: PageNode | None, depth: int
+    ) -> tuple[PageNode | None, int]:
+        """Longest cached prefix of `keys` (from `page_keys`), resuming from an earlier result: `node`
+        matched `keys[:depth]` and, while it is still cached, so are its ancestors (eviction takes
+        leaves only; a node's path never changes). Returns (deepest matched page or None, pages).
+        No LRU touch. For a prompt matched every step (the lpm policy's sort) this costs O(new pages)."""
+        if node is None or not node.alive:
+            node, depth = self.root, 0
+        while depth < len(keys) and node.children:
+            child = node.children.get(keys[depth])
+            if child is None:
+                break
+            node, depth = child, depth + 1
+        return (node if depth else None), depth
+
+    def _matched(self, path: list[PageNode], touch: bool) -> MatchResult:
         if touch and path:
             now = next(self._clock)
             for n in path:

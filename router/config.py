@@ -174,6 +174,7 @@ def parse_prefill(items: Any) -> tuple[tuple[str, int | None], ...]:
         items = [s for s in items.split(",") if s.strip()]
     out: list[tuple[str, int | None]] = []
     for item in items:
+        parts: list[Any]
         if isinstance(item, Mapping):
             parts = [item.get("url"), item.get("bootstrap_port")]
         elif isinstance(item, str):

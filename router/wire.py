@@ -150,9 +150,10 @@ class SseObserver:
     """Reads an SSE stream on the side: first token time, event count, inter-token gaps, the last event.
 
     Never alters or holds back bytes; parses JSON only for the first and the last data event.
-    `gaps`: (seconds per event, events) after the first event; the time since the previous data event
-    is split evenly over the events of one chunk (an engine streaming with `stream_interval` > 1, or a
-    slow reader, delivers several at once), one entry per chunk to keep the hot path cheap.
+    `gaps`: (seconds per event, events) for every event after the first, one entry per chunk (cheap on
+    the hot path): the time since the previous data event is split evenly over the events of one chunk
+    (an engine streaming with `stream_interval` > 1, or a slow reader, delivers several at once);
+    events in the first event's chunk count as gap 0 (the client got them together).
     """
 
     __slots__ = (
@@ -202,8 +203,8 @@ class SseObserver:
                 self.first_data = payload
                 first = True
         new = self.events - before - (1 if first else 0)  # events after the stream's first one
-        if new > 0 and self.last_at is not None:
-            self.gaps.append(((now - self.last_at) / new, new))
+        if new > 0:  # events that came with the stream's first one arrived with no gap at all
+            self.gaps.append(((now - self.last_at) / new if self.last_at is not None else 0.0, new))
         if self.events > before:
             self.last_at = now
         return first

@@ -96,3 +96,32 @@ def profile_prefill_cost(profile: StepCostProfile) -> PrefillCost:
         return ms / 1000.0
 
     return cost
+
+
+def owner_affinity(
+    requests: Sequence[Request], workers: Sequence[str | None], page_size: int, min_share: float = 0.25
+) -> float:
+    """Of the requests whose ceiling is >= `min_share` of their prompt, the fraction a router sent to the
+    worker that last computed their deepest reusable page (`workers[i]` served `requests[i]`).
+
+    Explains a hit ratio below the ceiling: a router that moves a continuation away from its prefix's
+    owner recomputes it. NaN when no request qualifies or a worker is unknown.
+    """
+    if len(workers) != len(requests) or any(w is None for w in workers):
+        return float("nan")
+    owner: dict[int, str | None] = {}
+    eligible = same = 0
+    for r, w in zip(requests, workers, strict=True):
+        hashes = hash_text_blocks(r.text, page_size)
+        limit = max(0, (r.prompt_tokens - 1) // page_size)
+        k, last = 0, None
+        for h in hashes[:limit]:
+            if h not in owner:
+                break
+            k, last = k + 1, owner[h]
+        if k * page_size >= min_share * r.prompt_tokens and k:
+            eligible += 1
+            same += last == w
+        for h in hashes:
+            owner[h] = w
+    return same / eligible if eligible else float("nan")

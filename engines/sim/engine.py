@@ -92,6 +92,10 @@ class _Req:
     finished_at: float | None = None
     finish: dict[str, object] | None = None
     transferred: PrefilledKv | None = None
+    page_keys: list[tuple[int, ...]] | None = None
+    """lpm only, while waiting: the prompt's page keys and its last match (resumed each step)."""
+    sort_node: PageNode | None = None
+    sort_pages: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -479,7 +483,7 @@ class SimEngine:
             and len(self.prefilling) + len(self.decoding) < self.max_running
         ):
             # SGLang's calc_priority runs only when a prefill batch can be formed (batch not full).
-            ordered = self.policy.order(self.waiting, _prompt_ids, self.cache)
+            ordered = self.policy.order(self.waiting, _prompt_ids, self._sort_match)
             if ordered is not None:
                 self.waiting = deque(ordered)
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_running:
@@ -513,6 +517,7 @@ class SimEngine:
                 self.cache.unlock(m.nodes)
                 break
             self.waiting.popleft()
+            r.page_keys, r.sort_node = None, None
             r.locked, r.cached, r.prefilled, r.private = m.nodes, m.cached_tokens, m.cached_tokens, need
             assert r.cached % ps == 0
             self.prompt_tokens_total += r.prompt_len
@@ -520,6 +525,15 @@ class SimEngine:
             self.prefilling.append(r)
             budget -= r.prompt_len - r.prefilled
         return budget
+
+    def _sort_match(self, r: _Req) -> int:
+        """Cached tokens of the whole prompt, for the lpm sort: resumed from the last step's match, so
+        a long queue costs O(new pages) per step. (SGLang's sort also refreshes the matched pages' LRU
+        time; here only admission does.)"""
+        if r.page_keys is None:
+            r.page_keys = self.cache.page_keys(r.req.input_ids)
+        r.sort_node, r.sort_pages = self.cache.extend_match(r.page_keys, r.sort_node, r.sort_pages)
+        return r.sort_pages * self.config.page_size
 
     def _cache_tokens(self, r: _Req, tokens: list[int]) -> None:
         """Insert `tokens` (whose KV `r` computed) into the tree; their private copy is freed."""

@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from engines.prefix_cache import PrefixCache
-
 SchedulePolicyName = Literal["fcfs", "lpm"]
 SCHEDULE_POLICIES: tuple[SchedulePolicyName, ...] = ("fcfs", "lpm")
 
@@ -47,9 +45,12 @@ class SchedulePolicy:
             raise ValueError("in_batch_deprioritize_threshold must be at least 1 token")
 
     def order(
-        self, waiting: Sequence[T], prompt: Callable[[T], Sequence[int]], cache: PrefixCache
+        self, waiting: Sequence[T], prompt: Callable[[T], Sequence[int]], matched: Callable[[T], int]
     ) -> list[T] | None:
-        """The queue in admission order, or None to keep it as it is (fcfs, or lpm over a long queue)."""
+        """The queue in admission order, or None to keep it as it is (fcfs, or lpm over a long queue).
+
+        `prompt` gives a request's token ids; `matched` how many of them the prefix cache holds
+        (calc_priority matches the whole prompt, `origin_input_ids + output_ids`)."""
         if self.name == "fcfs" or len(waiting) > LPM_MAX_WAITING or len(waiting) < 2:
             return None
         # SGLang's in-batch tree is a page-size-1 radix tree over the waiting prompts: a match of at
@@ -61,14 +62,14 @@ class SchedulePolicy:
         keys: list[tuple[float, int]] = []
         for i, r in enumerate(items):
             ids = prompt(r)
-            matched = cache.match_prefix(ids).cached_tokens  # calc_priority matches the whole prompt
-            key: float = -matched
-            if matched <= self.in_batch_check_threshold:
+            n = matched(r)
+            key: float = -n
+            if n <= self.in_batch_check_threshold:
                 head = tuple(ids[:t])
                 if len(head) == t and head in heads:
                     key = float("inf")  # temporary_deprioritized
                 else:
                     heads.add(head)
             keys.append((key, i))
-        keys.sort()  # (key, arrival index): Python's stable sort on the key alone, as SGLang's list.sort
+        keys.sort()  # (key, queue position): the same order as SGLang's stable list.sort on the key
         return [items[i] for _, i in keys]

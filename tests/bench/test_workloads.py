@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,18 @@ def test_rate_factor_and_validation() -> None:
         build("nope")
     with pytest.raises(WorkloadError):
         Workload("x", (_req("a", "a", 1.0), _req("b", "b", 0.5)))
+
+
+def test_owner_affinity_counts_continuations_sent_to_their_prefix_owner() -> None:
+    from bench.workloads.ceiling import owner_affinity
+
+    reqs = [
+        _req("a", "aaaabbbbcc"),
+        _req("b", "xxxxyyyyzz"),
+        _req("c", "aaaabbbbdd"),  # continues a (on w1)
+        _req("d", "xxxxyyyyqq"),  # continues b (on w2)
+        _req("e", "mmmmnnnnoo"),  # no prefix: not counted
+    ]
+    assert owner_affinity(reqs, ["w1", "w2", "w1", "w1", "w3"], page_size=4) == pytest.approx(0.5)
+    assert owner_affinity(reqs, ["w1", "w2", "w1", "w2", "w1"], page_size=4) == 1.0
+    assert math.isnan(owner_affinity(reqs, ["w1", None, "w1", "w2", "w1"], page_size=4))

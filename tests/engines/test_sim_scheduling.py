@@ -79,7 +79,11 @@ async def test_lpm_deprioritises_in_batch_sharers_so_later_ones_hit() -> None:
 
 
 def _order(policy: SchedulePolicy, cache: PrefixCache, prompts: list[list[int]]) -> list[int] | None:
-    return policy.order(list(range(len(prompts))), lambda i: prompts[i], cache)
+    return policy.order(
+        list(range(len(prompts))),
+        lambda i: prompts[i],
+        lambda i: cache.match_prefix(prompts[i]).cached_tokens,
+    )
 
 
 def test_policy_order_table() -> None:
@@ -131,3 +135,18 @@ async def test_fleet_lpm_burst_over_http_reports_cached_tokens(session: aiohttp.
                 t.cancel()
         cached = sorted(m["cached_tokens"] for m in metas)
         assert cached == [0, 2048, 2048, 2048]
+
+
+def test_extend_match_resumes_and_restarts_after_eviction() -> None:
+    cache = PrefixCache(16, 256)
+    ids = list(range(160))
+    keys = cache.page_keys(ids)
+    cache.insert(ids[:64])
+    node, pages = cache.extend_match(keys, None, 0)
+    assert pages == 4 and node is not None
+    cache.insert(ids[:128])  # the prompt grew in the tree: the match resumes from page 4
+    node, pages = cache.extend_match(keys, node, pages)
+    assert pages == 8 and node is not None and node.alive
+    assert cache.alloc(256)  # evicts every page: the old node is dead, the match restarts from the root
+    node, pages = cache.extend_match(keys, node, pages)
+    assert (node, pages) == (None, 0)

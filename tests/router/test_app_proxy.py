@@ -193,3 +193,25 @@ async def test_metrics_exposition(engines, start_router) -> None:
     )
     assert f'kvroute_cached_tokens_total{{worker="{eng.url}"}} 7.0' in text
     assert "kvroute_ttft_seconds_bucket" in text and "kvroute_worker_in_flight" in text
+    # 4 streamed events: 3 inter-token gaps, however the chunks were cut on the way
+    assert f'kvroute_itl_seconds_count{{policy="round_robin",worker="{eng.url}"}} 3.0' in text
+
+
+def test_bulk_histogram_observe_matches_repeated_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from router.metrics import observe_n
+
+    regs = (CollectorRegistry(), CollectorRegistry())
+    bulk, loop = (
+        Histogram("h", "h", ["w"], buckets=(0.001, 0.01, 1.0), registry=r).labels("x") for r in regs
+    )
+    for amount, n in [(0.0, 3), (0.001, 2), (0.0011, 5), (1.0, 2), (7.0, 4)]:
+        observe_n(bulk, amount, n)
+        for _ in range(n):
+            loop.observe(amount)
+
+    def lines(r: CollectorRegistry) -> list[str]:
+        return [x for x in generate_latest(r).decode().splitlines() if "_created" not in x]
+
+    assert lines(regs[0]) == lines(regs[1]) and 'h_count{w="x"} 16.0' in lines(regs[0])

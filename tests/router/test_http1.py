@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -99,9 +99,9 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
 
 
 @pytest.fixture
-def pool() -> AsyncIterator[Http1Pool]:
+def pool() -> Iterator[Http1Pool]:
     p = Http1Pool()
-    yield p  # type: ignore[misc]
+    yield p
     p.close()
 
 

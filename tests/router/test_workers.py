@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from router.breaker import CircuitBreaker
+from router.discovery import discover_kv_events
 from router.types import WorkerState
-from router.workers import CircuitBreaker, discover_kv_events
 from tests.router.conftest import wait_until
 
 
