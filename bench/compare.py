@@ -660,6 +660,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap.add_argument("--count", type=int, default=2000, help="mooncake: slice length")
     ap.add_argument("--max-output-tokens", type=int, default=None, help="cap on generated tokens per request")
     ap.add_argument("--output-scale", type=float, default=1.0, help="mooncake: multiply output lengths")
+    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="generator parameter (JSON value), repeatable, e.g. sessions=64")
     ap.add_argument("--rate", type=float, default=1.0, help="arrival rate factor (2 = twice as fast)")
     ap.add_argument("--sweep", default="", help="comma-separated rate factors for a load sweep, e.g. 1,2,4,8")
     ap.add_argument("--workers", type=int, default=8)
@@ -684,13 +686,22 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
             routers.append(RouterSpec(kind, policy))
     else:
         routers = list(default_routers(not a.no_sglang))
+    wargs: dict[str, Any] = (
+        {"start": a.start, "count": a.count, "max_output_tokens": a.max_output_tokens,
+         "output_scale": a.output_scale}
+        if a.workload == "mooncake" else {}
+    )
+    for kv in a.workload_arg:
+        key, sep, raw = kv.partition("=")
+        if not sep:
+            ap.error(f"--workload-arg wants KEY=VALUE, got {kv!r}")
+        try:
+            wargs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            wargs[key] = raw
     base: dict[str, Any] = {
         "workload": a.workload,
-        "workload_args": (
-            {"start": a.start, "count": a.count, "max_output_tokens": a.max_output_tokens,
-             "output_scale": a.output_scale}
-            if a.workload == "mooncake" else {}
-        ),
+        "workload_args": wargs,
         "rate": a.rate,
         "fleet": FleetSpec(a.workers, a.profile, a.page_size, a.time_scale, a.kv_capacity),
     }

@@ -400,10 +400,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
     a = p.parse_args(argv)
     if not 0 < a.prefill < a.gpus - 1:
         p.error("--prefill must be between 1 and --gpus - 2 (the conditional fleet also needs a decode GPU)")
-    cfg = PDBenchConfig(a.duration, a.chat_rate, d.chat_system_tokens, d.chat_user_tokens, a.chat_output,
-                        a.burst_every, a.burst_size, a.burst_prompt, d.burst_output_tokens, d.burst_spread_s,
-                        a.gpus, a.prefill, a.profile, a.time_scale, a.seed, not a.no_sglang,
-                        not a.no_kv_events, tuple(c for c in a.configs.split(",") if c))
+    cfg = PDBenchConfig(
+        duration_s=a.duration, chat_rate=a.chat_rate, chat_output_tokens=a.chat_output,
+        burst_every_s=a.burst_every, burst_size=a.burst_size, burst_prompt_tokens=a.burst_prompt,
+        gpus=a.gpus, prefill=a.prefill, profile=a.profile, time_scale=a.time_scale, seed=a.seed,
+        include_sglang=not a.no_sglang, kv_events=not a.no_kv_events,
+        configs=tuple(c for c in a.configs.split(",") if c),
+    )
     unknown = set(cfg.configs) - set(d.configs)
     if unknown:
         p.error(f"unknown configs {sorted(unknown)}; known: {', '.join(d.configs)}")

@@ -4,7 +4,8 @@ The `Router` (library core) owns the `Worker` objects and decides; this module k
 it moves `Worker.state` between PENDING / HEALTHY / UNHEALTHY / DRAINING / REJECTED, subscribes the
 index to each worker's KV events, corrects loads from `/get_load`, and reports workers that serve
 traffic while their events never arrive ("blind"). One asyncio task per worker; all are cancelled
-on removal and on close.
+on removal and on close. The pure parts live beside it: `router.breaker` (circuit breaker) and
+`router.discovery` (`/server_info` -> worker fields, KV-event endpoint).
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def ttft_lower_bounds(ceiling: Ceiling, prefill_cost: PrefillCost) -> list[float
 class StepCostProfile(Protocol):
     """What the TTFT bound needs of a simulator profile (`engines.sim.profiles.GpuProfile`)."""
 
-    chunked_prefill_size: int
+    @property
+    def chunked_prefill_size(self) -> int: ...
 
     def step_ms(
         self, chunks: Sequence[tuple[int, int]], decode_batch: int, decode_ctx_total: int

@@ -70,6 +70,8 @@ class KvAwareConfig:
     temperature: float = 0.0  # softmax temperature in blocks; 0: deterministic argmin
     seed: int | None = None  # RNG seed for temperature > 0 (tests); None: seeded from the OS
     predict_inflight: bool = True  # count in-flight prompts as held by their worker (bursts)
+    reuse_weight: float = 1.0  # extra cost per prompt block the worker lacks in its event-confirmed cache
+    attention_tokens: float = 12288.0  # context length at which attention doubles a prefill token's cost; 0: off
 
     def __post_init__(self) -> None:
         for name in (
@@ -79,6 +81,8 @@ class KvAwareConfig:
             "guard_margin_blocks",
             "guard_margin_requests",
             "temperature",
+            "attention_tokens",
+            "reuse_weight",
         ):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, "kv_aware", f"{name} must be finite and >= 0, got {v}")
@@ -109,6 +113,7 @@ class KvAwarePolicy(PolicyBase):
         indexed = self._index.match(hashes) if hashes else {}
         inflight = self._inflight.match(hashes) if (hashes and self._inflight is not None) else {}
         prompt_blocks = request.prompt_tokens / bs
+        attn = bs / c.attention_tokens if c.attention_tokens > 0 else 0.0
         normalize = c.normalize_by_capacity
         caps = [w.max_total_tokens / bs for w in candidates if w.max_total_tokens] if normalize else []
         mean_cap = sum(caps) / len(caps) if caps else 0.0
@@ -123,12 +128,16 @@ class KvAwarePolicy(PolicyBase):
             cap = w.max_total_tokens / bs if w.max_total_tokens else 0.0
             if cap and ld.engine_token_usage is not None:
                 decode = max(decode, ld.engine_token_usage * cap)  # engine poll as a floor
-            load = pending + decode
+            load = pending + c.decode_weight * decode
             reqs = max(ld.in_flight, (ld.engine_running or 0) + (ld.engine_queued or 0))
             if normalize and cap and mean_cap:
                 decode *= mean_cap / cap
             new_prefill = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
+            if attn:
+                new_prefill *= 1.0 + (overlap + 0.5 * new_prefill) * attn
             cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode
+            if c.reuse_weight and prompt_blocks > ov_i:
+                cost += c.reuse_weight * (prompt_blocks - ov_i)
             rows.append(
                 (cost, -overlap, i, url, overlap, ov_i, ov_f, new_prefill, pending, decode, load, reqs, 0.0)
             )

@@ -69,3 +69,7 @@ def test_cli_parsing(tmp_path: Path) -> None:
     assert quick.fleet.workers < 8 and len(quick.routers) >= 4
     with pytest.raises(SystemExit):
         parse_args(["--routers", "nginx"])
+    mt = parse_args(
+        ["--workload", "multiturn", "--workload-arg", "sessions=4", "--workload-arg", "think_s=0.5"]
+    )
+    assert mt.workload_args == {"sessions": 4, "think_s": 0.5}

@@ -23,8 +23,6 @@ from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER, PDConfig, PDContext,
 from router.pd_metrics import PDMetrics
 from router.types import Worker, WorkerRole, WorkerState
 
-pytestmark = pytest.mark.slow
-
 LONG = "The quick brown fox jumps over the lazy dog. " * 12  # ~540 byte tokens
 SHORT = "Hi there, how are you?"  # 22 byte tokens
 
