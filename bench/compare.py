@@ -57,14 +57,25 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """One router under test: `kind` is `kvroute` or `sglang`."""
+    """One router under test: `kind` is `kvroute` or `sglang`; `params` are policy KEY=VALUE settings
+    (kvroute: `--policy-param`; SGLang: `--KEY VALUE`, e.g. cache-threshold=0.5)."""
 
     kind: str
     policy: str
+    params: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return f"{'kvroute' if self.kind == 'kvroute' else 'sglang'}-{self.policy}"
+        return ":".join([f"{self.kind}-{self.policy}", *self.params])
+
+    @staticmethod
+    def parse(text: str) -> RouterSpec:
+        """`kvroute-kv_aware` or `kvroute-kv_aware:queue_weight=0.5:decode_weight=0.2`."""
+        head, *params = text.strip().split(":")
+        kind, _, policy = head.partition("-")
+        if kind not in ("kvroute", "sglang") or not policy or any("=" not in p for p in params):
+            raise ValueError(f"bad router {text!r}: use kvroute-POLICY[:KEY=VALUE...] or sglang-POLICY[...]")
+        return RouterSpec(kind, policy, tuple(params))
 
 
 @dataclass(frozen=True)
@@ -194,11 +205,13 @@ def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: 
         return [
             sys.executable, "-m", "router.cli", "serve", "--worker-urls", *urls, "--policy", spec.policy,
             "--host", "127.0.0.1", "--port", str(port), "--block-size", str(page_size),
+            *[arg for p in spec.params for arg in ("--policy-param", p)],
         ]
     return [
         sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
         "--worker-urls", *urls, "--policy", spec.policy, "--prometheus-host", "127.0.0.1",
         "--prometheus-port", str(free_port()), "--log-level", "warn",
+        *[arg for p in spec.params for arg in ("--" + p.partition("=")[0], p.partition("=")[2])],
     ]
 
 
@@ -669,7 +682,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--time-scale", type=float, default=0.1, help="wall seconds per engine second")
     ap.add_argument("--kv-capacity", type=int, default=None, help="KV tokens per engine (default: sized)")
-    ap.add_argument("--routers", default="", help="comma list like kvroute-kv_aware,sglang-cache_aware")
+    ap.add_argument(
+        "--routers", default="", help="comma list like kvroute-kv_aware:queue_weight=0.5,sglang-cache_aware"
+    )
     ap.add_argument("--no-sglang", action="store_true", help="skip SGLang's router")
     ap.add_argument("--api", choices=["generate", "completions", "chat"], default="generate")
     ap.add_argument("--sla-ttft", type=float, default=2.0, help="goodput: TTFT SLA (engine s)")
@@ -680,10 +695,10 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     if a.routers:
         routers = []
         for name in a.routers.split(","):
-            kind, _, policy = name.strip().partition("-")
-            if kind not in ("kvroute", "sglang") or not policy:
-                ap.error(f"bad router {name!r}: use kvroute-POLICY or sglang-POLICY")
-            routers.append(RouterSpec(kind, policy))
+            try:
+                routers.append(RouterSpec.parse(name))
+            except ValueError as exc:
+                ap.error(str(exc))
     else:
         routers = list(default_routers(not a.no_sglang))
     wargs: dict[str, Any] = (

@@ -58,19 +58,19 @@ class KvAwareConfig:
     # H100 Llama-3-8B profile: a prefill block costs ~0.35 ms, an active block ~0.0007 ms per decode
     # step, so over ~64 output tokens an active block slows the newcomer ~0.05 ms: ~0.1 of a block.
     # (1.0, as in Dynamo, made decode load drown the cache in simulated fleets: see docs/routing.md.)
-    decode_weight: float = 0.1
+    decode_weight: float = 0.01
     # Weight of the prefill queued on the worker (the newcomer waits behind it). 1: the FCFS TTFT
     # estimate; < 1 for engines that let a request sharing a queued prefix wait and reuse it (SGLang's
     # LPM schedule policy), where the queue costs the newcomer less than recomputing elsewhere.
     queue_weight: float = 1.0
     normalize_by_capacity: bool = False  # scale decode load by mean KV capacity / worker's (mixed GPUs)
     guard_factor: float = 1.5  # hot if load > factor * fleet mean + margin; 0 disables the guard
-    guard_margin_blocks: float = 256.0  # absolute slack of the block-load test, in blocks
+    guard_margin_blocks: float = 0.0  # absolute slack of the block-load test, in blocks
     guard_margin_requests: float = 8.0  # absolute slack of the requests-in-flight test, in requests
     temperature: float = 0.0  # softmax temperature in blocks; 0: deterministic argmin
     seed: int | None = None  # RNG seed for temperature > 0 (tests); None: seeded from the OS
     predict_inflight: bool = True  # count in-flight prompts as held by their worker (bursts)
-    reuse_weight: float = 1.0  # extra cost per prompt block the worker lacks in its event-confirmed cache
+    reuse_weight: float = 1.5  # extra cost per prompt block the worker lacks in its event-confirmed cache
     attention_tokens: float = 12288.0  # context length at which attention doubles a prefill token's cost; 0: off
 
     def __post_init__(self) -> None:
@@ -143,7 +143,11 @@ class KvAwarePolicy(PolicyBase):
             )
         if c.guard_factor > 0 and len(rows) > 1:
             n = len(rows)
-            lim_b = c.guard_factor * sum(r[_LOAD] for r in rows) / n + c.guard_margin_blocks
+            lim_b = (
+                c.guard_factor * sum(r[_LOAD] for r in rows) / n + c.guard_margin_blocks
+                if c.guard_margin_blocks > 0
+                else math.inf
+            )
             lim_r = c.guard_factor * sum(r[_REQS] for r in rows) / n + c.guard_margin_requests
             hot = [j for j, r in enumerate(rows) if r[_LOAD] > lim_b or r[_REQS] > lim_r]
             if hot and len(hot) < n:

@@ -14,6 +14,7 @@ from bench.compare import (
     markdown_table,
     parse_args,
     percentile,
+    router_command,
     summarize,
     sweep_table,
 )
@@ -65,6 +66,13 @@ def test_cli_parsing(tmp_path: Path) -> None:
                       str(tmp_path)])
     assert cfg.routers == (RouterSpec("kvroute", "kv_aware"), RouterSpec("sglang", "cache_aware"))
     assert cfg.sweep == (1.0, 2.0) and cfg.out_dir == tmp_path
+    tuned = RouterSpec.parse("kvroute-kv_aware:queue_weight=0.5")
+    assert tuned == RouterSpec("kvroute", "kv_aware", ("queue_weight=0.5",))
+    assert tuned.name == "kvroute-kv_aware:queue_weight=0.5"
+    cmd = router_command(tuned, ["http://127.0.0.1:1"], 8000, 64)
+    assert cmd[-2:] == ["--policy-param", "queue_weight=0.5"] and "--block-size" in cmd
+    sg = router_command(RouterSpec.parse("sglang-cache_aware:cache-threshold=0.5"), ["u"], 8000, 16)
+    assert sg[-2:] == ["--cache-threshold", "0.5"]
     quick = parse_args(["--quick"])
     assert quick.fleet.workers < 8 and len(quick.routers) >= 4
     with pytest.raises(SystemExit):

@@ -1,18 +1,6 @@
-"""Prefill/decode disaggregation: pair selection, conditional disaggregation and SGLang's bootstrap fan-out.
+"""The fan-out: the same body to both servers at once, the decode response relayed, aborts and retries.
 
-One entry point for the proxy: `forward_pd(ctx, request, path, body, parsed, routing)`. It picks a
-(prefill, decode) pair, adds `bootstrap_host`/`bootstrap_port`/`bootstrap_room` (and an `rid` when the
-client gave none, so either side can be aborted by id) to the body, sends the same bytes to both servers
-at once, and streams the decode server's response back (PROTOCOLS.md section 3, checked against
-sglang 0.5.10 `io_struct.py` `_normalize_bootstrap_params` and `scheduler.py`).
-
-Invariants
-- Both sides of a pair get byte-identical bodies, hence the same room(s).
-- Nothing reaches the client before the decode server's first chunk: until then a failure on either side
-  aborts the other and the next attempt picks a new pair (excluding the worker that failed).
-- Whatever ends an attempt (success, error, client gone), both upstream connections are closed and the
-  side still running gets `POST /abort_request` for its rid(s) before `forward_pd` returns.
-- Load is reserved on each chosen worker before sending and released in `finally`.
+See the package docstring (`router.pd`) for the invariants this keeps.
 """
 
 from __future__ import annotations
@@ -21,27 +9,25 @@ import asyncio
 import contextlib
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from engines.errors import UpstreamConnectError, UpstreamError, UpstreamHTTPError
 from engines.sglang import map_exception
 from router.core import Router
 from router.errors import ApiError, bad_request, error_response, from_upstream, sse_error_event
 from router.load import Ticket
-from router.policies import make_policy
-from router.policies.base import NoWorkerAvailable, Policy, PolicyContext
-from router.types import Decision, RoutingRequest, Worker, WorkerRole
+from router.pd.bootstrap import bootstrap_fields, bootstrap_host_of, insert_fields, rid_fields
+from router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
+from router.pd.selection import PDSelector, choose_route
+from router.policies.base import NoWorkerAvailable
+from router.types import RoutingRequest, WorkerRole
 
-BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
-ROOM_BITS = 63  # SGLang keeps rooms as signed int64; the router draws a fresh non-negative one
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -60,163 +46,6 @@ HOP_BY_HOP = frozenset(
 WORKER_HEADER = "X-Kvroute-Worker"  # the decode (or local) worker that answered, as the proxy reports it
 PREFILL_WORKER_HEADER = "X-Kvroute-Prefill-Worker"
 T = TypeVar("T")
-
-
-class PDError(Exception):
-    """The PD path could not serve the request; `status` and `body` are what the client gets."""
-
-    def __init__(self, status: int, message: str, body: bytes | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
-
-
-@dataclass(frozen=True)
-class PDConfig:
-    """PD knobs. Tokens are prompt tokens; 0 disables the feature named."""
-
-    local_prefill_max_tokens: int = 0
-    """Conditional disaggregation: serve a request on the local pool alone when its uncached prompt
-    (tokens the chosen local worker does not hold) is at most this many tokens. 0 = always disaggregate."""
-    local_queue_scale_tokens: int = 8192
-    """The threshold grows with the prefill pool's queue: x (1 + q / this), q = the least queued prefill
-    tokens of any prefill worker, because a short prompt waiting behind that queue loses more than it costs
-    a decode batch to prefill it there. 0 = threshold ignores the queue."""
-    local_prefill_cap_tokens: int = 4096
-    """Upper bound of the queue-grown threshold (bounds the ITL hit a local prefill gives a decode batch)."""
-    local_role: WorkerRole = WorkerRole.REGULAR
-    """Which pool serves local requests. SGLang's decode mode rejects a request without a bootstrap room
-    (400, `scheduler.py`), so with real SGLang this is the regular pool (`--disaggregation-mode null`
-    servers). DECODE only for engines whose decode workers accept plain requests (the simulator's
-    `--accept-plain`)."""
-    max_attempts: int = 3
-    """Pairs tried while nothing has reached the client (1 = no retry)."""
-    abort_timeout_s: float = 2.0
-    """Seconds allowed for each `POST /abort_request` sent to the side still running; 0 = do not send."""
-    prefill_timeout_s: float = 0.0
-    """Seconds the prefill side may take to answer in full; 0 = no limit beyond the session's."""
-    prefill_policy: str = "kv_aware"
-    prefill_policy_params: tuple[tuple[str, Any], ...] = ()
-    """Typed params of the prefill policy; kv_aware gets `decode_weight=0` unless given here."""
-    decode_policy: str = "least_load"
-    decode_policy_params: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def conditional(self) -> bool:
-        return self.local_prefill_max_tokens > 0
-
-    def local_threshold(self, prefill_queue_tokens: int | None) -> int:
-        """The uncached-token threshold under the current prefill queue (None: no prefill worker up)."""
-        base = self.local_prefill_max_tokens
-        if base <= 0:
-            return 0
-        if prefill_queue_tokens is None:
-            return max(base, self.local_prefill_cap_tokens)
-        if self.local_queue_scale_tokens <= 0:
-            return base
-        grown = base * (1.0 + prefill_queue_tokens / self.local_queue_scale_tokens)
-        return int(min(max(grown, base), max(self.local_prefill_cap_tokens, base)))
-
-
-class PDHealth(Protocol):
-    """The registry's circuit breaker (`router.workers.WorkerRegistry` satisfies it)."""
-
-    def breaker_allows(self, url: str) -> bool: ...
-
-    def record_success(self, url: str) -> None: ...
-
-    def record_failure(self, url: str, why: str) -> None: ...
-
-
-class PDSelector:
-    """Per-role policies over the router's candidates: `--prefill-policy`, `--decode-policy`.
-
-    The prefill policy (default `kv_aware` with `decode_weight=0`: overlap and queued prefill tokens,
-    nothing else runs on a prefill server) and the decode policy (default `least_load`: pending plus
-    active KV blocks, floored by the engine's token usage, ties to fewer requests in flight) read the
-    router's shared index and in-flight predictions. The local pool uses the router's own policy.
-    Selection only reads; `on_routed` reserves load through the router and lets the policy learn.
-    """
-
-    def __init__(self, router: Router, config: PDConfig) -> None:
-        self.router = router
-        ctx = PolicyContext(kv_index=router.index, inflight=router.load.inflight, clock=router.clock)
-        p_params = dict(config.prefill_policy_params)
-        if config.prefill_policy == "kv_aware":
-            p_params.setdefault("decode_weight", 0.0)  # nothing decodes on a prefill server
-        self.policies: dict[WorkerRole, Policy] = {
-            WorkerRole.PREFILL: make_policy(config.prefill_policy, p_params, ctx),
-            WorkerRole.DECODE: make_policy(config.decode_policy, dict(config.decode_policy_params), ctx),
-        }
-
-    def workers(self, role: WorkerRole | None = None) -> list[Worker]:
-        return self.router.workers(role)
-
-    def select(self, request: RoutingRequest, role: WorkerRole, exclude: Collection[str] = ()) -> Decision:
-        policy = self.policies.get(role)
-        if policy is None:
-            return self.router.select(request, role=role, exclude=exclude)
-        cands = self.router.candidates(request, role, exclude)
-        if not cands:
-            raise NoWorkerAvailable(f"no healthy {role.value} worker available")
-        return policy.select(request, cands)
-
-    def on_routed(self, decision: Decision, request: RoutingRequest, role: WorkerRole) -> Ticket:
-        ticket = self.router.on_routed(decision, request)
-        policy = self.policies.get(role)
-        worker = self.router.get_worker(decision.worker)
-        if policy is not None and worker is not None:
-            policy.on_routed(request, worker)
-        return ticket
-
-
-class PDObserver(Protocol):
-    """Receives per-request PD timings (`router.pd_metrics.PDMetrics` implements it)."""
-
-    def pool_enter(self, pool: str) -> None: ...
-
-    def pool_leave(self, pool: str) -> None: ...
-
-    def observe(self, record: PDRecord) -> None: ...
-
-    def retry(self, side: str) -> None: ...
-
-    def abort_sent(self, side: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class PDRoute:
-    """One attempt's choice. `prefill is None` means local (conditional disaggregation)."""
-
-    decode: Worker
-    prefill: Worker | None
-    decode_decision: Decision
-    prefill_decision: Decision | None
-    uncached_tokens: int
-    threshold: int
-    reason: str
-
-    @property
-    def mode(self) -> str:
-        return "disaggregated" if self.prefill is not None else "local"
-
-
-@dataclass
-class PDRecord:
-    """What one served request measured, seconds on the router's clock (None = not observed)."""
-
-    mode: str
-    outcome: str  # ok | client_error | upstream_error | client_gone
-    prompt_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    prefill_queue_s: float | None = None
-    prefill_s: float | None = None
-    transfer_s: float | None = None
-    ttft_s: float | None = None
-    itls: list[float] = field(default_factory=list)
-    attempts: int = 1
-    finished_at: float = 0.0
 
 
 @dataclass
@@ -238,147 +67,6 @@ class PDContext:
     ) -> PDContext:
         cfg = config if config is not None else PDConfig()
         return PDContext(session, PDSelector(router, cfg), cfg, **kw)
-
-
-# ---------------------------------------------------------------- body rewriting (pure)
-
-
-def batch_size(parsed: Mapping[str, Any], path: str) -> int | None:
-    """Items in a batch request (one room each), or None for a single request.
-
-    `/generate`: `text` a list, or `input_ids` a list of lists. `/v1/completions`: `prompt` a list of
-    strings or of token lists (a flat list of ints is one prompt). Chat is always single.
-    """
-    if path.endswith("/chat/completions"):
-        return None
-    if path.endswith("/completions"):
-        prompt = parsed.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            return len(prompt)
-        return None
-    text = parsed.get("text")
-    if isinstance(text, list):
-        return len(text)
-    ids = parsed.get("input_ids")
-    if isinstance(ids, list) and ids and isinstance(ids[0], list):
-        return len(ids)
-    return None
-
-
-def new_room(rng: random.Random) -> int:
-    return rng.getrandbits(ROOM_BITS)
-
-
-def bootstrap_fields(
-    parsed: Mapping[str, Any], path: str, host: str | None, port: int | None, rng: random.Random
-) -> dict[str, Any]:
-    """The fields SGLang's pairing needs: the prefill server's host and bootstrap port, and fresh rooms."""
-    n = batch_size(parsed, path)
-    if n is None:
-        return {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": new_room(rng)}
-    return {
-        "bootstrap_host": [host] * n,
-        "bootstrap_port": [port] * n,
-        "bootstrap_room": [new_room(rng) for _ in range(n)],
-    }
-
-
-def rid_fields(parsed: Mapping[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
-    """An `rid` (per item for batches) when the client gave none, so `/abort_request` can name it."""
-    rid = parsed.get("rid")
-    if isinstance(rid, str):
-        return {}, [rid]
-    if isinstance(rid, list) and all(isinstance(r, str) for r in rid):
-        return {}, list(rid)
-    n = batch_size(parsed, path)
-    if n is None:
-        r = uuid.uuid4().hex
-        return {"rid": r}, [r]
-    rids = [uuid.uuid4().hex for _ in range(n)]
-    return {"rid": rids}, rids
-
-
-def insert_fields(body: bytes, parsed: Mapping[str, Any], extra: Mapping[str, Any]) -> bytes:
-    """Add `extra` keys to a JSON object body without re-serialising the client's bytes.
-
-    The keys go right after the opening brace, so the client's own fields, number formats, key order
-    and unknown fields reach the engine untouched. When the client already sent one of the keys
-    (duplicate JSON keys are ambiguous), the object is re-serialised with ours replacing theirs.
-    """
-    if not extra:
-        return body
-    if any(k in parsed for k in extra):
-        merged = dict(parsed)
-        merged.update(extra)
-        return orjson.dumps(merged)
-    start = 0
-    while start < len(body) and body[start] in b" \t\r\n":
-        start += 1
-    if start >= len(body) or body[start : start + 1] != b"{":
-        raise PDError(400, "request body must be a JSON object")
-    rest = body[start + 1 :]
-    encoded = orjson.dumps(dict(extra))[1:-1]
-    sep = b"" if rest.lstrip()[:1] == b"}" else b","
-    return body[: start + 1] + encoded + sep + rest
-
-
-def bootstrap_host_of(url: str) -> str:
-    host = URL(url).host
-    if not host:
-        raise PDError(500, f"prefill worker url has no host: {url}")
-    return host
-
-
-# ---------------------------------------------------------------- pair selection
-
-
-def prefill_queue_tokens(selector: PDSelector, exclude: Collection[str] = ()) -> int | None:
-    """The least queued prefill tokens over routable prefill workers (None when none is up)."""
-    queues = [
-        w.load.pending_prefill_tokens
-        for w in selector.workers(WorkerRole.PREFILL)
-        if w.routable and w.url not in exclude
-    ]
-    return min(queues) if queues else None
-
-
-def choose_route(
-    selector: PDSelector, routing: RoutingRequest, config: PDConfig, exclude: Collection[str] = ()
-) -> PDRoute:
-    """Pick a pair, or a local worker when the uncached prompt is under the queue-aware threshold.
-
-    The prefill worker is the prefill policy's pick, the decode worker the decode policy's. Local
-    serving is also the fallback when no prefill worker is up (conditional disaggregation on).
-    Raises `NoWorkerAvailable` when nothing can serve.
-    """
-    by_url = {w.url: w for w in selector.workers()}
-    queue = prefill_queue_tokens(selector, exclude)
-    threshold = config.local_threshold(queue) if config.conditional else 0
-    if config.conditional:
-        try:
-            local = selector.select(routing, config.local_role, exclude)
-        except NoWorkerAvailable:
-            local = None
-        if local is not None:
-            uncached = max(0, routing.prompt_tokens - local.cached_blocks * routing.block_size)
-            if uncached <= threshold or queue is None:
-                why = "no prefill worker up" if queue is None else f"uncached {uncached} <= {threshold}"
-                return PDRoute(by_url[local.worker], None, local, None, uncached, threshold, why)
-    prefill = selector.select(routing, WorkerRole.PREFILL, exclude)
-    decode = selector.select(routing, WorkerRole.DECODE, exclude)
-    uncached = max(0, routing.prompt_tokens - prefill.cached_blocks * routing.block_size)
-    return PDRoute(
-        by_url[decode.worker],
-        by_url[prefill.worker],
-        decode,
-        prefill,
-        uncached,
-        threshold,
-        f"prefill {prefill.worker} ({prefill.reason}); decode {decode.worker} ({decode.reason})",
-    )
-
-
-# ---------------------------------------------------------------- the fan-out
 
 
 class _SideFailed(Exception):
