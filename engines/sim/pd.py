@@ -8,7 +8,7 @@ fleet, never module state), so the pairing works only inside one process, like t
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,44 +23,89 @@ class PrefilledKv:
     kv_bytes: int
 
 
+@dataclass(eq=False)
+class _Room:
+    future: asyncio.Future[PrefilledKv]
+    waiters: int = 0
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
 class BootstrapRegistry:
-    """Rooms -> a future of `PrefilledKv`. Entries are removed when claimed or when `expire` runs."""
+    """Rooms -> a future of `PrefilledKv`.
 
-    def __init__(self) -> None:
-        self._rooms: dict[int, asyncio.Future[PrefilledKv]] = {}
+    An entry lives while a decode waits on it (`claim` removes it when the wait ends, however it ends).
+    An entry nobody waits for yet (a deposit, or a prefill's failure, before its decode asks) is kept
+    for `hold_s` wall seconds (the decode side's wait timeout: a decode arriving later would have timed
+    out anyway) and then dropped, so rooms whose decode never comes cannot pile up.
+    """
 
-    def _future(self, room: int) -> asyncio.Future[PrefilledKv]:
-        fut = self._rooms.get(room)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._rooms[room] = fut
-        return fut
+    def __init__(self, hold_s: float = 30.0) -> None:
+        self.hold_s = hold_s
+        self._rooms: dict[int, _Room] = {}
 
-    def deposit(self, kv: PrefilledKv) -> None:
-        fut = self._future(kv.room)
-        if not fut.done():
-            fut.set_result(kv)
+    def _entry(self, room: int) -> _Room:
+        entry = self._rooms.get(room)
+        if entry is None:
+            entry = _Room(asyncio.get_running_loop().create_future())
+            self._rooms[room] = entry
+        return entry
 
-    def fail(self, room: int, message: str) -> None:
-        """The prefill side aborted: a waiting decode fails at once instead of timing out."""
-        fut = self._future(room)
-        if not fut.done():
-            fut.set_exception(RuntimeError(message))
-            fut.exception()  # mark retrieved: nobody may ever wait on this room
+    def _hold(self, room: int, entry: _Room, hold_s: float | None) -> None:
+        """Nobody waits on this entry: drop it after the hold unless a claim takes it first."""
+        if entry.waiters or entry.timer is not None:
+            return
+        delay = self.hold_s if hold_s is None else hold_s
+        entry.timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._expire, room, entry)
+
+    def _expire(self, room: int, entry: _Room) -> None:
+        entry.timer = None
+        if self._rooms.get(room) is entry and not entry.waiters:
+            self._remove(room, entry)
+
+    def _remove(self, room: int, entry: _Room) -> None:
+        if self._rooms.get(room) is entry:
+            del self._rooms[room]
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        if not entry.future.done():
+            entry.future.cancel()
+
+    def deposit(self, kv: PrefilledKv, hold_s: float | None = None) -> None:
+        """The prefill's KV is ready; held for `hold_s` (default: the registry's) if no decode waits yet."""
+        entry = self._entry(kv.room)
+        if not entry.future.done():
+            entry.future.set_result(kv)
+        self._hold(kv.room, entry, hold_s)
+
+    def fail(self, room: int, message: str, hold_s: float | None = None) -> None:
+        """The prefill side aborted: a waiting decode fails at once, one arriving within the hold too."""
+        entry = self._entry(room)
+        if not entry.future.done():
+            entry.future.set_exception(RuntimeError(message))
+            entry.future.exception()  # mark retrieved: nobody may ever wait on this room
+        self._hold(room, entry, hold_s)
 
     async def claim(self, room: int, timeout_s: float) -> PrefilledKv:
         """Wait up to `timeout_s` wall seconds for the room; raises TimeoutError or the prefill's error."""
-        fut = self._future(room)
+        entry = self._entry(room)
+        entry.waiters += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(entry.future), timeout_s)
         finally:
-            self._rooms.pop(room, None)
+            entry.waiters -= 1
+            self._remove(room, entry)
 
     def pending(self) -> int:
         return len(self._rooms)
 
     def drop(self, room: int) -> None:
-        """Forget an unclaimed deposit (the prefill side's hold timed out)."""
-        fut = self._rooms.pop(room, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
+        """Forget a room now (waiting decodes see a cancelled transfer)."""
+        entry = self._rooms.get(room)
+        if entry is not None:
+            self._remove(room, entry)
+
+    def close(self) -> None:
+        """Drop every room and its timer (the fleet is stopping)."""
+        for room, entry in list(self._rooms.items()):
+            self._remove(room, entry)

@@ -1,24 +1,34 @@
-"""`kv_aware`: route to the worker where the request costs least, knowing what each worker has cached.
+"""`kv_aware`: route to the worker where the request's TTFT is lowest, knowing what each worker has cached.
 
-The cost, in KV blocks (finite, lower is better), for worker w and a prompt of P blocks:
+The cost estimates TTFT in blocks of prefill work (a block = block_size tokens through the model's
+linear layers; finite, lower is better), for worker w and a prompt of P blocks:
 
-    cost(w) = prefill_cost(w) + decode_weight * decode_load(w)   (+ guard_penalty if w is hot)
-    prefill_cost(w) = (P - overlap(w)) + queue_weight * pending_prefill_blocks(w)   [queue_weight 1]
-    decode_load(w)  = active_blocks(w)   [x mean_capacity / capacity(w) when normalize_by_capacity]
+    cost(w) = own_prefill(w) + queue_weight * pending_prefill_blocks(w) + decode_weight * decode_load(w)
+              + reuse_weight * (P - indexed(w))                        (+ guard_penalty if w is hot)
+    own_prefill(w) = n * (1 + (overlap(w) + n / 2) * block_size / attention_tokens),  n = P - overlap(w)
 
+- own_prefill: the request's own uncached prefill. Attention makes a new token cost more the longer
+  the context before it (H100 / Llama-3-8B: an 8k chunk after 32k cached tokens costs 2.6x one after
+  none), so a deep cache hit saves more than its share of tokens; `attention_tokens` is the context at
+  which a token's attention costs as much as its linear layers (12k on that profile; 0: ignore).
+- pending_prefill_blocks(w): the prefill queued ahead of it (uncached prompt tokens routed to w with
+  no first token yet / block_size); queue_weight 1 = the FCFS wait.
+- decode_load(w): active KV blocks (router count, floored by the engine's usage). Decode only slows a
+  prefill step by its attention over the running contexts (~1% per 100 active 64-token blocks on
+  that profile), hence a small decode_weight (0.01).
+- reuse_weight * (P - indexed(w)): what a miss costs the *fleet*: recomputing a prefix another worker
+  holds (event-confirmed blocks only) duplicates it and spends prefill capacity later requests queue
+  behind. Without it the cost is greedy per request and scatters conversations whenever the owner has
+  a queue (Mooncake: 74% of the reuse ceiling, against 91% with 1.5).
 - overlap(w): leading prompt blocks w holds = max(event-fed index match, in-flight match). The in-flight
-  match counts the prompts routed to w and not finished as held there: in a burst of requests sharing a
-  prefix nothing has been prefilled yet, so the event index is empty, but followers queued behind the
-  first one will hit its blocks (and a running request's blocks cannot be evicted in SGLang). Off with
-  `predict_inflight=False`.
-- pending_prefill_blocks(w): uncached prompt tokens routed to w with no first token yet / block_size.
-- active_blocks(w): KV blocks of w's running requests (router count, floored by the engine's usage).
-- Hot-spot guard: w is hot when its load (pending prefill + active blocks) exceeds
-  `guard_factor * fleet_mean + guard_margin_blocks`, or its requests in flight exceed
-  `guard_factor * fleet_mean + guard_margin_requests`. Hot workers are ranked after every cool one
-  (cost + guard_penalty, the penalty lifting the cheapest hot worker just above the dearest cool one),
-  so they are only retried last. The requests test matters for bursts of shared-prefix requests:
-  their uncached work is ~0, so only their count shows the pile-up. `guard_factor = 0` disables it.
+  match counts prompts routed to w and not finished as held there (a burst arrives before any event);
+  off with `predict_inflight=False`. It lowers own_prefill but earns no reuse credit (not confirmed).
+- Hot-spot guard: w is hot when its requests in flight exceed `guard_factor * fleet_mean +
+  guard_margin_requests` (a burst of shared-prefix requests has ~0 uncached work, so only the count
+  shows the pile-up), or, when `guard_margin_blocks` > 0, when its load (pending prefill + decode_weight
+  * active blocks) exceeds `guard_factor * fleet_mean + guard_margin_blocks` (off by default: the cost
+  already prices queued prefill, and on long prompts that test fired on most requests and drove them
+  off their cache). Hot workers rank after every cool one. `guard_factor = 0` disables the guard.
 - temperature T: 0 picks the argmin (ties: more cached blocks, then candidate order). T > 0 samples a
   cool worker with probability softmax(-cost / T) (T in blocks), from a seeded RNG when `seed` is set.
 """
@@ -37,15 +47,16 @@ from router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 # A candidate's row, built per worker per request (a plain tuple: cheapest to build in a hot loop):
 # (cost, -overlap, candidate order, url, overlap, indexed, inflight, new_prefill, pending, decode,
-#  block load, requests in flight, guard penalty). Sorting on the first three gives the ranking:
-# lower cost, then more cached blocks, then candidate order.
-_Row = tuple[float, int, int, str, int, int, int, float, float, float, float, int, float]
+#  block load, requests in flight, guard penalty, reuse penalty). Sorting on the first three gives the
+# ranking: lower cost, then more cached blocks, then candidate order.
+_Row = tuple[float, int, int, str, int, int, int, float, float, float, float, int, float, float]
 _COST: Final = 0
 _URL: Final = 3
 _OVERLAP: Final = 4
 _LOAD: Final = 10
 _REQS: Final = 11
 _PENALTY: Final = 12
+_REUSE: Final = 13
 
 
 def _key(r: _Row) -> tuple[float, int, int]:
@@ -54,10 +65,10 @@ def _key(r: _Row) -> tuple[float, int, int]:
 
 @dataclass(frozen=True)
 class KvAwareConfig:
-    # Cost of one active KV block relative to one block of prefill; 0 ignores decode. Default from the
-    # H100 Llama-3-8B profile: a prefill block costs ~0.35 ms, an active block ~0.0007 ms per decode
-    # step, so over ~64 output tokens an active block slows the newcomer ~0.05 ms: ~0.1 of a block.
-    # (1.0, as in Dynamo, made decode load drown the cache in simulated fleets: see docs/routing.md.)
+    # Cost of one active KV block relative to one block of prefill; 0 ignores decode. From the H100
+    # Llama-3-8B profile: decode attention adds ~47 ns per active KV token to each prefill step of
+    # ~180 ms (8k tokens), ~1% per 100 active 64-token blocks: 0.01. (It was 0.1, sized on ITL: on
+    # Mooncake's long prompts the running contexts then outweighed the cache and scattered sessions.)
     decode_weight: float = 0.01
     # Weight of the prefill queued on the worker (the newcomer waits behind it). 1: the FCFS TTFT
     # estimate; < 1 for engines that let a request sharing a queued prefix wait and reuse it (SGLang's
@@ -65,13 +76,18 @@ class KvAwareConfig:
     queue_weight: float = 1.0
     normalize_by_capacity: bool = False  # scale decode load by mean KV capacity / worker's (mixed GPUs)
     guard_factor: float = 1.5  # hot if load > factor * fleet mean + margin; 0 disables the guard
-    guard_margin_blocks: float = 0.0  # absolute slack of the block-load test, in blocks
+    guard_margin_blocks: float = 0.0  # slack of the block-load test, in blocks; 0 disables that test
     guard_margin_requests: float = 8.0  # absolute slack of the requests-in-flight test, in requests
     temperature: float = 0.0  # softmax temperature in blocks; 0: deterministic argmin
     seed: int | None = None  # RNG seed for temperature > 0 (tests); None: seeded from the OS
     predict_inflight: bool = True  # count in-flight prompts as held by their worker (bursts)
-    reuse_weight: float = 1.5  # extra cost per prompt block the worker lacks in its event-confirmed cache
-    attention_tokens: float = 12288.0  # context length at which attention doubles a prefill token's cost; 0: off
+    # Fleet cost of a miss, per prompt block the worker lacks in its event-confirmed cache (on top of
+    # its own prefill): 0 is the greedy per-request TTFT. 1.5 from the Mooncake sweep (1: 89% of the
+    # reuse ceiling, 1.5: 91%, 2: 91% with a higher mean TTFT).
+    reuse_weight: float = 1.5
+    # Context (tokens) at which a new token's attention costs as much as its linear layers: 12k on the
+    # H100 Llama-3-8B profile (linear 21.8 us/token, attention ~1.8 ns per (new, prior) token pair).
+    attention_tokens: float = 12288.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -135,11 +151,11 @@ class KvAwarePolicy(PolicyBase):
             new_prefill = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
             if attn:
                 new_prefill *= 1.0 + (overlap + 0.5 * new_prefill) * attn
-            cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode
-            if c.reuse_weight and prompt_blocks > ov_i:
-                cost += c.reuse_weight * (prompt_blocks - ov_i)
+            reuse = c.reuse_weight * (prompt_blocks - ov_i) if prompt_blocks > ov_i else 0.0
+            cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode + reuse
             rows.append(
-                (cost, -overlap, i, url, overlap, ov_i, ov_f, new_prefill, pending, decode, load, reqs, 0.0)
+                (cost, -overlap, i, url, overlap, ov_i, ov_f, new_prefill, pending, decode, load, reqs, 0.0,
+                 reuse)
             )
         if c.guard_factor > 0 and len(rows) > 1:
             n = len(rows)
@@ -157,12 +173,12 @@ class KvAwarePolicy(PolicyBase):
                 penalty = max(0.0, cool_max - min(rows[j][_COST] for j in hot)) + 1.0
                 for j in hot:
                     r = rows[j]
-                    rows[j] = (r[_COST] + penalty, *r[1:_PENALTY], penalty)
+                    rows[j] = (r[_COST] + penalty, *r[1:_PENALTY], penalty, r[_REUSE])
         rows.sort(key=_key)
         return rows
 
     def _score(self, r: _Row, prompt_blocks: float) -> WorkerScore:
-        cost, _, _, url, overlap, indexed, inflight, new_prefill, pending, decode, _, reqs, penalty = r
+        cost, _, _, url, overlap, indexed, inflight, new_prefill, pending, decode, _, reqs, penalty, reuse = r
         terms = {
             "prompt_blocks": prompt_blocks,
             "indexed_blocks": float(indexed),
@@ -170,6 +186,7 @@ class KvAwarePolicy(PolicyBase):
             "new_prefill_blocks": new_prefill,
             "pending_prefill_blocks": pending,
             "decode_load": decode,
+            "reuse_penalty": reuse,
             "in_flight": float(reqs),
             "hot": 1.0 if penalty else 0.0,
         }
