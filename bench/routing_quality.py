@@ -7,6 +7,17 @@ host delays excluded; arrivals are paced on the wall clock, so a busy host still
 and the fleet's prefix-cache hit rate.
 Two scenarios by default: bursts of 8, and a steady stream (bursts of 1 at the same request rate).
 
+`--scenario mooncake` replays a contiguous slice of the Mooncake conversation trace (bench/workloads)
+on an 8-engine fleet sized like `bench.compare` (working set > one engine's KV, within the fleet's), on
+a *virtual clock*: the asyncio loop's time jumps to the next timer when nothing is runnable, so the
+run is deterministic, independent of host load, and ~30x faster than real time; KV events go straight
+from each engine's step to `Router.apply_kv_events` after `--event-delay` simulated seconds (no
+ZeroMQ), and engine loads are polled every `--poll` simulated seconds, as the HTTP router does. The
+table adds the prefix-reuse ceiling, each policy's share of it, TTFT p99 and max/mean requests per
+worker (the targets of issue 5). `--clock virtual` runs the burst scenarios the same way.
+
+    .venv/bin/python bench/routing_quality.py --scenario mooncake \
+        --policies round_robin least_load cache_aware kv_aware
     .venv/bin/python bench/routing_quality.py
     .venv/bin/python bench/routing_quality.py --schedule-policy fcfs lpm --seeds 1 2
     .venv/bin/python bench/routing_quality.py --scenario burst8 --policies kv_aware --policy-params \\
@@ -19,11 +30,23 @@ import argparse
 import asyncio
 import json
 import random
+import selectors
 import statistics
+import time
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import engines.sim.engine as sim_engine_module
+from bench.workloads import Request, Workload, mooncake
+from bench.workloads.ceiling import prefix_reuse_ceiling
+from cache_index.events import KvEventBatch
 from engines.core import GenerateRequest
+from engines.prefix_cache import default_page_hasher
 from engines.sim.engine import SimConfig, SimEngine
+from engines.sim.kv_notes import notes_to_events
 from engines.sim.profiles import h100_llama3_8b
 from engines.sim.schedule_policy import SCHEDULE_POLICIES
 from router import Router
@@ -44,6 +67,7 @@ SCENARIOS = {
     "burst8": Scenario("burst8", 8, 40, 0.25),
     "steady": Scenario("steady", 1, 320, 0.25 / 8),  # the same request rate, one at a time
 }
+MOONCAKE = "mooncake"
 
 
 @dataclass(frozen=True)
@@ -140,9 +164,231 @@ async def run_once(args: argparse.Namespace, sc: Scenario, policy: str, sched: s
     return Result(q[49] * 1e3, q[89] * 1e3, statistics.mean(ttft) * 1e3, cached / prompt, spread)
 
 
+# ---- virtual clock ----------------------------------------------------------------------------------
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Polls real I/O without blocking; when the loop would sleep, advances the virtual clock instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:  # nothing scheduled: only real I/O can wake us
+            return super().select(None)
+        self.now += timeout
+        return []
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose `time()` is virtual: sleeps cost no wall time, CPU work costs no loop time."""
+
+    def __init__(self) -> None:
+        self._jumping = _JumpingSelector()
+        super().__init__(self._jumping)
+
+    def time(self) -> float:
+        return self._jumping.now
+
+
+@contextmanager
+def virtual_clock() -> Iterator[VirtualClockLoop]:
+    """A fresh virtual-clock loop, with the simulator's wall clock (`time.monotonic`) mapped onto it."""
+    loop = VirtualClockLoop()
+    saved = sim_engine_module.time
+    sim_engine_module.time = types.SimpleNamespace(monotonic=loop.time)  # type: ignore[assignment]
+    try:
+        yield loop
+    finally:
+        sim_engine_module.time = saved
+        loop.close()
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    workers: int
+    page_size: int
+    kv_tokens: int
+    schedule_policy: str
+    event_delay_s: float
+    poll_s: float
+
+
+@dataclass(frozen=True)
+class RunStats:
+    hit: float
+    ttft: list[float]
+    per_worker: list[int]
+
+    def row(self, name: str, ceiling: float) -> str:
+        t = sorted(self.ttft)
+        mean_w = statistics.mean(self.per_worker)
+
+        def q(p: float) -> float:
+            return t[min(len(t) - 1, round(p * (len(t) - 1)))]
+
+        return (
+            f"| {name} | {self.hit:.3f} | {self.hit / ceiling:.0%} | {statistics.mean(t):.3f} | "
+            f"{q(0.5):.3f} | {q(0.99):.3f} | {max(self.per_worker) / mean_w:.2f} |"
+        )
+
+
+async def replay_virtual(
+    requests: Sequence[Request], policy: str, params: dict[str, Any], fleet: FleetSpec
+) -> RunStats:
+    """Replay `requests` open-loop (arrival times in simulated seconds) through the router library in
+    front of `fleet`; runs inside a `VirtualClockLoop`. TTFT from the engines' records."""
+    loop = asyncio.get_running_loop()
+    router = Router(block_size=fleet.page_size, policy=policy, policy_params=params, clock=loop.time)
+    urls = [f"http://sim{i}" for i in range(fleet.workers)]
+    engines: list[SimEngine] = []
+    for i, url in enumerate(urls):
+        cfg = SimConfig(
+            time_scale=1.0,
+            kv_capacity_tokens=fleet.kv_tokens,
+            page_size=fleet.page_size,
+            kv_events=False,  # no ZeroMQ: the step's notes go to the router directly (below)
+            seed=i,
+            schedule_policy=fleet.schedule_policy,  # type: ignore[arg-type]
+        )
+        e = SimEngine(cfg, h100_llama3_8b())
+        e.cache.record_events = True
+        e.cache._hasher = default_page_hasher()
+
+        def publish(e: SimEngine = e, url: str = url) -> None:
+            notes = e.cache.take_events()
+            if notes:
+                batch = KvEventBatch(ts=0.0, events=tuple(notes_to_events(notes, fleet.page_size, False)))
+                loop.call_later(fleet.event_delay_s, router.apply_kv_events, url, batch)
+
+        e._publish = publish  # type: ignore[method-assign]
+        await e.start()
+        engines.append(e)
+        ps, kv = fleet.page_size, fleet.kv_tokens
+        router.add_worker(Worker(url, state=WorkerState.HEALTHY, page_size=ps, max_total_tokens=kv))
+    by_url = dict(zip(urls, engines, strict=True))
+    per_worker = dict.fromkeys(urls, 0)
+    ttft: list[float] = []
+    cached = prompt = 0
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(fleet.poll_s)
+            for url, e in by_url.items():
+                ld = e.load()
+                router.update_engine_load(url, ld.num_running_reqs, ld.num_waiting_reqs, ld.token_usage)
+
+    async def one(r: Request) -> None:
+        nonlocal cached, prompt
+        ids = r.token_ids()
+        req = router.routing_request(input_ids=ids)
+        d = router.select(req)
+        per_worker[d.worker] += 1
+        ticket = router.on_routed(d, req)
+        eng = by_url[d.worker]
+        first, last = True, None
+        try:
+            gen = GenerateRequest(rid=r.rid, input_ids=ids, max_new_tokens=r.output_tokens, ignore_eos=True)
+            async for ch in eng.generate(gen):
+                if first and ch.token_ids:
+                    router.on_first_token(ticket)
+                    first = False
+                last = ch
+        finally:
+            router.on_finished(ticket, cached_tokens=last.cached_tokens if last else None)
+        assert last is not None
+        rec = eng.records_by_rid[r.rid].ttft
+        assert rec is not None
+        ttft.append(rec)
+        cached += last.cached_tokens
+        prompt += last.prompt_tokens
+
+    poller = loop.create_task(poll()) if fleet.poll_s > 0 else None
+    tasks = []
+    try:
+        t0 = loop.time()
+        for r in requests:
+            delay = t0 + r.arrival_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(loop.create_task(one(r)))
+        await asyncio.gather(*tasks)
+    finally:
+        if poller is not None:
+            poller.cancel()
+        for e in engines:
+            await e.close()
+        await router.close()
+    return RunStats(cached / prompt, ttft, list(per_worker.values()))
+
+
+def burst_workload(sc: Scenario, args: argparse.Namespace, seed: int) -> Workload:
+    """The burst scenario's requests, for the virtual clock (same shape as `run_once`'s)."""
+    rng = random.Random(seed)
+    tenants = [[rng.randrange(1, 30000) for _ in range(args.prefix)] for _ in range(args.tenants)]
+    reqs = []
+    for b in range(sc.arrivals):
+        ten = rng.randrange(args.tenants)
+        for k in range(sc.burst):
+            # ASCII letters: one byte = one token, as `Request` requires
+            text = "".join(chr(65 + t % 26) for t in tenants[ten])
+            text += "".join(chr(97 + rng.randrange(26)) for _ in range(args.suffix))
+            reqs.append(Request(f"{b}-{k}", b * sc.gap_s, text, args.output))
+    return Workload(sc.name, tuple(reqs))
+
+
+def run_virtual(
+    requests: Sequence[Request], policy: str, params: dict[str, Any], fleet: FleetSpec
+) -> RunStats:
+    with virtual_clock() as loop:
+        return loop.run_until_complete(replay_virtual(requests, policy, params, fleet))
+
+
+def virtual_burst(args: argparse.Namespace, sc: Scenario, policy: str, sched: str, seed: int) -> Result:
+    """One burst-scenario run on the virtual clock (in a worker thread: `main` holds a running loop)."""
+    import concurrent.futures
+
+    fleet = FleetSpec(args.workers, args.page_size or 16, args.kv_tokens, sched, args.event_delay, args.poll)
+    reqs = burst_workload(sc, args, seed).requests
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        st = ex.submit(run_virtual, reqs, policy, args.policy_params.get(policy, {}), fleet).result()
+    q = statistics.quantiles(st.ttft, n=100)
+    return Result(q[49] * 1e3, q[89] * 1e3, statistics.mean(st.ttft) * 1e3, st.hit, sorted(st.per_worker))
+
+
+def main_mooncake(args: argparse.Namespace) -> None:
+    from bench.compare import size_capacity  # the comparison's fleet sizing, so results agree
+
+    wl = mooncake.load(
+        start=args.start, count=args.count, rate_factor=args.rate, output_scale=args.output_scale
+    )
+    page = args.page_size or 64
+    kv = size_capacity(wl, args.mc_workers, page)
+    ceiling = prefix_reuse_ceiling(wl.requests, page).ratio
+    fleet = FleetSpec(args.mc_workers, page, kv, args.schedule_policy[0], args.event_delay, args.poll)
+    print(
+        f"Mooncake conversation trace [{args.start}, {args.start + len(wl.requests)}), rate x{args.rate:g}, "
+        f"output x{args.output_scale:g}; {fleet.workers} engines h100-llama3-8b, page {page}, "
+        f"KV {kv:,} tokens each, {fleet.schedule_policy}; ceiling {ceiling:.3f}; TTFT in simulated s"
+    )
+    print("| policy | hit | of ceiling | TTFT mean | p50 | p99 | req/worker max/mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for policy in args.policies:
+        w0 = time.perf_counter()
+        st = run_virtual(wl.requests, policy, args.policy_params.get(policy, {}), fleet)
+        print(st.row(policy, ceiling) + f" <!-- {time.perf_counter() - w0:.0f} s wall -->", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS), default=["burst8", "steady"])
+    p.add_argument(
+        "--scenario", nargs="+", choices=[*sorted(SCENARIOS), MOONCAKE], default=["burst8", "steady"]
+    )
+    p.add_argument("--clock", choices=["wall", "virtual"], default="wall", help="burst scenarios' clock")
     p.add_argument("--policies", nargs="+", default=["round_robin", "cache_aware", "kv_aware"])
     p.add_argument("--policy-params", type=json.loads, default={}, help='JSON: {"policy": {param: value}}')
     p.add_argument("--schedule-policy", nargs="+", choices=SCHEDULE_POLICIES, default=["fcfs"])
@@ -154,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=int, default=64, help="tokens generated per request")
     p.add_argument("--kv-tokens", type=int, default=40_000, help="KV pool per engine (tokens)")
     p.add_argument("--scale", type=float, default=0.1, help="wall seconds per simulated second")
+    g = p.add_argument_group("mooncake (virtual clock)")
+    g.add_argument("--start", type=int, default=0, help="first request of the trace slice")
+    g.add_argument("--count", type=int, default=2000, help="slice length")
+    g.add_argument("--rate", type=float, default=2.5, help="arrival rate factor")
+    g.add_argument("--output-scale", type=float, default=0.25, help="multiply output lengths")
+    g.add_argument("--mc-workers", type=int, default=8)
+    g.add_argument("--page-size", type=int, default=0, help="0: 64 for mooncake, 16 for the bursts")
+    g.add_argument("--event-delay", type=float, default=0.005, help="KV event latency, simulated s")
+    g.add_argument("--poll", type=float, default=16.0, help="engine load poll period, simulated s")
     return p
 
 
@@ -163,10 +418,16 @@ async def main(args: argparse.Namespace) -> None:
     print(head)
     print("-" * len(head))
     for name in args.scenario:
+        if name == MOONCAKE:
+            main_mooncake(args)
+            continue
         sc = SCENARIOS[name]
         for sched in args.schedule_policy:
             for policy in args.policies:
-                rs = [await run_once(args, sc, policy, sched, seed) for seed in args.seeds]
+                if args.clock == "virtual":
+                    rs = [virtual_burst(args, sc, policy, sched, seed) for seed in args.seeds]
+                else:
+                    rs = [await run_once(args, sc, policy, sched, seed) for seed in args.seeds]
 
                 def m(field: str, rs: list[Result] = rs) -> float:
                     return statistics.mean(getattr(r, field) for r in rs)
