@@ -88,6 +88,7 @@ class AdminApi:
         self.registry = registry
         self.token = token
         self.pd_metrics: Any = None  # router.pd_metrics.PDMetrics in PD mode (GET /admin/plan)
+        self.replicas: Any = None  # router.shared.ReplicaRuntime while sharing through Redis, else None
 
     def add_routes(self, app: web.Application) -> None:
         """Every admin route, each behind the access check (no middleware on the serving hot path)."""
@@ -106,6 +107,7 @@ class AdminApi:
         r.add_post("/admin/route/explain", g(self.explain))
         r.add_get("/admin/counters", g(self.counters))
         r.add_get("/admin/plan", g(self.plan))
+        r.add_get("/admin/replicas", g(self.replicas_status))
 
     def _guarded(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -130,6 +132,12 @@ class AdminApi:
             return _json(plan_from_query(load, request.query))
         except PlanError as exc:
             raise bad_request(str(exc), "invalid_plan_query") from exc
+
+    async def replicas_status(self, request: web.Request) -> web.Response:
+        """Replica sharing: this replica's id, the live peers, whether Redis is reachable."""
+        if self.replicas is None:
+            return _json({"enabled": False})
+        return _json({"enabled": True, **self.replicas.status()})
 
     async def list_workers(self, request: web.Request) -> web.Response:
         return _json({"workers": self.registry.describe_all()})
@@ -163,6 +171,8 @@ class AdminApi:
                 "invalid_request_error",
                 "worker_conflict" if "already" in str(exc) else "invalid_url",
             ) from exc
+        if self.replicas is not None:
+            self.replicas.notify_add(worker.url, role.value, kv, bp)
         return _json({"worker": self.registry.describe(worker.url)}, status=202)
 
     async def remove_worker(self, request: web.Request) -> web.Response:
@@ -171,22 +181,28 @@ class AdminApi:
             await self.registry.remove(url)
         except RegistryError as exc:
             raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+        if self.replicas is not None:
+            self.replicas.notify_remove(url)
         return _json({"removed": url})
 
     async def drain_worker(self, request: web.Request) -> web.Response:
         url = _url_arg(request, await _body(request))
         try:
-            self.registry.drain(url)
+            worker = self.registry.drain(url)
         except RegistryError as exc:
             raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+        if self.replicas is not None:
+            self.replicas.notify_drain(worker.url, True, worker.role.value)
         return _json({"worker": self.registry.describe(url)})
 
     async def undrain_worker(self, request: web.Request) -> web.Response:
         url = _url_arg(request, await _body(request))
         try:
-            self.registry.undrain(url)
+            worker = self.registry.undrain(url)
         except RegistryError as exc:
             raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+        if self.replicas is not None:
+            self.replicas.notify_drain(worker.url, False, worker.role.value)
         return _json({"worker": self.registry.describe(url)})
 
     async def get_policy(self, request: web.Request) -> web.Response:

@@ -28,6 +28,8 @@ from router.metrics import Metrics
 from router.pd import PDConfig, PDContext, PDSelector
 from router.pd_metrics import PDMetrics
 from router.proxy import CHAT, COMPLETIONS, GENERATE, RID_KEY, Proxy, RouteSpec
+from router.shared import replica_context
+from router.types import WorkerRole
 from router.workers import WorkerRegistry
 
 log = logging.getLogger("kvroute.app")
@@ -40,6 +42,7 @@ PROXY = web.AppKey("proxy", Proxy)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PD_SELECTOR = web.AppKey("pd_selector", PDSelector)
 PD_METRICS = web.AppKey("pd_metrics", PDMetrics)
+ADMIN = web.AppKey("admin", AdminApi)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -115,6 +118,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     app[ROUTER] = core
     app[METRICS] = metrics
     app[REGISTRY] = registry
+    app[ADMIN] = admin
     if config.pd_disaggregation:
         try:
             app[PD_SELECTOR] = PDSelector(core, pd_config(config))
@@ -182,7 +186,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session, pd=pd)
     await app[REGISTRY].start(session, pool)
     try:
-        yield
+        # Replicas (redis_url set): load sync, shared membership; never waits on Redis to start.
+        async with replica_context(config, app[ROUTER], app[REGISTRY]) as replicas:
+            app[ADMIN].replicas = replicas
+            try:
+                yield
+            finally:
+                app[ADMIN].replicas = None
     finally:
         await app[REGISTRY].close()
         await app[PROXY].close()
@@ -200,11 +210,17 @@ async def liveness(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
+    """503 until a worker is healthy; in PD mode until a prefill and a decode worker are both healthy."""
     reg = request.app[REGISTRY]
     healthy = reg.healthy_urls()
-    if healthy:
-        return _json({"status": "ready", "healthy_workers": len(healthy)})
-    return _json({"status": "not ready", "healthy_workers": 0, "registered_workers": len(reg.urls())}, 503)
+    body: dict[str, Any] = {"healthy_workers": len(healthy), "registered_workers": len(reg.urls())}
+    if request.app[CONFIG].pd_disaggregation:
+        up = set(healthy)
+        roles = [w.role for w in request.app[ROUTER].workers() if w.url in up]
+        body["healthy_prefill"] = roles.count(WorkerRole.PREFILL)
+        body["healthy_decode"] = roles.count(WorkerRole.DECODE)
+    ready = reg.ready()
+    return _json({"status": "ready" if ready else "not ready", **body}, 200 if ready else 503)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -222,6 +238,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
     stats = core.index_stats()
     app[METRICS].refresh(core.workers(), stats.get("workers", {}), stats.get("blind_workers", []))
     app[REGISTRY].check_blind()
+    replicas = app[ADMIN].replicas
+    app[METRICS].refresh_replicas(replicas.status() if replicas is not None else None)
     resp = web.Response(body=app[METRICS].exposition())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

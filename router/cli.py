@@ -73,6 +73,16 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         int,
         "PD: uncached prompts up to this many tokens run on a --worker-urls worker alone (0 = never)",
     ),
+    (("--redis-url",), "redis_url", str, "replicas: share load and membership through this Redis"),
+    (
+        ("--replica-id",),
+        "replica_id",
+        str,
+        "replicas: this replica's name in Redis (default host-pid-random)",
+    ),
+    (("--sync-interval-s",), "sync_interval_s", float, "replicas: seconds between load syncs (default 0.2)"),
+    (("--replica-ttl-s",), "replica_ttl_s", float, "replicas: seconds a silent replica counts (default 2)"),
+    (("--redis-key-prefix",), "redis_key_prefix", str, "replicas: Redis key namespace (default kvroute)"),
     (("--log-level",), "log_level", str, "debug | info | warning | error"),
 ]
 
@@ -112,6 +122,12 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
     pd.add_argument(
         "--decode", action="append", default=None, metavar="URL", help="a decode server (repeatable)"
     )
+    p.add_argument(
+        "--redis-share-records",
+        action="store_true",
+        default=None,
+        help="replicas: share cache_aware routing records through Redis",
+    )
     p.add_argument("--disable-retries", action="store_true", help="same as --max-retries 0")
     p.add_argument("--disable-circuit-breaker", action="store_true", help="same as --cb-failure-threshold 0")
     p.add_argument(
@@ -129,6 +145,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cli["pd_disaggregation"] = args.pd_disaggregation
     cli["prefill_urls"] = args.prefill
     cli["decode_urls"] = args.decode
+    cli["redis_share_records"] = args.redis_share_records
     if args.disable_retries:
         cli["max_retries"] = 0
     if args.disable_circuit_breaker:

@@ -73,6 +73,13 @@ class RouterConfig:
     circuit_success_threshold: int = 2  # successes in half-open that close the breaker
     load_poll_interval_s: float = 5.0  # seconds between /get_load polls per worker; 0 = disabled
     blind_check_interval_s: float = 30.0  # seconds between checks for workers serving with no events; 0 = off
+    # --- replicas sharing load and membership through Redis (router/shared, docs/replicas.md)
+    redis_url: str | None = None  # redis://host:port/db; None = no sharing (single replica)
+    replica_id: str = ""  # this replica's name in Redis; "" = host-pid-random
+    sync_interval_s: float = 0.2  # seconds between load syncs (one Redis round trip each); must be > 0
+    replica_ttl_s: float = 2.0  # seconds a silent replica's load still counts; must exceed sync_interval_s
+    redis_key_prefix: str = "kvroute"  # namespace of every Redis key and channel (one per fleet)
+    redis_share_records: bool = False  # share cache_aware's routing records through a capped stream
     # --- admin
     admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
     log_level: str = "info"  # debug | info | warning | error
@@ -100,6 +107,16 @@ class RouterConfig:
         for _, port in self.prefill_urls:
             if port is not None and not 0 < port < 65536:
                 raise ConfigError(f"prefill bootstrap port out of range: {port}")
+        if self.sync_interval_s <= 0:
+            raise ConfigError(f"sync_interval_s must be > 0, got {self.sync_interval_s}")
+        if self.replica_ttl_s <= self.sync_interval_s:
+            raise ConfigError(
+                f"replica_ttl_s ({self.replica_ttl_s}) must exceed sync_interval_s ({self.sync_interval_s})"
+            )
+        if not self.redis_key_prefix:
+            raise ConfigError("redis_key_prefix must not be empty")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis_url must start with redis://, rediss:// or unix://: {self.redis_url!r}")
         for url in (*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls):
             if not url.startswith("http://"):
                 raise ConfigError(

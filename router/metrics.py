@@ -168,6 +168,16 @@ class Metrics:
         self.health_check_failures = Counter(
             "kvroute_health_check_failures", "Failed health checks.", ["worker"], registry=r
         )
+        self.replica_peers = Gauge(
+            "kvroute_replica_peers",
+            "Other router replicas whose load was counted at the last Redis sync (0 without --redis-url).",
+            registry=r,
+        )
+        self.replica_degraded = Gauge(
+            "kvroute_replica_degraded",
+            "1 while Redis is unreachable and this replica routes on its own state only.",
+            registry=r,
+        )
 
     def observe_request(
         self,
@@ -216,6 +226,11 @@ class Metrics:
             if cached_tokens is not None:
                 ch.cached.inc(cached_tokens)
                 ch.ratio.observe(min(1.0, cached_tokens / prompt_tokens))
+
+    def refresh_replicas(self, status: Mapping[str, Any] | None) -> None:
+        """Replica gauges from `ReplicaRuntime.status()` (None: a single replica)."""
+        self.replica_peers.set(len(status["peers"]) if status else 0)
+        self.replica_degraded.set(1 if status and status["degraded"] else 0)
 
     def refresh(
         self, workers: Iterable[Worker], index_stats: Mapping[str, Any], blind: Iterable[str]

@@ -196,7 +196,11 @@ class WorkerRegistry:
         return [u for u, e in self._entries.items() if e.worker.state is WorkerState.HEALTHY]
 
     def ready(self) -> bool:
-        return any(e.worker.state is WorkerState.HEALTHY for e in self._entries.values())
+        """A healthy worker exists; in PD mode, a healthy prefill AND a healthy decode worker."""
+        roles = {e.worker.role for e in self._entries.values() if e.worker.state is WorkerState.HEALTHY}
+        if self.config.pd_disaggregation:
+            return WorkerRole.PREFILL in roles and WorkerRole.DECODE in roles
+        return bool(roles)
 
     def models(self) -> list[str]:
         seen: dict[str, None] = {}

@@ -101,8 +101,8 @@ def token_list(v: Any, name: str) -> list[int]:
 def apply_bootstrap(d: dict[str, Any], req: GenerateRequest) -> None:
     for name in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
         v = d.get(name)
-        if isinstance(v, list):
-            raise ApiError(f"batched {name} is not supported: send one request per item")
+        if isinstance(v, list):  # native /generate splits batches per item first (native._batch_items)
+            raise ApiError(f"a list of {name} needs a batch request (a list of prompts)")
         if v is not None:
             if name != "bootstrap_host" and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ApiError(f"{name} must be an integer")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -46,12 +47,52 @@ def _meta(rid: str, c: TokenChunk, completion_tokens: int) -> dict[str, Any]:
     return m
 
 
+PER_ITEM = ("rid", "sampling_params", "bootstrap_host", "bootstrap_port", "bootstrap_room")
+"""Batch fields that may be a list with one value per item (SGLang's GenerateReqInput normalisation)."""
+
+
+def _batch_items(d: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A batch `/generate` (`text` a list, or `input_ids` a list of lists) as one request dict per item.
+
+    As SGLang's `io_struct.py`: a list field gives one value per item (its length must match), a scalar
+    `rid` becomes `rid_i`, a scalar `bootstrap_room` becomes `room + i`, other scalars are shared.
+    Returns None for a single request.
+    """
+    text, ids = d.get("text"), d.get("input_ids")
+    if isinstance(text, list):
+        key, prompts = "text", text
+    elif isinstance(ids, list) and ids and isinstance(ids[0], list):
+        key, prompts = "input_ids", ids
+    else:
+        return None
+    n = len(prompts)
+    if n == 0:
+        raise ApiError(f"{key} must not be an empty list")
+    shared = {k: v for k, v in d.items() if k not in PER_ITEM and k not in ("text", "input_ids")}
+    items = [{**shared, key: prompt} for prompt in prompts]
+    for name in PER_ITEM:
+        v = d.get(name)
+        if isinstance(v, list):
+            if len(v) != n:
+                raise ApiError(f"{name} has {len(v)} values for a batch of {n}")
+            values = v
+        elif v is None:
+            continue
+        elif name == "rid":
+            values = [f"{v}_{i}" for i in range(n)]
+        elif name == "bootstrap_room" and isinstance(v, int) and not isinstance(v, bool):
+            values = [v + i for i in range(n)]
+        else:
+            values = [v] * n
+        for item, value in zip(items, values, strict=True):
+            item[name] = value
+    return items
+
+
 def _parse_generate(st: ApiState, d: dict[str, Any]) -> GenerateRequest:
     text, ids = d.get("text"), d.get("input_ids")
     if (text is None) == (ids is None):
         raise ApiError("Either text or input_ids should be provided.")
-    if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
-        raise ApiError("batched /generate requests are not supported by this engine: send one per prompt")
     if text is not None and not isinstance(text, str):
         raise ApiError("text must be a string")
     tokens = st.tokenizer.encode(text) if text is not None else token_list(ids, "input_ids")
@@ -78,7 +119,11 @@ def _parse_generate(st: ApiState, d: dict[str, Any]) -> GenerateRequest:
 async def generate(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     try:
-        req = _parse_generate(st, await read_body(request))
+        d = await read_body(request)
+        items = _batch_items(d)
+        if items is not None:
+            return await _generate_batch(request, st, [_parse_generate(st, item) for item in items])
+        req = _parse_generate(st, d)
         first, rest = await first_and_rest(st.core, req)
     except ApiError as exc:
         return native_error(str(exc), exc.status)
@@ -122,6 +167,94 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
+    return await end_sse(resp)
+
+
+async def _generate_batch(
+    request: web.Request, st: ApiState, reqs: list[GenerateRequest]
+) -> web.StreamResponse:
+    """All items run at once. Not streamed: a JSON list in item order. Streamed: each item's events as they
+    come, tagged with `index` (SGLang's `_handle_batch_request`). An item failing before its first token
+    fails the whole request and aborts the others."""
+    if len({r.rid for r in reqs}) != len(reqs):
+        raise ApiError("rids in a batch must be distinct")
+    started = await asyncio.gather(*(first_and_rest(st.core, r) for r in reqs), return_exceptions=True)
+    rests = [x[1] for x in started if isinstance(x, tuple)]
+    failed = next((x for x in started if isinstance(x, BaseException)), None)
+    try:
+        if failed is not None:
+            if isinstance(failed, ApiError | EngineError):
+                return native_error(str(failed), failed.status)
+            raise failed
+        pairs = [x for x in started if isinstance(x, tuple)]
+        if not reqs[0].stream:
+            done = await asyncio.gather(*(collect(first, rest) for first, rest in pairs))
+            return json_response(
+                [
+                    {"text": st.detokenize(ids), "output_ids": ids, "meta_info": _meta(r.rid, last, len(ids))}
+                    for r, (ids, last) in zip(reqs, done, strict=True)
+                ]
+            )
+        return await _stream_batch(request, st, reqs, pairs)
+    except EngineError as exc:
+        return native_error(str(exc), exc.status)
+    finally:
+        for rest in rests:
+            await rest.aclose()  # type: ignore[attr-defined]
+
+
+async def _stream_batch(
+    request: web.Request,
+    st: ApiState,
+    reqs: list[GenerateRequest],
+    pairs: list[tuple[TokenChunk, AsyncIterator[TokenChunk]]],
+) -> web.StreamResponse:
+    queue: asyncio.Queue[tuple[int, TokenChunk | EngineError]] = asyncio.Queue()
+
+    async def pump(i: int, first: TokenChunk, rest: AsyncIterator[TokenChunk]) -> None:
+        chunk: TokenChunk | None = first
+        try:
+            while chunk is not None:
+                await queue.put((i, chunk))
+                if chunk.finish_reason is not None:
+                    return
+                chunk = await anext(rest, None)
+        except EngineError as exc:
+            await queue.put((i, exc))
+
+    incremental = bool(st.extra_server_info.get("incremental_streaming_output", False))
+    outs: list[list[int]] = [[] for _ in reqs]
+    tasks = [asyncio.create_task(pump(i, f, r)) for i, (f, r) in enumerate(pairs)]
+    resp = web.StreamResponse()
+    try:
+        resp = await start_sse(request)
+        left = len(reqs)
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, DropConnection):
+                await drop_connection(request)
+                return resp
+            if isinstance(item, EngineError):
+                await resp.write(sse_event({"error": {"message": str(item)}, "index": i}))
+                left -= 1
+                continue
+            outs[i].extend(item.token_ids)
+            shown = item.token_ids if incremental else outs[i]
+            event = {
+                "text": st.detokenize(shown),
+                "output_ids": list(shown),
+                "meta_info": _meta(reqs[i].rid, item, len(outs[i])),
+                "index": i,
+            }
+            await resp.write(sse_event(event))
+            if item.finish_reason is not None:
+                left -= 1
+    except ConnectionResetError:  # the client went away: the caller closes every item's iterator
+        return resp
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return await end_sse(resp)
 
 

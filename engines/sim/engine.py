@@ -167,7 +167,6 @@ class SimEngine:
         self.generation_tokens_total = 0
         self.requests_total = 0
         self._thr_ema = 0.0
-        self._room_timers: dict[int, asyncio.TimerHandle] = {}
         self._bg: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -232,9 +231,6 @@ class SimEngine:
         if self._bg:
             await asyncio.gather(*self._bg, return_exceptions=True)
         self.abort(abort_all=True)
-        for h in self._room_timers.values():
-            h.cancel()
-        self._room_timers.clear()
         if self._publisher is not None:
             await self._publisher.close()
             self._publisher = None
@@ -423,8 +419,7 @@ class SimEngine:
         ):
             room = r.req.bootstrap_room
             if room is not None:
-                self.registry.fail(room, "the prefill request was aborted")
-                self._hold_room(room)
+                self.registry.fail(room, "the prefill request was aborted", self._room_hold_s)
 
     def _finish(self, r: _Req, reason: dict[str, object]) -> None:
         r.finish = reason
@@ -659,24 +654,14 @@ class SimEngine:
                 cached_tokens=r.cached,
                 first_token=r.output[0] if r.output else None,
                 kv_bytes=r.prompt_len * self.profile.kv_bytes_per_token,
-            )
-        )
-        self._hold_room(room)
-
-    def _hold_room(self, room: int) -> None:
-        """An unclaimed room is dropped after the bootstrap timeout, so the registry cannot grow forever."""
-        loop = asyncio.get_running_loop()
-        old = self._room_timers.pop(room, None)
-        if old is not None:
-            old.cancel()
-        self._room_timers[room] = loop.call_later(
-            self.config.bootstrap_timeout_s * self.config.time_scale, self._expire_room, room
+            ),
+            self._room_hold_s,
         )
 
-    def _expire_room(self, room: int) -> None:
-        self._room_timers.pop(room, None)
-        if self.registry is not None:
-            self.registry.drop(room)
+    @property
+    def _room_hold_s(self) -> float:
+        """A room nobody claims is dropped after the decode side's wait timeout (the registry's timer)."""
+        return self.config.bootstrap_timeout_s * self.config.time_scale
 
     # ---- events -------------------------------------------------------------------------------
     def _publish(self) -> None:

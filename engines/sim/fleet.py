@@ -137,6 +137,7 @@ class SimFleet:
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await s.close()
+        self.registry.close()  # rooms the closed engines left behind (and their timers)
 
     async def __aenter__(self) -> SimFleet:
         await self.start()

@@ -62,14 +62,15 @@ class BootstrapRegistry:
         if self._rooms.get(room) is entry and not entry.waiters:
             self._remove(room, entry)
 
-    def _remove(self, room: int, entry: _Room) -> None:
+    def _remove(self, room: int, entry: _Room, why: str = "the bootstrap room was dropped") -> None:
         if self._rooms.get(room) is entry:
             del self._rooms[room]
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
-        if not entry.future.done():
-            entry.future.cancel()
+        if not entry.future.done():  # a decode still waiting fails cleanly (RuntimeError), never hangs
+            entry.future.set_exception(RuntimeError(why))
+            entry.future.exception()
 
     def deposit(self, kv: PrefilledKv, hold_s: float | None = None) -> None:
         """The prefill's KV is ready; held for `hold_s` (default: the registry's) if no decode waits yet."""
@@ -94,13 +95,14 @@ class BootstrapRegistry:
             return await asyncio.wait_for(asyncio.shield(entry.future), timeout_s)
         finally:
             entry.waiters -= 1
-            self._remove(room, entry)
+            if not entry.waiters:
+                self._remove(room, entry)
 
     def pending(self) -> int:
         return len(self._rooms)
 
     def drop(self, room: int) -> None:
-        """Forget a room now (waiting decodes see a cancelled transfer)."""
+        """Forget a room now (a decode waiting on it fails with RuntimeError)."""
         entry = self._rooms.get(room)
         if entry is not None:
             self._remove(room, entry)
@@ -108,4 +110,4 @@ class BootstrapRegistry:
     def close(self) -> None:
         """Drop every room and its timer (the fleet is stopping)."""
         for room, entry in list(self._rooms.items()):
-            self._remove(room, entry)
+            self._remove(room, entry, "the fleet is stopping")

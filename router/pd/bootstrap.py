@@ -61,13 +61,17 @@ def bootstrap_fields(
 
 
 def rid_fields(parsed: Mapping[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
-    """An `rid` (per item for batches) when the client gave none, so `/abort_request` can name it."""
+    """An `rid` (per item for batches) when the client gave none, so `/abort_request` can name it.
+
+    Returns (fields to add, the rids the engines will know). A client's scalar rid on a batch is known
+    to SGLang as `rid_0 .. rid_{n-1}` (`io_struct.py` `_normalize_rid`), so those are the ones to abort.
+    """
     rid = parsed.get("rid")
+    n = batch_size(parsed, path)
     if isinstance(rid, str):
-        return {}, [rid]
+        return {}, [rid] if n is None else [f"{rid}_{i}" for i in range(n)]
     if isinstance(rid, list) and all(isinstance(r, str) for r in rid):
         return {}, list(rid)
-    n = batch_size(parsed, path)
     if n is None:
         r = uuid.uuid4().hex
         return {"rid": r}, [r]

@@ -19,7 +19,7 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
 - reuse_weight * (P - indexed(w)): what a miss costs the *fleet*: recomputing a prefix another worker
   holds (event-confirmed blocks only) duplicates it and spends prefill capacity later requests queue
   behind. Without it the cost is greedy per request and scatters conversations whenever the owner has
-  a queue (Mooncake: 74% of the reuse ceiling, against 91% with 1.5).
+  a queue (Mooncake: 74% of the reuse ceiling without it, 90-93% with 2.5).
 - overlap(w): leading prompt blocks w holds = max(event-fed index match, in-flight match). The in-flight
   match counts prompts routed to w and not finished as held there (a burst arrives before any event);
   off with `predict_inflight=False`. It lowers own_prefill but earns no reuse credit (not confirmed).
@@ -82,9 +82,10 @@ class KvAwareConfig:
     seed: int | None = None  # RNG seed for temperature > 0 (tests); None: seeded from the OS
     predict_inflight: bool = True  # count in-flight prompts as held by their worker (bursts)
     # Fleet cost of a miss, per prompt block the worker lacks in its event-confirmed cache (on top of
-    # its own prefill): 0 is the greedy per-request TTFT. 1.5 from the Mooncake sweep (1: 89% of the
-    # reuse ceiling, 1.5: 91%, 2: 91% with a higher mean TTFT).
-    reuse_weight: float = 1.5
+    # its own prefill): 0 is the greedy per-request TTFT. 2.5 from a Mooncake sweep over three slices
+    # (share of the reuse ceiling, worst slice: 0: 74%, 1.5: 88%, 2: 89%, 2.5: 90%, 3: 90% with a
+    # worse balance); mean TTFT moves by < 5% over 1.5..3.
+    reuse_weight: float = 2.5
     # Context (tokens) at which a new token's attention costs as much as its linear layers: 12k on the
     # H100 Llama-3-8B profile (linear 21.8 us/token, attention ~1.8 ns per (new, prior) token pair).
     attention_tokens: float = 12288.0

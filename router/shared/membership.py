@@ -40,6 +40,7 @@ class WorkerSpec:
     role: str = "regular"  # WorkerRole value
     kv_events: str | None = None  # zmq endpoint override, as given to the admin API
     drained: bool = False
+    bootstrap_port: int | None = None  # a prefill server's bootstrap port override (PD), as given
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class SharedMembership:
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
         self._epoch: str | None = None  # the shared set's epoch at our last snapshot
+        # Publishes go out one at a time, in call order (asyncio.Lock is FIFO): an add followed at once
+        # by a drain must not reach Redis as drain-then-add (the hash would end up undrained).
+        self._publish_lock = asyncio.Lock()
 
     # --- lifecycle
 
@@ -110,6 +114,13 @@ class SharedMembership:
     async def publish(self, op: Op, spec: WorkerSpec) -> bool:
         """Record `op` in the shared set and tell the others; one atomic round trip. False if Redis is down
         (the change stays local; a later snapshot does not undo it)."""
+        async with self._publish_lock:
+            return await self._publish(op, spec)
+
+    async def _publish(self, op: Op, spec: WorkerSpec) -> bool:
+        known = self.known.get(spec.url)
+        if op in (Op.DRAIN, Op.UNDRAIN) and known is not None:  # keep role, endpoints, bootstrap port
+            spec = WorkerSpec(**{**asdict(known), "drained": op is Op.DRAIN})
         change = MembershipChange(op, spec, self.replica_id)
         try:
             async with self.client.pipeline(transaction=True) as p:
@@ -251,7 +262,12 @@ class RegistryMembership:
         reg, spec = self.registry, change.spec
         present = spec.url in reg
         if change.op is Op.ADD and not present:
-            reg.add(spec.url, role=WorkerRole(spec.role), kv_events=spec.kv_events)
+            reg.add(
+                spec.url,
+                role=WorkerRole(spec.role),
+                kv_events=spec.kv_events,
+                bootstrap_port=spec.bootstrap_port,
+            )
         elif change.op is Op.REMOVE and present:
             await reg.remove(spec.url)
         elif change.op is Op.DRAIN and present:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,8 @@ from router.shared.load_sync import RemoteLoadFolder, ReplicaStateSync
 from router.shared.membership import Op, RegistryMembership, SharedMembership, WorkerSpec
 from router.shared.records import RoutingRecordShare, cache_aware_sink
 from router.types import RoutingRequest, Worker
+
+log = logging.getLogger("kvroute.replicas")
 
 
 class ReplicaRuntime:
@@ -53,6 +56,12 @@ class ReplicaRuntime:
             hooks = getattr(self._router, "routed_hooks", None)  # the proposed Router hook, once it exists
             if hooks is not None:
                 hooks.append(self.on_routed)
+            else:
+                log.warning(
+                    "replica %s: redis_share_records is set but this Router has no routed_hooks;"
+                    " other replicas' records are applied, this replica's are not shared",
+                    self.replica_id,
+                )
 
     async def close(self) -> None:
         hooks = getattr(self._router, "routed_hooks", None)
@@ -68,18 +77,27 @@ class ReplicaRuntime:
 
     # --- hooks for the admin API, called after a local change succeeded (sync, never block) ------
 
-    def notify_add(self, url: str, role: str = "regular", kv_events: str | None = None) -> None:
-        self._notify(Op.ADD, WorkerSpec(url=normalize_url(url), role=role, kv_events=kv_events))
+    def notify_add(
+        self,
+        url: str,
+        role: str = "regular",
+        kv_events: str | None = None,
+        bootstrap_port: int | None = None,
+    ) -> None:
+        spec = WorkerSpec(
+            url=normalize_url(url), role=role, kv_events=kv_events, bootstrap_port=bootstrap_port
+        )
+        self._notify(Op.ADD, spec)
 
     def notify_remove(self, url: str) -> None:
         self._notify(Op.REMOVE, WorkerSpec(url=normalize_url(url)))
 
-    def notify_drain(self, url: str, drained: bool = True) -> None:
-        url = normalize_url(url)
-        known = self.membership.known.get(url) if self.membership is not None else None
-        spec = WorkerSpec(url=url) if known is None else known
-        spec = WorkerSpec(spec.url, spec.role, spec.kv_events, drained)
-        self._notify(Op.DRAIN if drained else Op.UNDRAIN, spec)
+    def notify_drain(self, url: str, drained: bool = True, role: str = "regular") -> None:
+        """`role`: the worker's, kept in the shared set when it does not hold the worker yet (a
+        --worker-urls worker); a worker it holds keeps its stored spec (merged when published, in order)."""
+        self._notify(
+            Op.DRAIN if drained else Op.UNDRAIN, WorkerSpec(normalize_url(url), role, drained=drained)
+        )
 
     def _notify(self, op: Op, spec: WorkerSpec) -> None:
         if self.membership is not None:

@@ -128,3 +128,29 @@ async def test_unknown_route_is_json_404(start_router) -> None:
     async with r.session.get(r.url + "/v1/nothing") as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_pd_readiness_needs_a_healthy_prefill_and_decode(engines, start_router) -> None:
+    """PD mode: a healthy prefill alone (or decode alone) is not ready: no pair could serve a request."""
+    p, d = await engines(), await engines()
+    r = await start_router(pd_disaggregation=True, prefill_urls=((p.url, 9001),))
+    await r.wait_healthy(1)
+    async with r.session.get(r.url + "/readiness") as resp:
+        body = await resp.json()
+        assert resp.status == 503, body
+    assert body["healthy_prefill"] == 1 and body["healthy_decode"] == 0
+    async with r.session.post(r.url + "/admin/workers", json={"url": d.url, "role": "decode"}) as resp:
+        assert resp.status == 202
+    await r.wait_healthy(2)
+    async with r.session.get(r.url + "/readiness") as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    assert body["healthy_prefill"] == 1 and body["healthy_decode"] == 1
+    async with r.session.post(r.url + "/admin/workers/drain", json={"url": p.url}) as resp:
+        assert resp.status == 200
+    async with r.session.get(r.url + "/readiness") as resp:
+        assert resp.status == 503  # the only prefill is draining
+    async with r.session.get(r.url + "/admin/counters") as resp:
+        assert (await resp.json())["ready"] is False
+    async with r.session.get(r.url + "/admin/replicas") as resp:
+        assert resp.status == 200 and await resp.json() == {"enabled": False}

@@ -218,3 +218,45 @@ def test_serve_reports_an_unknown_pd_policy(capsys) -> None:
 
     with pytest.raises(ConfigError, match="PD policies"):
         create_app(RouterConfig(pd_disaggregation=True, decode_policy="nope"))
+
+
+def test_replica_flags_env_and_validation() -> None:
+    """Redis replica settings from flags and KVROUTE_* env; what the runtime would reject fails early."""
+    from router.cli import build_serve_parser, config_from_args
+    from router.shared import ReplicaConfig
+
+    args = build_serve_parser().parse_args(
+        ["--redis-url", "redis://r:6379/1", "--replica-id", "r1", "--sync-interval-s", "0.1",
+         "--replica-ttl-s", "1.5", "--redis-key-prefix", "fleet-a", "--redis-share-records"]
+    )  # fmt: skip
+    c = config_from_args(args, environ={})
+    assert (c.redis_url, c.replica_id, c.sync_interval_s, c.replica_ttl_s) == (
+        "redis://r:6379/1",
+        "r1",
+        0.1,
+        1.5,
+    )
+    assert c.redis_key_prefix == "fleet-a" and c.redis_share_records is True
+    rc = ReplicaConfig.from_router_config(c)
+    assert (rc.redis_url, rc.replica_id, rc.key_prefix, rc.share_records) == (
+        "redis://r:6379/1",
+        "r1",
+        "fleet-a",
+        True,
+    )
+    env = {
+        "KVROUTE_REDIS_URL": "redis://e:1/0",
+        "KVROUTE_REDIS_SHARE_RECORDS": "false",
+        "KVROUTE_REPLICA_ID": "x",
+    }
+    e = build_config({}, environ=env)
+    assert (e.redis_url, e.redis_share_records, e.replica_id) == ("redis://e:1/0", False, "x")
+    assert build_config({}, environ={}).redis_url is None  # default: a single replica, no Redis
+    for bad, msg in (
+        ({"sync_interval_s": 2, "replica_ttl_s": 2}, "must exceed"),
+        ({"sync_interval_s": 0}, "sync_interval_s must be > 0"),
+        ({"redis_url": "http://r:6379"}, "redis://"),
+        ({"redis_key_prefix": ""}, "must not be empty"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            build_config(bad, environ={})

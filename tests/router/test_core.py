@@ -190,7 +190,10 @@ def test_balance_guard_moves_traffic_off_a_skewed_worker() -> None:
 
 def test_softmax_with_a_seed_is_reproducible() -> None:
     def run() -> list[str]:
-        r = make_router(3, policy_params={"temperature": 8.0, "seed": 1234})
+        # reuse and attention terms off: the cost gap is then exactly the 16 blocks saved (defaults
+        # would widen it to ~40 and w0, w2 would almost never be drawn)
+        params = {"temperature": 8.0, "seed": 1234, "reuse_weight": 0.0, "attention_tokens": 0.0}
+        r = make_router(3, policy_params=params)
         feed(r, "http://w1", SYSTEM[:256])  # w1 saves 16 blocks: preferred but not always
         req = r.routing_request(text=SYSTEM)
         return [r.select(req).worker for _ in range(100)]

@@ -41,20 +41,25 @@ class Harness:
         return [(u, r) for u in urls for r in self.seen.get(u, [])]
 
     async def wait_idle(self, deadline_s: float = 5.0) -> None:
-        """Every engine has nothing running or waiting (a decode waiting on a room counts) and the router
-        released every worker's load (the handler's cleanup may still run after the client's EOF).
-        Rooms are not counted: the simulator keeps an entry for a prefill aborted before its decode
-        side ever asked (a failed future nobody waits on)."""
+        """Every engine has nothing running or waiting (a decode waiting on a room counts), the router
+        released every worker's load (the handler's cleanup may still run after the client's EOF), and
+        no bootstrap room is left (one nobody claims is dropped after the decode wait: 0.4 s here)."""
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
-            if all(not e.by_rid for e in self.fleet.engines) and all(
-                w.load.in_flight == 0 and w.load.pending_prefill_tokens == 0 for w in self.router.workers()
+            if (
+                all(not e.by_rid for e in self.fleet.engines)
+                and all(
+                    w.load.in_flight == 0 and w.load.pending_prefill_tokens == 0
+                    for w in self.router.workers()
+                )
+                and self.fleet.registry.pending() == 0
             ):
                 return
             await asyncio.sleep(0.01)
         busy = {s.url: list(s.engine.by_rid) for s in self.fleet.servers if s.engine.by_rid}
         loads = {w.url: w.load for w in self.router.workers() if w.load.in_flight}
-        raise AssertionError(f"engines still busy: {busy}; router loads {loads}")
+        rooms = self.fleet.registry.pending()
+        raise AssertionError(f"engines still busy: {busy}; router loads {loads}; rooms left {rooms}")
 
 
 def _record(server: SimServer, seen: dict[str, list[GenerateRequest]]) -> None:
@@ -74,7 +79,12 @@ def _routing_for(router: Router, parsed: dict[str, Any]) -> Any:
         return router.routing_request(messages=parsed["messages"])
     if "prompt" in parsed:
         return router.routing_request(text=parsed["prompt"])
-    return router.routing_request(text=parsed.get("text"), input_ids=parsed.get("input_ids"))
+    text, ids = parsed.get("text"), parsed.get("input_ids")
+    if isinstance(text, list):  # a batch is routed on its first prompt (one pair serves all items)
+        text = text[0]
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return router.routing_request(text=text, input_ids=ids)
 
 
 @pytest.fixture
@@ -183,6 +193,40 @@ async def test_non_streaming_and_openai_routes_through_a_pair(pd: Harness) -> No
     rooms = [(r.bootstrap_room, r.rid) for _, r in pd.requests_at(pd.fleet.prefill_urls)]
     assert sorted(rooms) == sorted((r.bootstrap_room, r.rid) for _, r in pd.requests_at(pd.fleet.decode_urls))
     assert len({room for room, _ in rooms}) == 2  # a fresh room per request
+    await pd.wait_idle()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_batch_gets_one_room_per_item_on_both_servers(pd: Harness, stream: bool) -> None:
+    prompts = [LONG, "A different prompt entirely. " * 10]
+    body = {
+        "text": prompts,
+        "sampling_params": {"max_new_tokens": 3, "ignore_eos": True},
+        "stream": stream,
+    }
+    async with pd.client.post(pd.base + "/generate", json=body) as resp:
+        raw = await resp.read()
+        assert resp.status == 200, raw
+    if stream:
+        events = [orjson.loads(e) for e in _sse_events(raw)[:-1]]
+        finals = {e["index"]: e for e in events if e["meta_info"]["finish_reason"] is not None}
+        assert sorted(finals) == [0, 1]
+        outs = [finals[0], finals[1]]
+    else:
+        outs = orjson.loads(raw)
+        assert isinstance(outs, list) and len(outs) == 2
+    assert [o["meta_info"]["completion_tokens"] for o in outs] == [3, 3]
+    pre = [r for _, r in pd.requests_at(pd.fleet.prefill_urls)]
+    dec = [r for _, r in pd.requests_at(pd.fleet.decode_urls)]
+    assert len(pre) == len(dec) == 2
+    pairs = {u for u, _ in pd.requests_at(pd.fleet.prefill_urls + pd.fleet.decode_urls)}
+    assert len(pairs) == 2  # one pair serves the whole batch
+    by_room = {r.bootstrap_room: r for r in pre}
+    assert len(by_room) == 2 and all(room is not None for room in by_room)  # one fresh room per item
+    for d in dec:  # the decode item with a room is the prefill item with that room: same prompt, same rid
+        p = by_room[d.bootstrap_room]
+        assert (p.rid, p.input_ids) == (d.rid, d.input_ids)
+    assert {o["meta_info"]["id"] for o in outs} == {r.rid for r in dec}
     await pd.wait_idle()
 
 

@@ -93,6 +93,8 @@ def test_rid_added_only_when_absent() -> None:
     assert len(extra["rid"]) == 2 and rids == extra["rid"]
     assert rid_fields({"text": "a", "rid": "mine"}, "/generate") == ({}, ["mine"])
     assert rid_fields({"text": ["a", "b"], "rid": ["x", "y"]}, "/generate") == ({}, ["x", "y"])
+    # SGLang expands a scalar rid on a batch to rid_i: those are the ids an abort must name
+    assert rid_fields({"text": ["a", "b"], "rid": "m"}, "/generate") == ({}, ["m_0", "m_1"])
 
 
 def test_bootstrap_host_is_the_prefill_hostname() -> None:
@@ -112,16 +114,20 @@ def test_bootstrap_host_is_the_prefill_hostname() -> None:
     ],
 )
 def test_local_threshold(base: int, scale: int, cap: int, queue: int | None, expected: int) -> None:
-    cfg = PDConfig(local_prefill_max_tokens=base, local_queue_scale_tokens=scale,
-                   local_prefill_cap_tokens=cap)
+    cfg = PDConfig(
+        local_prefill_max_tokens=base, local_queue_scale_tokens=scale, local_prefill_cap_tokens=cap
+    )
     assert cfg.local_threshold(queue) == expected
 
 
 def _router(regular: int = 0) -> Router:
     r = Router(block_size=16, policy="least_load")
     for i in range(2):
-        r.add_worker(Worker(f"http://p{i}:1", role=WorkerRole.PREFILL, state=WorkerState.HEALTHY,
-                            bootstrap_port=9000 + i))
+        r.add_worker(
+            Worker(
+                f"http://p{i}:1", role=WorkerRole.PREFILL, state=WorkerState.HEALTHY, bootstrap_port=9000 + i
+            )
+        )
         r.add_worker(Worker(f"http://d{i}:1", role=WorkerRole.DECODE, state=WorkerState.HEALTHY))
     for i in range(regular):
         r.add_worker(Worker(f"http://r{i}:1", role=WorkerRole.REGULAR, state=WorkerState.HEALTHY))
@@ -143,8 +149,9 @@ def test_prefill_prefers_the_worker_holding_the_prompt() -> None:
     router = _router()
     sel = PDSelector(router, PDConfig())
     req = router.routing_request(text="y" * 640)
-    router.load.on_routed("http://p1:1", req.prompt_tokens, req.prompt_tokens, 16,
-                          block_hashes=req.block_hashes)  # p1 has this prompt in flight
+    router.load.on_routed(
+        "http://p1:1", req.prompt_tokens, req.prompt_tokens, 16, block_hashes=req.block_hashes
+    )  # p1 has this prompt in flight
     route = choose_route(sel, req, PDConfig())
     assert route.prefill is not None and route.prefill.url == "http://p1:1"
 
@@ -154,7 +161,10 @@ def test_exclude_moves_to_another_pair_and_runs_out() -> None:
     sel = PDSelector(router, PDConfig())
     req = router.routing_request(text="z" * 100)
     route = choose_route(sel, req, PDConfig(), exclude={"http://p0:1", "http://d0:1"})
-    assert route.prefill is not None and (route.prefill.url, route.decode.url) == ("http://p1:1", "http://d1:1")
+    assert route.prefill is not None and (route.prefill.url, route.decode.url) == (
+        "http://p1:1",
+        "http://d1:1",
+    )
     with pytest.raises(NoWorkerAvailable):
         choose_route(sel, req, PDConfig(), exclude={"http://d0:1", "http://d1:1"})
 

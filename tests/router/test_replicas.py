@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -490,3 +491,137 @@ async def test_record_stream_is_capped(redis_url: str, prefix: str) -> None:
         assert got and got[-1] == (W1, [BlockHash(299)])  # a late replica replays what the stream kept
     finally:
         await c.aclose()
+
+
+# --- two router apps on loopback, one simulated fleet, one Redis -----------------------------------
+
+
+async def _router_loads(r: Any) -> dict[str, int]:
+    """A replica's view through its own HTTP API: worker url -> router-counted requests in flight."""
+    async with r.session.get(r.url + "/get_loads") as resp:
+        assert resp.status == 200
+        return {w["url"]: w["router"]["in_flight"] for w in (await resp.json())["workers"]}
+
+
+async def _poll(check: Any, timeout: float, what: str) -> None:
+    """Await `check()` (an async predicate) until true; bounded."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.slow
+async def test_two_router_apps_share_load_and_admin_changes(
+    redis_url: str, prefix: str, start_router: Any
+) -> None:
+    """Load routed through replica a shows in b's /get_loads (and steers b's policy) while it runs and
+    leaves when it ends; an admin add/remove on a reaches b's registry; /admin/replicas shows the peer."""
+    from engines.sim.fleet import SimFleet
+    from tests.router.conftest import test_config
+
+    async with SimFleet(3, time_scale=0.02) as fleet:
+        w1, w2, w3 = fleet.urls
+        common = dict(
+            worker_urls=(w1, w2),
+            policy="least_load",
+            redis_url=redis_url,
+            redis_key_prefix=prefix,
+            sync_interval_s=0.05,
+            replica_ttl_s=0.5,
+        )
+        a = await start_router(test_config(replica_id="a", **common))
+        b = await start_router(test_config(replica_id="b", **common))
+        await a.wait_healthy(2, timeout=10)
+        await b.wait_healthy(2, timeout=10)
+        for i in (0, 1):
+            await fleet.set_faults(i, stall=True)  # requests are accepted and held: load stays in flight
+        body = {"text": "hello " * 40, "sampling_params": {"max_new_tokens": 4}}
+        req = asyncio.create_task(a.session.post(a.url + "/generate", json=body))
+        try:
+            await wait_until(lambda: sum(w.load.in_flight for w in a.core.workers()) == 1, 5.0, "a to route")
+            (busy,) = [w.url for w in a.core.workers() if w.load.in_flight == 1]
+            idle = w2 if busy == w1 else w1
+
+            async def b_sees_it() -> bool:
+                return await _router_loads(b) == {busy: 1, idle: 0}
+
+            await _poll(b_sees_it, 5.0, "b's /get_loads to show a's request")
+            async with b.session.post(b.url + "/admin/route/explain", json={"text": "other prompt"}) as resp:
+                assert (await resp.json())["decision"]["worker"] == idle  # b steers around a's load
+            assert await _router_loads(a) == {busy: 1, idle: 0}  # a's own view: not counted twice
+        finally:
+            for i in (0, 1):
+                await fleet.set_faults(i, stall=False)
+            resp = await asyncio.wait_for(req, 10)
+            async with resp:
+                assert resp.status == 200, await resp.text()
+
+        async def b_sees_it_end() -> bool:
+            return await _router_loads(b) == {w1: 0, w2: 0}
+
+        await _poll(b_sees_it_end, 5.0, "a's finished request to leave b's view")
+
+        async with a.session.post(a.url + "/admin/workers", json={"url": w3}) as resp:
+            assert resp.status == 202
+        await b.wait_healthy(3, timeout=10)  # b registered w3 itself (its own checks)
+        async with b.session.get(b.url + "/admin/workers") as resp:
+            assert w3 in {w["url"] for w in (await resp.json())["workers"]}
+        async with a.session.get(a.url + "/admin/replicas") as resp:
+            st = await resp.json()
+        assert st["enabled"] and st["replica_id"] == "a" and st["peers"] == ["b"] and not st["degraded"]
+        assert st["shared_workers"] == [w3]
+        async with b.session.get(b.url + "/metrics") as resp:
+            text = await resp.text()
+        assert "kvroute_replica_peers 1.0" in text and "kvroute_replica_degraded 0.0" in text
+        async with a.session.delete(a.url + "/admin/workers", params={"url": w3}) as resp:
+            assert resp.status == 200
+        await wait_until(lambda: w3 not in b.registry, 5.0, "b to remove w3")
+
+
+async def test_membership_carries_pd_role_and_bootstrap_port() -> None:
+    """A prefill worker added on one replica registers on the others in the prefill pool with its port."""
+    r = Router()
+    async with aiohttp.ClientSession() as session:
+        reg = await _registry(session, r)
+        try:
+            url = refused_url()
+            spec = WorkerSpec(url=url, role="prefill", bootstrap_port=9123)
+            decoded = MembershipChange.decode(MembershipChange(Op.ADD, spec, "a").encode())
+            assert decoded is not None and decoded.spec == spec
+            await RegistryMembership(reg).apply_membership(decoded)
+            w = r.get_worker(url)
+            assert w is not None and w.role.value == "prefill" and w.bootstrap_port == 9123
+        finally:
+            await reg.close()
+
+
+async def test_add_then_drain_at_once_keeps_order_and_spec(redis_url: str, prefix: str) -> None:
+    """Two admin calls within one round trip: published in order, the drain keeps the add's spec."""
+    ra, rb = _fleet("least_load"), _fleet("least_load")
+    async with aiohttp.ClientSession() as session:
+        reg_a, reg_b = await _registry(session, ra), await _registry(session, rb)
+        try:
+            async with (
+                replica_context(rcfg(redis_url, prefix, "a"), ra, reg_a) as rt_a,
+                replica_context(rcfg(redis_url, prefix, "b"), rb, reg_b) as rt_b,
+            ):
+                assert rt_a is not None and rt_b is not None and rt_b.membership is not None
+                url = refused_url()
+                rt_a.notify_add(url, "prefill", "tcp://127.0.0.1:1", 9100)
+                rt_a.notify_drain(url, True)  # before the add has reached Redis
+                m = rt_b.membership
+                await wait_until(lambda: url in m.known and m.known[url].drained, 5.0, "b to see the drain")
+                assert m.known[url] == WorkerSpec(url, "prefill", "tcp://127.0.0.1:1", True, 9100)
+                await wait_until(
+                    lambda: url in reg_b and rb.get_worker(url).state is WorkerState.DRAINING,
+                    5.0,
+                    "b drained",
+                )
+                with redis.Redis.from_url(redis_url, decode_responses=True) as c:
+                    stored = WorkerSpec(**json.loads(c.hget(f"{prefix}:workers", url)))
+                assert stored == m.known[url]  # a replica starting later learns the full spec
+        finally:
+            await reg_a.close()
+            await reg_b.close()

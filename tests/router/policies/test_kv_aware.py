@@ -10,14 +10,23 @@ from router.policies import PolicyContext, make_policy
 from router.types import Worker
 from tests.router.policies.util import BS, FakeOverlap, request, worker
 
+# The term-by-term tables switch off the terms they do not test, for round numbers: decode_weight 1
+# (default 0.01), reuse_weight 0 (default 2.5), attention_tokens 0 (default 12288) and the block test
+# of the guard at its former margin of 256 blocks (default 0: off). The defaults have their own tests.
+TABLE_PARAMS: dict[str, object] = {
+    "decode_weight": 1.0,
+    "reuse_weight": 0.0,
+    "attention_tokens": 0.0,
+    "guard_margin_blocks": 256.0,
+}
+
 
 def policy(indexed: dict[str, int], inflight: dict[str, int] | None = None, **params: object):  # noqa: ANN201
-    """The tables use decode_weight 1 unless they say otherwise (round numbers; the default is 0.1)."""
     ctx = PolicyContext(kv_index=FakeOverlap(indexed), inflight=FakeOverlap(inflight))
-    return make_policy("kv_aware", {"decode_weight": 1.0, **params}, ctx)
+    return make_policy("kv_aware", {**TABLE_PARAMS, **params}, ctx)
 
 
-# Prompt of 10 blocks; decode_weight 1 unless said. cost = (10 - overlap) + pending + dw * active.
+# Prompt of 10 blocks; TABLE_PARAMS unless said. cost = (10 - overlap) + pending + dw * active.
 @pytest.mark.parametrize(
     ("indexed", "workers", "params", "expected_costs", "expected_first"),
     [
@@ -79,7 +88,50 @@ def test_cost_terms(
         dw = float(params.get("decode_weight", 1.0))  # type: ignore[arg-type]
         qw = float(params.get("queue_weight", 1.0))  # type: ignore[arg-type]
         recomputed = t["new_prefill_blocks"] + qw * t["pending_prefill_blocks"] + dw * t["decode_load"]
+        recomputed += t["reuse_penalty"]
         assert s.cost == pytest.approx(recomputed)  # the explained terms add up to the cost
+
+
+# Prompt of 10 blocks, decode ignored; the terms added for long prompts (Mooncake), one per row.
+@pytest.mark.parametrize(
+    ("indexed", "inflight", "workers", "params", "expected_costs", "expected_first"),
+    [
+        # greedy (reuse_weight 0): w0 holds 8 but queues 10 blocks: 2 + 10 = 12 > w1's cold 10
+        ({"w0": 8}, {}, [worker("w0", 1, 10 * BS), worker("w1")], {}, {"w0": 12.0, "w1": 10.0}, "w1"),
+        # reuse_weight 1.5: a miss also costs 1.5 per block not confirmed held: 12 + 3 = 15 < 10 + 15
+        (
+            {"w0": 8},
+            {},
+            [worker("w0", 1, 10 * BS), worker("w1")],
+            {"reuse_weight": 1.5},
+            {"w0": 15.0, "w1": 25.0},
+            "w0",
+        ),
+        # in-flight blocks lower the own prefill but earn no reuse credit (not confirmed yet)
+        ({}, {"w1": 10}, [worker("w0"), worker("w1")], {"reuse_weight": 1.0}, {"w0": 20.0, "w1": 10.0}, "w1"),
+        # attention_tokens 160 (10 blocks): a new block costs 1 + (context before it) / 10 blocks;
+        # w1 holds 6: 4 * (1 + (6 + 2) / 10) = 7.2; cold: 10 * (1 + 5 / 10) = 15
+        (
+            {"w1": 6},
+            {},
+            [worker("w0"), worker("w1")],
+            {"attention_tokens": 160.0},
+            {"w0": 15.0, "w1": 7.2},
+            "w1",
+        ),
+    ],
+)
+def test_long_prompt_terms(
+    indexed: dict[str, int],
+    inflight: dict[str, int],
+    workers: list[Worker],
+    params: dict[str, object],
+    expected_costs: dict[str, float],
+    expected_first: str,
+) -> None:
+    d = policy(indexed, inflight, decode_weight=0.0, **params).select(request(10), workers)
+    assert {s.url: s.cost for s in d.scores} == pytest.approx(expected_costs)
+    assert d.worker == expected_first
 
 
 def test_partial_trailing_block_counts_as_prefill_work() -> None:
@@ -116,8 +168,10 @@ def test_inflight_prediction(
         ([(20, 0, 0), (1, 0, 0), (1, 0, 0)], {}, {"w0"}),
         # 18 <= 1.5 * 6.7 + 8 = 18: not hot
         ([(18, 0, 0), (1, 0, 0), (1, 0, 0)], {}, set()),
-        # active 1000 blocks vs mean 333: 1000 > 500 + 256 -> hot on blocks, with 1 request only
-        ([(1, 0, 1000), (0, 0, 0), (0, 0, 0)], {}, {"w0"}),
+        # block test (margin 256, decode_weight 1): 1000 active vs mean 333: 1000 > 500 + 256 -> hot
+        ([(1, 0, 1000), (0, 0, 0), (0, 0, 0)], {"decode_weight": 1.0}, {"w0"}),
+        # the block test is off by default (margin 0): the same worker is not hot
+        ([(1, 0, 1000), (0, 0, 0), (0, 0, 0)], {"decode_weight": 1e-4, "guard_margin_blocks": 0.0}, set()),
         # guard disabled
         ([(20, 0, 1000), (1, 0, 0), (1, 0, 0)], {"guard_factor": 0.0}, set()),
         # tighter margin: 6 > 1.5 * 2.67 + 1 = 5 -> hot
@@ -128,7 +182,7 @@ def test_hot_spot_guard(loads: list[tuple[int, int, int]], params: dict[str, obj
     ws = [worker(f"w{i}", *ld) for i, ld in enumerate(loads)]
     # w0 holds the whole prompt: without the guard it always wins (cost 0 + its small decode load
     # would lose only on blocks), with the guard it goes last.
-    d = policy({"w0": 10}, decode_weight=0.0, **params).select(request(10), ws)
+    d = policy({"w0": 10}, **{"decode_weight": 0.0, **params}).select(request(10), ws)
     assert {s.url for s in d.scores if s.terms["hot"]} == hot
     if hot:
         assert d.worker != "w0" and d.ranked[-1] == "w0"  # hot: retried last
@@ -157,7 +211,10 @@ def test_temperature_zero_is_deterministic_and_explain_is_pure() -> None:
     ws = [worker("w0"), worker("w1")]
     idx, infl = FakeOverlap({"w1": 3}), FakeOverlap({})
     p = make_policy("kv_aware", {}, PolicyContext(kv_index=idx, inflight=infl))
-    assert p.config.decode_weight == 0.1  # type: ignore[attr-defined]  # the documented default
+    cfg = p.config  # type: ignore[attr-defined]
+    # the documented defaults (docs/routing.md): tuned on Mooncake, see the module docstring
+    assert (cfg.decode_weight, cfg.reuse_weight, cfg.attention_tokens) == (0.01, 2.5, 12288.0)
+    assert (cfg.guard_margin_blocks, cfg.guard_margin_requests, cfg.queue_weight) == (0.0, 8.0, 1.0)
     assert {p.select(request(10), ws).worker for _ in range(20)} == {"w1"}
     before = [w.load for w in ws]
     scores = p.explain(request(10), ws)
