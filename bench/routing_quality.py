@@ -418,8 +418,7 @@ async def main(args: argparse.Namespace) -> None:
     print(head)
     print("-" * len(head))
     for name in args.scenario:
-        if name == MOONCAKE:
-            main_mooncake(args)
+        if name == MOONCAKE:  # run by `run` outside this loop (it owns a virtual-clock loop)
             continue
         sc = SCENARIOS[name]
         for sched in args.schedule_policy:
@@ -439,5 +438,12 @@ async def main(args: argparse.Namespace) -> None:
                 )
 
 
+def run(args: argparse.Namespace) -> None:
+    if MOONCAKE in args.scenario:
+        main_mooncake(args)
+    if any(name != MOONCAKE for name in args.scenario):
+        asyncio.run(main(args))
+
+
 if __name__ == "__main__":
-    asyncio.run(main(build_parser().parse_args()))
+    run(build_parser().parse_args())

@@ -83,8 +83,8 @@ class KvAwareConfig:
     predict_inflight: bool = True  # count in-flight prompts as held by their worker (bursts)
     # Fleet cost of a miss, per prompt block the worker lacks in its event-confirmed cache (on top of
     # its own prefill): 0 is the greedy per-request TTFT. 2.5 from a Mooncake sweep over three slices
-    # (share of the reuse ceiling, worst slice: 0: 74%, 1.5: 88%, 2: 89%, 2.5: 90%, 3: 90% with a
-    # worse balance); mean TTFT moves by < 5% over 1.5..3.
+    # (share of the reuse ceiling on the worst slice: 1.5: 88%, 2: 89%, 2.5: 90%, 3: 90% with a worse
+    # balance; 0 gives 87% on the first slice); mean TTFT moves by < 5% over 1.5..3.
     reuse_weight: float = 2.5
     # Context (tokens) at which a new token's attention costs as much as its linear layers: 12k on the
     # H100 Llama-3-8B profile (linear 21.8 us/token, attention ~1.8 ns per (new, prior) token pair).
