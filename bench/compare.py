@@ -25,7 +25,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from bench.workloads.ceiling import (
     profile_prefill_cost,
     ttft_lower_bounds,
 )
+from engines.sim.fleet import free_port as free_port  # the benches import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 KVROUTE_POLICIES = ("round_robin", "least_load", "cache_aware", "kv_aware")
@@ -110,12 +110,6 @@ class BenchConfig:
 
 
 # ---- small utilities --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def percentile(xs: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]); NaN for an empty list."""
     if not xs:
@@ -169,25 +163,21 @@ async def _fleet_child(spec: dict[str, Any]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def fleet_process(spec: FleetSpec, log: IO[str]) -> AsyncIterator[list[str]]:
-    """Start the fleet as a subprocess; yield its engine URLs; stop it (stdin EOF, then SIGTERM)."""
-    args = {
-        "workers": spec.workers,
-        "profile": spec.profile,
-        "page_size": spec.page_size,
-        "time_scale": spec.time_scale,
-        "kv_capacity_tokens": spec.kv_capacity_tokens,
-    }
+async def json_child(
+    argv: Sequence[str], log: IO[str], timeout_s: float, error: str
+) -> AsyncIterator[dict[str, Any]]:
+    """Run `python ARGV`, a child that prints one JSON line once ready, then runs until its stdin closes;
+    yield that line; stop it (stdin EOF, then SIGTERM after 10 s). `error`: the BenchError if it dies
+    first (both benches start their children this way)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.compare", "--fleet-child", json.dumps(args),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
+        sys.executable, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
     )
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=timeout_s)
         if not line:
-            raise BenchError("the simulated fleet exited before listing its engines (see fleet.log)")
-        yield list(json.loads(line)["urls"])
+            raise BenchError(error)
+        yield json.loads(line)
     finally:
         if proc.returncode is None:
             assert proc.stdin is not None
@@ -197,6 +187,30 @@ async def fleet_process(spec: FleetSpec, log: IO[str]) -> AsyncIterator[list[str
             except TimeoutError:
                 proc.terminate()
                 await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def fleet_child(args: dict[str, Any], log: IO[str], error: str) -> AsyncIterator[list[str]]:
+    """`SimFleet(**args)` in a child process (`--fleet-child`); yield its engine URLs."""
+    argv = ["-m", "bench.compare", "--fleet-child", json.dumps(args)]
+    async with json_child(argv, log, 120, error) as ready:
+        yield list(ready["urls"])
+
+
+@contextlib.asynccontextmanager
+async def fleet_process(spec: FleetSpec, log: IO[str]) -> AsyncIterator[list[str]]:
+    """Start the fleet as a subprocess; yield its engine URLs; stop it (stdin EOF, then SIGTERM)."""
+    args = {
+        "workers": spec.workers,
+        "profile": spec.profile,
+        "page_size": spec.page_size,
+        "time_scale": spec.time_scale,
+        "kv_capacity_tokens": spec.kv_capacity_tokens,
+    }
+    async with fleet_child(
+        args, log, "the simulated fleet exited before listing its engines (see fleet.log)"
+    ) as urls:
+        yield urls
 
 
 # ---- routers, each in a child process ---------------------------------------------------------------
@@ -222,16 +236,31 @@ async def router_process(
     """Start a router, wait until it is ready with every worker, yield its URL, then stop it."""
     port = free_port()
     cmd = router_command(spec, urls, port, page_size)
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
     # SGLang's router looks up the served model's tokenizer on the Hub (unused for HTTP routing): offline.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    async with serve_router(cmd, port, len(urls), log, http, env) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def serve_router(
+    cmd: Sequence[str],
+    port: int,
+    n_workers: int,
+    log: IO[str],
+    http: aiohttp.ClientSession,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[str]:
+    """Run a router command listening on `port`, wait until it is ready with `n_workers`, yield its URL,
+    then stop it (SIGTERM, SIGKILL after 15 s)."""
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_router_ready(url, len(urls), proc, http)
+        await wait_router_ready(url, n_workers, proc, http)
         yield url
     finally:
         if proc.poll() is None:

@@ -26,8 +26,6 @@ import contextlib
 import itertools
 import json
 import random
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -39,7 +37,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bench.compare import REPO, BenchError, free_port, percentile, sglang_router_available, wait_router_ready
+from bench.compare import (
+    REPO,
+    fleet_child,
+    free_port,
+    json_child,
+    percentile,
+    serve_router,
+    sglang_router_available,
+)
 from bench.loadgen import LoadgenConfig, RequestResult, run_load
 from bench.workloads import Request, block_text, poisson_arrivals
 from router.core import Router
@@ -109,25 +115,8 @@ async def fleet(cfg: PDBenchConfig, regular: int, prefill: int, decode: int, log
 ]:
     args = {"workers": regular, "prefill": prefill, "decode": decode, "profile": cfg.profile,
             "page_size": PAGE, "time_scale": cfg.time_scale, "seed": cfg.seed}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.compare", "--fleet-child", json.dumps(args),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
-        if not line:
-            raise BenchError("the simulated fleet exited before listing its engines")
-        yield list(json.loads(line)["urls"])
-    finally:
-        if proc.returncode is None:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.terminate()
-                await proc.wait()
+    async with fleet_child(args, log, "the simulated fleet exited before listing its engines") as urls:
+        yield urls
 
 
 async def server_info(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -195,25 +184,9 @@ async def kvroute_process(
     """kvroute in its own process, like SGLang's router: the load generator does not share its CPU."""
     spec = {"roles": [(u, r.value) for u, r in roles], "aggregated": aggregated, "kv_events": kv_events,
             "local_max_tokens": local_max_tokens}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.pd_bench", "--kvroute-child", json.dumps(spec),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
-        if not line:
-            raise BenchError("kvroute exited before listening (see pd_bench.log)")
-        yield str(json.loads(line)["url"])
-    finally:
-        if proc.returncode is None:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.terminate()
-                await proc.wait()
+    argv = ["-m", "bench.pd_bench", "--kvroute-child", json.dumps(spec)]
+    async with json_child(argv, log, 60, "kvroute exited before listening (see pd_bench.log)") as ready:
+        yield str(ready["url"])
 
 
 @contextlib.asynccontextmanager
@@ -229,21 +202,8 @@ async def sglang_pd_front(
         cmd += ["--prefill", url, str(info.get("disaggregation_bootstrap_port"))]
     for url in decode:
         cmd += ["--decode", url]
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_router_ready(url, len(prefill) + len(decode), proc, http)
+    async with serve_router(cmd, port, len(prefill) + len(decode), log, http) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
 
 
 # ---- analysis -------------------------------------------------------------------------------------

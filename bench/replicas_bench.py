@@ -13,15 +13,17 @@ import subprocess
 import tempfile
 import time
 
-from router.shared import LoadVector, RemoteLoadFolder, ReplicaConfig, ReplicaStateSync, RoutingRecordShare, connect
-from router.types import Worker, WorkerState
 from cache_index.hashing import BlockHash
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from engines.sim.fleet import free_port
+from router.shared import (
+    LoadVector,
+    RemoteLoadFolder,
+    ReplicaConfig,
+    ReplicaStateSync,
+    RoutingRecordShare,
+    connect,
+)
+from router.types import Worker, WorkerState
 
 
 async def bench(url: str, workers: int, replicas: int, rounds: int = 200) -> tuple[float, float, float]:

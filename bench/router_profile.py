@@ -30,8 +30,8 @@ import aiohttp
 from bench.compare import (
     FleetSpec,
     RouterSpec,
-    flush_all,
     fleet_process,
+    flush_all,
     free_port,
     router_command,
     size_capacity,
@@ -43,11 +43,11 @@ from bench.workloads import build
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, in seconds (Linux /proc)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 async def main_async(a: argparse.Namespace) -> None:
@@ -94,8 +94,11 @@ async def main_async(a: argparse.Namespace) -> None:
     over = [r.e2e_s - r.engine_e2e_s for r in ok if r.e2e_s and r.engine_e2e_s is not None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     n = len(results)
-    print(f"router {spec.name}: {len(ok)}/{n} ok, wall {wall:.1f} s, router CPU {cpu1 - cpu0:.2f} s "
-          f"= {1e3 * (cpu1 - cpu0) / max(n, 1):.2f} ms/request, CPU busy {100 * (cpu1 - cpu0) / wall:.0f}%")
+    user, sys_ = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    cpu = user + sys_
+    print(f"router {spec.name}: {len(ok)}/{n} ok, wall {wall:.1f} s, router CPU {cpu:.2f} s "
+          f"(user {user:.2f}, sys {sys_:.2f}) = {1e3 * cpu / max(n, 1):.2f} ms/request, "
+          f"CPU busy {100 * cpu / wall:.0f}%")
     if over:
         print(f"added latency (client e2e - engine e2e, engine s): mean {statistics.mean(over):.3f} "
               f"p50 {statistics.median(over):.3f} max {max(over):.3f}; TTFT mean {statistics.mean(ttft):.3f}")

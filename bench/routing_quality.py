@@ -34,9 +34,9 @@ import selectors
 import statistics
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import engines.sim.engine as sim_engine_module
@@ -96,6 +96,43 @@ async def wait_subscribed(router: Router, engines: list[SimEngine], urls: list[s
         await asyncio.sleep(0.01)
 
 
+@dataclass
+class _Tally:
+    """One run's outcomes: simulated TTFTs, the fleet's cached/prompt tokens, requests per worker."""
+
+    per_worker: dict[str, int]
+    ttft: list[float] = field(default_factory=list)
+    cached: int = 0
+    prompt: int = 0
+
+    async def serve(
+        self, router: Router, by_url: Mapping[str, SimEngine], rid: str, ids: list[int], max_new: int
+    ) -> None:
+        """Route one prompt with the library router, run it on the chosen engine, report back to the
+        router as the HTTP proxy would (routed, first token, finished), and count the outcome."""
+        req = router.routing_request(input_ids=ids)
+        d = router.select(req)
+        self.per_worker[d.worker] += 1
+        ticket = router.on_routed(d, req)
+        eng = by_url[d.worker]
+        first, last = True, None
+        try:
+            gen = GenerateRequest(rid=rid, input_ids=ids, max_new_tokens=max_new, ignore_eos=True)
+            async for ch in eng.generate(gen):
+                if first and ch.token_ids:
+                    router.on_first_token(ticket)
+                    first = False
+                last = ch
+        finally:
+            router.on_finished(ticket, cached_tokens=last.cached_tokens if last else None)
+        assert last is not None
+        rec_ttft = eng.records_by_rid[rid].ttft  # simulated seconds: host delays do not count
+        assert rec_ttft is not None
+        self.ttft.append(rec_ttft)
+        self.cached += last.cached_tokens
+        self.prompt += last.prompt_tokens
+
+
 async def run_once(args: argparse.Namespace, sc: Scenario, policy: str, sched: str, seed: int) -> Result:
     rng = random.Random(seed)
     tenants = [[rng.randrange(1, 30000) for _ in range(args.prefix)] for _ in range(args.tenants)]
@@ -103,9 +140,7 @@ async def run_once(args: argparse.Namespace, sc: Scenario, policy: str, sched: s
     router = Router(block_size=16, policy=policy, policy_params=params)
     engines: list[SimEngine] = []
     urls = [f"http://sim{i}" for i in range(args.workers)]
-    ttft: list[float] = []
-    cached = prompt = 0
-    per_worker = dict.fromkeys(urls, 0)
+    tally = _Tally(dict.fromkeys(urls, 0))
     try:
         for i, url in enumerate(urls):
             cfg = SimConfig(
@@ -123,45 +158,23 @@ async def run_once(args: argparse.Namespace, sc: Scenario, policy: str, sched: s
             await router.subscribe(url, info.endpoint)
         await wait_subscribed(router, engines, urls, timeout=10.0)
 
-        async def one(rid: str, ids: list[int]) -> None:
-            nonlocal cached, prompt
-            req = router.routing_request(input_ids=ids)
-            d = router.select(req)
-            per_worker[d.worker] += 1
-            ticket = router.on_routed(d, req)
-            eng = engines[urls.index(d.worker)]
-            first, last = True, None
-            try:
-                gen = GenerateRequest(rid=rid, input_ids=ids, max_new_tokens=args.output, ignore_eos=True)
-                async for ch in eng.generate(gen):
-                    if first and ch.token_ids:
-                        router.on_first_token(ticket)
-                        first = False
-                    last = ch
-            finally:
-                router.on_finished(ticket, cached_tokens=last.cached_tokens if last else None)
-            assert last is not None
-            rec_ttft = eng.records_by_rid[rid].ttft  # simulated seconds: host delays do not count
-            assert rec_ttft is not None
-            ttft.append(rec_ttft)
-            cached += last.cached_tokens
-            prompt += last.prompt_tokens
-
+        by_url = dict(zip(urls, engines, strict=True))
         tasks = []
         for b in range(sc.arrivals):
             ten = rng.randrange(args.tenants)
             for k in range(sc.burst):
                 ids = tenants[ten] + [rng.randrange(1, 30000) for _ in range(args.suffix)]
-                tasks.append(asyncio.create_task(one(f"{b}-{k}", ids)))
+                tasks.append(asyncio.create_task(tally.serve(router, by_url, f"{b}-{k}", ids, args.output)))
             await asyncio.sleep(sc.gap_s * args.scale)
         await asyncio.gather(*tasks)
     finally:
         await router.close()
         for e in engines:
             await e.close()
-    q = statistics.quantiles(ttft, n=100)
-    spread = sorted(per_worker.values())
-    return Result(q[49] * 1e3, q[89] * 1e3, statistics.mean(ttft) * 1e3, cached / prompt, spread)
+    q = statistics.quantiles(tally.ttft, n=100)
+    spread = sorted(tally.per_worker.values())
+    hit = tally.cached / tally.prompt
+    return Result(q[49] * 1e3, q[89] * 1e3, statistics.mean(tally.ttft) * 1e3, hit, spread)
 
 
 # ---- virtual clock ----------------------------------------------------------------------------------
@@ -271,9 +284,7 @@ async def replay_virtual(
         ps, kv = fleet.page_size, fleet.kv_tokens
         router.add_worker(Worker(url, state=WorkerState.HEALTHY, page_size=ps, max_total_tokens=kv))
     by_url = dict(zip(urls, engines, strict=True))
-    per_worker = dict.fromkeys(urls, 0)
-    ttft: list[float] = []
-    cached = prompt = 0
+    tally = _Tally(dict.fromkeys(urls, 0))
 
     async def poll() -> None:
         while True:
@@ -281,31 +292,6 @@ async def replay_virtual(
             for url, e in by_url.items():
                 ld = e.load()
                 router.update_engine_load(url, ld.num_running_reqs, ld.num_waiting_reqs, ld.token_usage)
-
-    async def one(r: Request) -> None:
-        nonlocal cached, prompt
-        ids = r.token_ids()
-        req = router.routing_request(input_ids=ids)
-        d = router.select(req)
-        per_worker[d.worker] += 1
-        ticket = router.on_routed(d, req)
-        eng = by_url[d.worker]
-        first, last = True, None
-        try:
-            gen = GenerateRequest(rid=r.rid, input_ids=ids, max_new_tokens=r.output_tokens, ignore_eos=True)
-            async for ch in eng.generate(gen):
-                if first and ch.token_ids:
-                    router.on_first_token(ticket)
-                    first = False
-                last = ch
-        finally:
-            router.on_finished(ticket, cached_tokens=last.cached_tokens if last else None)
-        assert last is not None
-        rec = eng.records_by_rid[r.rid].ttft
-        assert rec is not None
-        ttft.append(rec)
-        cached += last.cached_tokens
-        prompt += last.prompt_tokens
 
     poller = loop.create_task(poll()) if fleet.poll_s > 0 else None
     tasks = []
@@ -315,7 +301,7 @@ async def replay_virtual(
             delay = t0 + r.arrival_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(loop.create_task(one(r)))
+            tasks.append(loop.create_task(tally.serve(router, by_url, r.rid, r.token_ids(), r.output_tokens)))
         await asyncio.gather(*tasks)
     finally:
         if poller is not None:
@@ -323,7 +309,7 @@ async def replay_virtual(
         for e in engines:
             await e.close()
         await router.close()
-    return RunStats(cached / prompt, ttft, list(per_worker.values()))
+    return RunStats(tally.cached / tally.prompt, tally.ttft, list(tally.per_worker.values()))
 
 
 def burst_workload(sc: Scenario, args: argparse.Namespace, seed: int) -> Workload:

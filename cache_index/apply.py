@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol
+from itertools import chain
+from typing import Protocol, cast
 
 from cache_index.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
 from cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
@@ -106,8 +107,8 @@ class KvEventApplier:
                     self._store(worker, ev, ev.block_hashes, ev.token_ids)
                 else:
                     run = evs[i - 1 : j]
-                    hashes = [h for e in run for h in e.block_hashes]  # type: ignore[union-attr]
-                    tokens = [t for e in run for t in e.token_ids]  # type: ignore[union-attr]
+                    hashes = list(chain.from_iterable([e.block_hashes for e in run]))  # type: ignore[union-attr]
+                    tokens = list(chain.from_iterable([e.token_ids for e in run]))  # type: ignore[union-attr]
                     st.events += j - i
                     i = j
                     self._store(worker, ev, hashes, tokens)
@@ -116,7 +117,7 @@ class KvEventApplier:
                 if target is None:
                     st.other_medium += len(ev.block_hashes)
                 else:
-                    st.removed += target.remove(worker, [EngineBlockHash(h) for h in ev.block_hashes])
+                    st.removed += target.remove(worker, cast("tuple[EngineBlockHash, ...]", ev.block_hashes))
             elif type(ev) is AllBlocksCleared:
                 st.clears += 1
                 self.index.clear(worker)
@@ -153,8 +154,10 @@ class KvEventApplier:
                 st.orphan += n
                 return
         ours = hash_blocks(tokens, bs, seed, parent if parent is not None else 0)
-        pairs = zip(ours, hashes, strict=True)
-        target.store(worker, parent, [StoredBlock(h, EngineBlockHash(e)) for h, e in pairs])
+        # Plain (hash, engine hash) pairs: StoredBlock is a NamedTuple, the index only unpacks them,
+        # and building one NamedTuple per page cost 14x the zip (~65 us per 190-page store).
+        pairs = cast("list[StoredBlock]", list(zip(ours, hashes, strict=True)))
+        target.store(worker, parent, pairs)
         st.stored += n
 
     def forget(self, worker: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.errors import ApiError, bad_request
+from router.errors import ApiError, bad_request, json_object
 from router.policies.base import NoWorkerAvailable
 from router.types import WorkerRole
 from router.workers import RegistryError, WorkerRegistry
@@ -62,15 +62,7 @@ def check_access(request: web.Request, token: str | None) -> None:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    if not raw:
-        return {}
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"malformed JSON: {exc}", "invalid_json") from exc
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object", "invalid_json")
-    return data
+    return json_object(raw) if raw else {}
 
 
 def _url_arg(request: web.Request, body: dict[str, Any]) -> str:
@@ -78,6 +70,10 @@ def _url_arg(request: web.Request, body: dict[str, Any]) -> str:
     if not isinstance(url, str) or not url:
         raise bad_request("'url' (query parameter or body field) is required", "missing_url")
     return url
+
+
+def _unknown_worker(exc: RegistryError) -> ApiError:
+    return ApiError(404, str(exc), "not_found_error", "unknown_worker")
 
 
 class AdminApi:
@@ -180,29 +176,26 @@ class AdminApi:
         try:
             await self.registry.remove(url)
         except RegistryError as exc:
-            raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+            raise _unknown_worker(exc) from exc
         if self.replicas is not None:
             self.replicas.notify_remove(url)
         return _json({"removed": url})
 
     async def drain_worker(self, request: web.Request) -> web.Response:
-        url = _url_arg(request, await _body(request))
-        try:
-            worker = self.registry.drain(url)
-        except RegistryError as exc:
-            raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
-        if self.replicas is not None:
-            self.replicas.notify_drain(worker.url, True, worker.role.value)
-        return _json({"worker": self.registry.describe(url)})
+        return await self._set_draining(request, True)
 
     async def undrain_worker(self, request: web.Request) -> web.Response:
+        return await self._set_draining(request, False)
+
+    async def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        """Drain or undrain the worker named by the request, and tell the other replicas."""
         url = _url_arg(request, await _body(request))
         try:
-            worker = self.registry.undrain(url)
+            worker = self.registry.drain(url) if draining else self.registry.undrain(url)
         except RegistryError as exc:
-            raise ApiError(404, str(exc), "not_found_error", "unknown_worker") from exc
+            raise _unknown_worker(exc) from exc
         if self.replicas is not None:
-            self.replicas.notify_drain(worker.url, False, worker.role.value)
+            self.replicas.notify_drain(worker.url, draining, worker.role.value)
         return _json({"worker": self.registry.describe(url)})
 
     async def get_policy(self, request: web.Request) -> web.Response:

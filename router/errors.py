@@ -6,6 +6,8 @@ and the admin API get `{"error": {"message", "type", "code"}}` (SGLang's own sha
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 
@@ -33,6 +35,17 @@ class ApiError(Exception):
 
 def bad_request(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A client's request body as a JSON object, else the 400 it gets (serving and admin routes alike)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"malformed JSON: {exc}", "invalid_json") from exc
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", "invalid_json")
+    return data
 
 
 def from_upstream(exc: UpstreamError) -> ApiError:

@@ -23,8 +23,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from router.types import Worker, WorkerState
 
 # Latency buckets in seconds: sub-millisecond (router overhead, cached prefills) up to long generations.
-_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_TPOT = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
+)  # fmt: skip
+# Gaps between tokens in seconds (TPOT, ITL; also `router.pd_metrics`).
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 _RATIO = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -56,14 +59,14 @@ class Metrics:
             "kvroute_ttft_seconds",
             "Time from request arrival to the first token sent back.",
             ["policy", "worker"],
-            buckets=_LAT,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "kvroute_tpot_seconds",
             "Mean time per output token after the first, per request.",
             ["policy", "worker"],
-            buckets=_TPOT,
+            buckets=TOKEN_GAP_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
@@ -71,14 +74,14 @@ class Metrics:
             "Inter-token latency: each gap between two streamed tokens (SSE data events), as the router "
             "received them; events delivered together share their gap evenly.",
             ["policy", "worker"],
-            buckets=_TPOT,
+            buckets=TOKEN_GAP_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "kvroute_e2e_seconds",
             "Time from request arrival to the end of the response.",
             ["route", "policy"],
-            buckets=_LAT,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from router.metrics import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
 from router.pd import PDRecord
 from router.planner import ObservedLoad
 
-_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_ITL = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+# The router's buckets; PD's TTFT phases stop at 60 s.
+_LAT = tuple(b for b in LATENCY_BUCKETS if b <= 60.0)
+_ITL = TOKEN_GAP_BUCKETS
 
 
 def _percentile(values: list[float], q: float) -> float | None:

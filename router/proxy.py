@@ -20,14 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from engines.errors import UpstreamError, UpstreamHTTPError, UpstreamStreamBroken, UpstreamTimeout
 from engines.http1 import Timeouts, UpstreamResponse
 from router.config import RouterConfig
-from router.errors import ApiError, bad_request, error_response, from_upstream, sse_error_event
+from router.errors import (
+    ApiError,
+    bad_request,
+    error_response,
+    from_upstream,
+    json_object,
+    sse_error_event,
+)
 from router.metrics import Metrics
 from router.pd import PDContext, forward_pd
 from router.policies.base import NoWorkerAvailable
@@ -168,12 +174,7 @@ class Proxy:
         body = await self._read_body(request)
         if not body:
             raise bad_request("empty request body; expected a JSON object", "empty_body")
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(f"malformed JSON: {exc}", "invalid_json") from exc
-        if not isinstance(data, dict):
-            raise bad_request("the request body must be a JSON object", "invalid_json")
+        data = json_object(body)
         f = extract_fields(spec.kind, data)
         session_key = request.headers.get(self.config.session_header) or f.user
         try:

@@ -125,20 +125,18 @@ async def _openai_stream(
     return await end_sse(resp)
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
+_Started = tuple[dict[str, Any], GenerateRequest, TokenChunk, AsyncIterator[TokenChunk]]
+
+
+async def _start(
+    request: web.Request, tokens_of: Callable[[dict[str, Any]], list[int]], prefix: str
+) -> _Started | web.Response:
+    """Read and validate the body, then wait for the first chunk: (body, request, first, rest), or the
+    OpenAI error response for anything that failed before a byte went out (one mapping for both routes)."""
     st = request.app[STATE]
     try:
         d = await read_body(request)
-        prompt = d.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            tokens = st.tokenizer.encode(prompt)
-        elif isinstance(prompt, list):
-            tokens = token_list(prompt, "prompt")
-        else:
-            raise ApiError("prompt must be a string or a list of token ids")
-        req = _openai_common(st, d, tokens, "cmpl")
+        req = _openai_common(st, d, tokens_of(d), prefix)
         first, rest = await first_and_rest(st.core, req)
     except ApiError as exc:
         return openai_error(str(exc), exc.status)
@@ -146,6 +144,26 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return openai_error(
             str(exc), exc.status, "BadRequestError" if exc.status == 400 else "InternalServerError"
         )
+    return d, req, first, rest
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    st = request.app[STATE]
+
+    def tokens_of(d: dict[str, Any]) -> list[int]:
+        prompt = d.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return st.tokenizer.encode(prompt)
+        if isinstance(prompt, list):
+            return token_list(prompt, "prompt")
+        raise ApiError("prompt must be a string or a list of token ids")
+
+    started = await _start(request, tokens_of, "cmpl")
+    if isinstance(started, web.Response):
+        return started
+    d, req, first, rest = started
     head = {"id": req.rid, "object": "text_completion", "created": int(time.time()), "model": st.model}
     if not req.stream:
         try:
@@ -176,23 +194,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
-    try:
-        d = await read_body(request)
+
+    def tokens_of(d: dict[str, Any]) -> list[int]:
         messages = d.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError("messages must be a non-empty list")
         try:
-            tokens = st.tokenizer.apply_chat_template(messages)
+            return st.tokenizer.apply_chat_template(messages)
         except ValueError as exc:
             raise ApiError(str(exc)) from exc
-        req = _openai_common(st, d, tokens, "chatcmpl")
-        first, rest = await first_and_rest(st.core, req)
-    except ApiError as exc:
-        return openai_error(str(exc), exc.status)
-    except EngineError as exc:
-        return openai_error(
-            str(exc), exc.status, "BadRequestError" if exc.status == 400 else "InternalServerError"
-        )
+
+    started = await _start(request, tokens_of, "chatcmpl")
+    if isinstance(started, web.Response):
+        return started
+    d, req, first, rest = started
     head = {"id": req.rid, "object": "chat.completion", "created": int(time.time()), "model": st.model}
     if not req.stream:
         try:

@@ -10,7 +10,8 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
 - own_prefill: the request's own uncached prefill. Attention makes a new token cost more the longer
   the context before it (H100 / Llama-3-8B: an 8k chunk after 32k cached tokens costs 2.6x one after
   none), so a deep cache hit saves more than its share of tokens; `attention_tokens` is the context at
-  which a token's attention costs as much as its linear layers (12k on that profile; 0: ignore).
+  which a token's attention costs as much as its linear layers (7k-12.5k on that profile, 8192; 0:
+  ignore).
 - pending_prefill_blocks(w): the prefill queued ahead of it (uncached prompt tokens routed to w with
   no first token yet / block_size); queue_weight 1 = the FCFS wait.
 - decode_load(w): active KV blocks (router count, floored by the engine's usage). Decode only slows a
@@ -19,10 +20,12 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
 - reuse_weight * (P - indexed(w)): what a miss costs the *fleet*: recomputing a prefix another worker
   holds (event-confirmed blocks only) duplicates it and spends prefill capacity later requests queue
   behind. Without it the cost is greedy per request and scatters conversations whenever the owner has
-  a queue (Mooncake: 74% of the reuse ceiling without it, 90-93% with 2.5).
+  a queue (Mooncake slice 0: 87% of the reuse ceiling without it, 92% with 2.5).
 - overlap(w): leading prompt blocks w holds = max(event-fed index match, in-flight match). The in-flight
   match counts prompts routed to w and not finished as held there (a burst arrives before any event);
-  off with `predict_inflight=False`. It lowers own_prefill but earns no reuse credit (not confirmed).
+  off with `predict_inflight=False`. It lowers own_prefill but earns no reuse credit (not confirmed),
+  and counts only behind at least `step_tokens` of queued prefill: with less, the request would be
+  admitted in the same prefill step as the in-flight prompt and recompute its prefix (SGLang, the sim).
 - Hot-spot guard: w is hot when its requests in flight exceed `guard_factor * fleet_mean +
   guard_margin_requests` (a burst of shared-prefix requests has ~0 uncached work, so only the count
   shows the pile-up), or, when `guard_margin_blocks` > 0, when its load (pending prefill + decode_weight
@@ -86,9 +89,16 @@ class KvAwareConfig:
     # (share of the reuse ceiling on the worst slice: 1.5: 88%, 2: 89%, 2.5: 90%, 3: 90% with a worse
     # balance; 0 gives 87% on the first slice); mean TTFT moves by < 5% over 1.5..3.
     reuse_weight: float = 2.5
-    # Context (tokens) at which a new token's attention costs as much as its linear layers: 12k on the
-    # H100 Llama-3-8B profile (linear 21.8 us/token, attention ~1.8 ns per (new, prior) token pair).
-    attention_tokens: float = 12288.0
+    # Context (tokens) at which a new token's attention costs as much as its linear layers. H100
+    # Llama-3-8B profile: linear 21.8 us/token, attention 3.1 ns per (new, prior) token pair at 2k of
+    # context down to 1.7 ns at 32k, i.e. 7k..12.5k. 8192: on three Mooncake slices 91-93% of the
+    # reuse ceiling (12288: 89.7-93%), mean TTFT within 2%.
+    attention_tokens: float = 8192.0
+    # The engines' prefill budget per step (SGLang's chunked_prefill_size; 8192 on an H100). A request
+    # sent to a worker with less prefill queued than this is admitted in the same step as the prompts in
+    # flight there, and recomputes their unprefilled prefix (SGLang and the sim both do): in-flight
+    # blocks count as held only behind a queue of at least this many tokens. 0: always (bursts pile up).
+    step_tokens: int = 8192
 
     def __post_init__(self) -> None:
         for name in (
@@ -100,6 +110,7 @@ class KvAwareConfig:
             "temperature",
             "attention_tokens",
             "reuse_weight",
+            "step_tokens",
         ):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, "kv_aware", f"{name} must be finite and >= 0, got {v}")
@@ -131,6 +142,7 @@ class KvAwarePolicy(PolicyBase):
         inflight = self._inflight.match(hashes) if (hashes and self._inflight is not None) else {}
         prompt_blocks = request.prompt_tokens / bs
         attn = bs / c.attention_tokens if c.attention_tokens > 0 else 0.0
+        batch = c.step_tokens
         normalize = c.normalize_by_capacity
         caps = [w.max_total_tokens / bs for w in candidates if w.max_total_tokens] if normalize else []
         mean_cap = sum(caps) / len(caps) if caps else 0.0
@@ -139,6 +151,8 @@ class KvAwarePolicy(PolicyBase):
             ld = w.load
             url = w.url
             ov_i, ov_f = indexed.get(url, 0), inflight.get(url, 0)
+            if ov_f > ov_i and ld.pending_prefill_tokens < batch:
+                ov_f = ov_i  # admitted in the same step as the in-flight prompt: recomputed, not reused
             overlap = ov_i if ov_i >= ov_f else ov_f
             pending = ld.pending_prefill_tokens / bs
             decode = float(ld.active_blocks)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +15,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+log = logging.getLogger("kvroute.replicas")
 
 # What "Redis is unreachable or misbehaving" looks like from the client: caught at one boundary per task.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
@@ -136,3 +141,17 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.base
+
+
+async def sync_forever(
+    sync_once: Callable[[], Awaitable[bool]], interval_s: float, backoff: Backoff, replica_id: str, what: str
+) -> None:
+    """Run `sync_once` every `interval_s` seconds while it succeeds, after `backoff`'s delays while it fails,
+    until cancelled. The loop of the load and record sharers; `what` names it in the log."""
+    while True:
+        try:
+            ok = await sync_once()
+        except Exception:  # a bug must not silently end sharing for the process's lifetime
+            log.exception("replica %s: %s failed", replica_id, what)
+            ok = False
+        await asyncio.sleep(interval_s if ok else backoff.next())

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig
+from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, sync_forever
 from router.types import Worker, WorkerLoad
 
 log = logging.getLogger("kvroute.replicas")
@@ -270,10 +270,5 @@ class ReplicaStateSync:
             self.peers = ()
 
     async def _run(self) -> None:
-        while True:
-            try:
-                ok = await self.sync_once()
-            except Exception:  # a bug must not silently end sharing for the process's lifetime
-                log.exception("replica %s: load sync failed", self.replica_id)
-                ok = False
-            await asyncio.sleep(self.config.sync_interval_s if ok else self._backoff.next())
+        interval = self.config.sync_interval_s
+        await sync_forever(self.sync_once, interval, self._backoff, self.replica_id, "load sync")

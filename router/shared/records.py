@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from cache_index.hashing import BlockHash
-from router.shared.common import REDIS_ERRORS, Backoff, ReplicaConfig
+from router.shared.common import REDIS_ERRORS, Backoff, ReplicaConfig, sync_forever
 
 log = logging.getLogger("kvroute.replicas")
 
@@ -114,13 +114,8 @@ class RoutingRecordShare:
                     log.warning("replica %s: ignoring malformed record entry %s", self.replica_id, entry_id)
 
     async def _run(self) -> None:
-        while True:
-            try:
-                ok = await self.sync_once()
-            except Exception:  # a bug must not silently end sharing for the process's lifetime
-                log.exception("replica %s: record sync failed", self.replica_id)
-                ok = False
-            await asyncio.sleep(self.config.sync_interval_s if ok else self._backoff.next())
+        interval = self.config.sync_interval_s
+        await sync_forever(self.sync_once, interval, self._backoff, self.replica_id, "record sync")
 
 
 def cache_aware_sink(router: Any) -> RecordSink:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from engines.sim.fleet import SimFleet, free_port
 from router.app import REGISTRY, ROUTER, create_app
 from router.config import RouterConfig
 
@@ -28,12 +28,20 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str =
         await asyncio.sleep(0.01)
 
 
+def sse_data(raw: bytes) -> list[bytes]:
+    """The payloads of an SSE body's `data:` lines, stripped, in order (`b"[DONE]"` included)."""
+    return [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+
+
+def pd_sim_fleet(regular: int = 0, **kw: Any) -> SimFleet:
+    """The PD tests' fleet, not started: `regular` engines plus 2 prefill and 2 decode, a fast clock, and
+    a bootstrap timeout long enough for a loaded 2-core host."""
+    return SimFleet(regular, prefill=2, decode=2, time_scale=0.02, bootstrap_timeout_s=20.0, **kw)
+
+
 def refused_url() -> str:
     """A loopback URL nothing listens on (the port was bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from engines.sim.fleet import SimFleet
 from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER
 from router.types import WorkerRole
-from tests.router.conftest import test_config, wait_until
+from tests.router.conftest import pd_sim_fleet, sse_data, test_config, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 12
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[SimFleet]:
-    f = SimFleet(0, prefill=2, decode=2, time_scale=0.02, bootstrap_timeout_s=20.0)
+    f = pd_sim_fleet()
     await f.start()
     try:
         yield f
@@ -52,7 +52,7 @@ async def test_serve_routes_through_a_prefill_decode_pair(fleet: SimFleet, start
         assert resp.headers[WORKER_HEADER] in fleet.decode_urls
         assert resp.headers[PREFILL_WORKER_HEADER] in fleet.prefill_urls
         assert resp.headers["X-Request-Id"] == "rid-pd-1"
-    events = [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+    events = sse_data(raw)
     assert events[-1] == b"[DONE]"
     assert orjson.loads(events[-2])["meta_info"]["completion_tokens"] == 6
 

@@ -134,7 +134,9 @@ def test_shared_prefix_burst_follows_the_first_request_before_any_event() -> Non
     order = [(t, 0) for t in range(4)] + [(t, i) for t in range(4) for i in range(1, 4)]
     placed: dict[bool, dict[int, set[str]]] = {}
     for predict in (True, False):
-        r = make_router(4, policy_params={"predict_inflight": predict})
+        # step_tokens 0: followers are credited with the in-flight prefix however short the queue (by
+        # default they are only behind >= 8192 queued tokens; the next test)
+        r = make_router(4, policy_params={"predict_inflight": predict, "step_tokens": 0})
         placed[predict] = {t: set() for t in range(4)}
         for t, i in order:
             req = r.routing_request(text=tenants[t] + f"question {i}")
@@ -146,6 +148,22 @@ def test_shared_prefix_burst_follows_the_first_request_before_any_event() -> Non
     assert len(set().union(*placed[True].values())) == 4  # and the tenants are spread over the fleet
     # events only: the followers see no overlap anywhere and scatter by load
     assert max(len(ws) for ws in placed[False].values()) >= 3
+
+
+def test_short_burst_spreads_unless_queued_behind_a_full_step() -> None:
+    """Default step_tokens (8192): a follower sent while less than one prefill step is queued on the
+    leader's worker would be admitted in the leader's step and recompute the prefix (SGLang, the sim),
+    so it goes where it waits least; with a long prefix queued it follows the leader."""
+    for prefix_tokens, expect_one_worker in ((1000, False), (9000, True)):
+        r = make_router(4)
+        system = (SYSTEM * (prefix_tokens // len(SYSTEM) + 1))[:prefix_tokens]
+        workers = set()
+        for i in range(3):
+            req = r.routing_request(text=system + f"question {i}")
+            d = r.select(req)
+            r.on_routed(d, req)
+            workers.add(d.worker)
+        assert (len(workers) == 1) is expect_one_worker
 
 
 def test_an_evicted_prefix_stops_attracting_traffic() -> None:

@@ -170,6 +170,18 @@ def test_parser_http10_without_keep_alive_and_bad_chunk_framing() -> None:
     assert isinstance(bad._exc, ValueError)
 
 
+def test_parser_whole_chunk_per_read_fast_path() -> None:
+    conn = _Conn(_NoPool(), ("127.0.0.1", 1))  # type: ignore[arg-type]
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for part in (b"6\r\ndata: \r\n", b"A\r\n0123456789\r\n", b"3;x=1\r\nabc\r\n", b"2\r\nxy\r\n0\r\n\r\n"):
+        conn.data_received(part)  # one whole chunk per read (the streaming case), then mixed reads
+    assert (conn.take(), conn._phase, conn.keep_alive) == (b"data: 0123456789abcxy", 4, True)
+    bad = _Conn(_NoPool(), ("127.0.0.1", 1))  # type: ignore[arg-type]
+    bad.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    bad.data_received(b"2\r\nabX\r\n")  # size says 2, 3 bytes follow: not a whole chunk, and bad framing
+    assert isinstance(bad._exc, ValueError)
+
+
 # ---------------------------------------------------------------- over loopback
 
 
@@ -338,6 +350,34 @@ async def test_no_response_within_idle_timeout(serve, pool) -> None:
     with pytest.raises(UpstreamTimeout):
         await _get(pool, srv, timeouts=Timeouts(connect=2.0, idle=0.1, total=5.0))
     assert not pool._idle.get(srv.key)
+
+
+async def test_idle_timeout_counts_from_the_last_read_of_a_stream(serve, pool) -> None:
+    """The idle timer is armed once and re-armed lazily: chunks keep the stream alive, silence ends it."""
+    silent_from: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(5):  # 5 x 0.12 s: longer than one idle period in all, each gap well within it
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            if i < 4:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(), 0.12)
+        silent_from.append(asyncio.get_running_loop().time())
+        await reader.read()  # silence until the client gives up
+
+    srv = await serve(handler)
+    resp = await pool.request(srv.url, srv.key, _head(), b"", Timeouts(connect=2.0, idle=0.4, total=10.0))
+    got = 0
+    with pytest.raises(UpstreamTimeout):
+        while await resp.next_chunk():
+            got += 1
+    timed_out_at = asyncio.get_running_loop().time()
+    resp.close()
+    assert got == 5
+    assert timed_out_at - silent_from[0] >= 0.4 - 0.05  # not before a full idle period of silence
 
 
 async def test_total_timeout_stops_a_trickling_stream(serve, pool) -> None:

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER
+from tests.router.conftest import sse_data
 
 pytestmark = pytest.mark.slow
 
@@ -114,10 +115,6 @@ async def cli() -> AsyncIterator[Cli]:
             await asyncio.wait_for(drain, 10)
 
 
-def _events(raw: bytes) -> list[bytes]:
-    return [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
-
-
 async def test_serve_cli_pd_generate_chat_stream_batch_and_local(cli: Cli) -> None:
     prefill_urls = {u for u, _ in cli.prefill}
     # the bootstrap port not given on the command line was read from the prefill's /server_info
@@ -142,7 +139,7 @@ async def test_serve_cli_pd_generate_chat_stream_batch_and_local(cli: Cli) -> No
             assert resp.headers[PREFILL_WORKER_HEADER] in prefill_urls, path
             assert resp.headers[WORKER_HEADER] in cli.decode, path
         if body.get("stream"):
-            events = _events(raw)
+            events = sse_data(raw)
             assert events[-1] == b"[DONE]" and not any(b'"error"' in e for e in events), (path, raw)
             if path == "/generate":
                 assert orjson.loads(events[-2])["meta_info"]["completion_tokens"] == 4

@@ -22,6 +22,7 @@ from router.core import Router
 from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER, PDConfig, PDContext, forward_pd
 from router.pd_metrics import PDMetrics
 from router.types import Worker, WorkerRole, WorkerState
+from tests.router.conftest import pd_sim_fleet, sse_data
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 12  # ~540 byte tokens
 SHORT = "Hi there, how are you?"  # 22 byte tokens
@@ -90,7 +91,7 @@ def _routing_for(router: Router, parsed: dict[str, Any]) -> Any:
 @pytest.fixture
 def make_harness() -> Callable[..., Any]:
     async def make(config: PDConfig | None = None, regular: int = 0, **fleet_kw: Any) -> Any:
-        fleet = SimFleet(regular, prefill=2, decode=2, time_scale=0.02, bootstrap_timeout_s=20.0, **fleet_kw)
+        fleet = pd_sim_fleet(regular, **fleet_kw)
         await fleet.start()
         router = Router(block_size=16, policy="least_load")
         for info in fleet.workers():
@@ -147,10 +148,6 @@ async def pd(make_harness: Callable[..., Any]) -> AsyncIterator[Harness]:
         await close()
 
 
-def _sse_events(raw: bytes) -> list[bytes]:
-    return [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
-
-
 async def test_pair_gets_the_same_room_and_the_stream_comes_from_decode(pd: Harness) -> None:
     body = {"text": LONG, "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}, "stream": True}
     async with pd.client.post(pd.base + "/generate", json=body) as resp:
@@ -159,7 +156,7 @@ async def test_pair_gets_the_same_room_and_the_stream_comes_from_decode(pd: Harn
         decode_url = resp.headers[WORKER_HEADER]
         prefill_url = resp.headers[PREFILL_WORKER_HEADER]
     assert decode_url in pd.fleet.decode_urls and prefill_url in pd.fleet.prefill_urls
-    events = _sse_events(raw)
+    events = sse_data(raw)
     assert events[-1] == b"[DONE]"
     last = orjson.loads(events[-2])
     assert last["meta_info"]["completion_tokens"] == 8
@@ -208,7 +205,7 @@ async def test_batch_gets_one_room_per_item_on_both_servers(pd: Harness, stream:
         raw = await resp.read()
         assert resp.status == 200, raw
     if stream:
-        events = [orjson.loads(e) for e in _sse_events(raw)[:-1]]
+        events = [orjson.loads(e) for e in sse_data(raw)[:-1]]
         finals = {e["index"]: e for e in events if e["meta_info"]["finish_reason"] is not None}
         assert sorted(finals) == [0, 1]
         outs = [finals[0], finals[1]]
@@ -254,7 +251,7 @@ async def test_decode_that_dies_mid_stream_ends_the_stream_with_an_error(pd: Har
     async with pd.client.post(pd.base + "/generate", json=body) as resp:
         assert resp.status == 200
         raw = await resp.read()
-    events = _sse_events(raw)
+    events = sse_data(raw)
     err = orjson.loads(events[-2])
     assert "error" in err and events[-1] == b"[DONE]"
     await pd.wait_idle()

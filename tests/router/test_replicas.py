@@ -40,19 +40,13 @@ from router.shared import (
 from router.shared.load_sync import add_blob, encode_blob
 from router.types import RoutingRequest, Worker, WorkerState
 from router.workers import WorkerRegistry
-from tests.router.conftest import refused_url, wait_until
+from tests.router.conftest import free_port, refused_url, wait_until
 
 W1, W2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 REQ = RoutingRequest(block_hashes=(), prompt_tokens=64, block_size=16)
 
 
 # --- a Redis server of our own ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _reachable(port: int) -> bool:
@@ -67,7 +61,7 @@ class RedisServer:
     """A private redis-server (no persistence) on a free loopback port; restartable on the same port."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -372,7 +366,7 @@ async def test_membership_changes_reach_other_replicas(redis_url: str, prefix: s
 
 async def test_membership_publish_without_redis_keeps_local(prefix: str) -> None:
     """Redis down at publish time: False, logged, no exception into the admin call."""
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     c = connect(url, 0.3)
     m = SharedMembership(c, Recorder(), rcfg(url, prefix, "a"), "a")
     try:

@@ -11,13 +11,15 @@ from router.types import Worker
 from tests.router.policies.util import BS, FakeOverlap, request, worker
 
 # The term-by-term tables switch off the terms they do not test, for round numbers: decode_weight 1
-# (default 0.01), reuse_weight 0 (default 2.5), attention_tokens 0 (default 12288) and the block test
-# of the guard at its former margin of 256 blocks (default 0: off). The defaults have their own tests.
+# (default 0.01), reuse_weight 0 (default 2.5), attention_tokens 0 (default 8192) and the block test
+# of the guard at its former margin of 256 blocks (default 0: off), and in-flight blocks credited
+# whatever the queue (step_tokens 0; default 8192). The defaults have their own tests.
 TABLE_PARAMS: dict[str, object] = {
     "decode_weight": 1.0,
     "reuse_weight": 0.0,
     "attention_tokens": 0.0,
     "guard_margin_blocks": 256.0,
+    "step_tokens": 0,
 }
 
 
@@ -134,6 +136,24 @@ def test_long_prompt_terms(
     assert d.worker == expected_first
 
 
+@pytest.mark.parametrize(
+    ("pending_tokens", "expected_first", "expected_cached"),
+    [
+        # w1 has the prompt in flight, 32 tokens queued < one step (64): a request sent now joins the
+        # in-flight one's step and recomputes the prefix, so no credit: the idle w0 wins (10 < 10 + 2)
+        (32, "w0", 0),
+        # 80 tokens queued >= one step: it is admitted after the prefix is cached: credited (0 + 5 < 10)
+        (80, "w1", 10),
+    ],
+)
+def test_inflight_blocks_count_only_behind_a_full_step(
+    pending_tokens: int, expected_first: str, expected_cached: int
+) -> None:
+    ws = [worker("w0"), worker("w1", 1, pending_tokens)]
+    d = policy({}, {"w1": 10}, decode_weight=0.0, step_tokens=64).select(request(10), ws)
+    assert (d.worker, d.cached_blocks) == (expected_first, expected_cached)
+
+
 def test_partial_trailing_block_counts_as_prefill_work() -> None:
     req = request(2, extra_tokens=8)  # 2 full blocks + 8 tokens = 2.5 blocks
     d = policy({"w0": 2}).select(req, [worker("w0"), worker("w1")])
@@ -213,8 +233,9 @@ def test_temperature_zero_is_deterministic_and_explain_is_pure() -> None:
     p = make_policy("kv_aware", {}, PolicyContext(kv_index=idx, inflight=infl))
     cfg = p.config  # type: ignore[attr-defined]
     # the documented defaults (docs/routing.md): tuned on Mooncake, see the module docstring
-    assert (cfg.decode_weight, cfg.reuse_weight, cfg.attention_tokens) == (0.01, 2.5, 12288.0)
+    assert (cfg.decode_weight, cfg.reuse_weight, cfg.attention_tokens) == (0.01, 2.5, 8192.0)
     assert (cfg.guard_margin_blocks, cfg.guard_margin_requests, cfg.queue_weight) == (0.0, 8.0, 1.0)
+    assert cfg.step_tokens == 8192  # SGLang's chunked_prefill_size on an H100
     assert {p.select(request(10), ws).worker for _ in range(20)} == {"w1"}
     before = [w.load for w in ws]
     scores = p.explain(request(10), ws)
