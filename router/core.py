@@ -21,7 +21,7 @@ import dataclasses
 import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from cache_index.apply import KvEventApplier
 from cache_index.events import KvEventBatch
@@ -72,8 +72,7 @@ class Router:
         if text_chunk_bytes <= 0:
             raise ValueError(f"text_chunk_bytes must be positive, got {text_chunk_bytes}")
         self.block_size = block_size
-        # cast: ByteTokenizer's frozen `name` does not satisfy the protocol's settable attribute
-        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else cast(Tokenizer, ByteTokenizer())
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.text_fallback = text_fallback
         self.text_chunk_bytes = text_chunk_bytes
         self.seed = namespace_seed(model_seed)
@@ -89,6 +88,8 @@ class Router:
         self._subscriber: KvEventSubscriber | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.dropped_batches = 0  # batches for workers not (or no longer) registered
+        # Called after every send, retries included (router/shared shares cache_aware records through it).
+        self.routed_hooks: list[Callable[[RoutingRequest, Worker], None]] = []
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -264,6 +265,8 @@ class Router:
             cached_blocks_predicted=cached,
         )
         self._policy.on_routed(request, worker)
+        for hook in self.routed_hooks:
+            hook(request, worker)
         self._stats[url].routed += 1
         return ticket
 

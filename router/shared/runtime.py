@@ -53,20 +53,11 @@ class ReplicaRuntime:
             self.membership.start()
         if self.records is not None:
             self.records.start()
-            hooks = getattr(self._router, "routed_hooks", None)  # the proposed Router hook, once it exists
-            if hooks is not None:
-                hooks.append(self.on_routed)
-            else:
-                log.warning(
-                    "replica %s: redis_share_records is set but this Router has no routed_hooks;"
-                    " other replicas' records are applied, this replica's are not shared",
-                    self.replica_id,
-                )
+            self._router.routed_hooks.append(self.on_routed)
 
     async def close(self) -> None:
-        hooks = getattr(self._router, "routed_hooks", None)
-        if hooks is not None and self.on_routed in hooks:
-            hooks.remove(self.on_routed)
+        if self.on_routed in self._router.routed_hooks:
+            self._router.routed_hooks.remove(self.on_routed)
         if self.records is not None:
             await self.records.close()
         if self.membership is not None:

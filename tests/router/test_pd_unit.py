@@ -147,12 +147,15 @@ def test_pair_prefill_by_queued_prefill_and_decode_by_decode_load() -> None:
 
 def test_prefill_prefers_the_worker_holding_the_prompt() -> None:
     router = _router()
-    sel = PDSelector(router, PDConfig())
+    # step_tokens=0: count an in-flight prompt as held at once. By default kv_aware only does so once a
+    # full prefill step is queued there (a newcomer sharing the leader's step recomputes the prefix).
+    config = PDConfig(prefill_policy_params=(("step_tokens", 0),))
+    sel = PDSelector(router, config)
     req = router.routing_request(text="y" * 640)
     router.load.on_routed(
         "http://p1:1", req.prompt_tokens, req.prompt_tokens, 16, block_hashes=req.block_hashes
     )  # p1 has this prompt in flight
-    route = choose_route(sel, req, PDConfig())
+    route = choose_route(sel, req, config)
     assert route.prefill is not None and route.prefill.url == "http://p1:1"
 
 
