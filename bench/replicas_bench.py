@@ -32,7 +32,12 @@ async def bench(url: str, workers: int, replicas: int, rounds: int = 200) -> tup
     clients = []
     syncs = []
     for r in range(replicas):
-        ws = {f"http://10.0.{i // 250}.{i % 250}:30000": Worker(url=f"http://10.0.{i // 250}.{i % 250}:30000", state=WorkerState.HEALTHY) for i in range(workers)}
+        ws = {
+            f"http://10.0.{i // 250}.{i % 250}:30000": Worker(
+                url=f"http://10.0.{i // 250}.{i % 250}:30000", state=WorkerState.HEALTHY
+            )
+            for i in range(workers)
+        }
         for w in ws.values():
             w.load.in_flight, w.load.pending_prefill_tokens, w.load.active_blocks = 3, 2048, 400
         c = connect(url, 2.0)
@@ -83,7 +88,22 @@ async def main() -> None:
     assert shutil.which("redis-server")
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                d,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -99,7 +119,9 @@ async def main() -> None:
                 p50, p99, cpu = await bench(url, workers, replicas)
                 print(f"{workers:7d} {replicas:8d}  {p50:11.2f} {p99:11.2f}  {cpu:11.3f}")
             rate = await bench_records(url)
-            print(f"record stream: {rate:,.0f} records/s end to end (64-block prompts, one writer, one reader)")
+            print(
+                f"record stream: {rate:,.0f} records/s end to end (64-block prompts, one writer, one reader)"
+            )
         finally:
             proc.kill()
             proc.wait()
