@@ -7,6 +7,7 @@ minus the engine's own e2e, in engine seconds), optionally while py-spy samples 
 
     python -m bench.router_profile --count 300 --rate 2 --workers 8 --time-scale 0.3
     python -m bench.router_profile --count 300 --py-spy /tmp/router.svg   # flame graph too
+    python -m bench.router_profile --micro   # per-chunk costs of the relay path, in process
 
 Processes: the fleet (bench.compare's child), the router (`router.cli serve`), the load here.
 """
@@ -104,6 +105,55 @@ async def main_async(a: argparse.Namespace) -> None:
               f"p50 {statistics.median(over):.3f} max {max(over):.3f}; TTFT mean {statistics.mean(ttft):.3f}")
 
 
+_SSE = b'data: {"text":"tok","meta_info":{"id":"abc","prompt_tokens":12000,"completion_tokens":17}}\n\n'
+
+
+class _FakeTransport:
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+async def _relay_micro(n: int) -> float:
+    """us per chunk of the engine-side receive path: data_received -> wake -> next_chunk, one per turn."""
+    from engines.http1 import Http1Pool, Timeouts, UpstreamResponse, _Conn
+
+    conn = _Conn(Http1Pool(), ("127.0.0.1", 1))
+    conn.transport = _FakeTransport()  # type: ignore[assignment]
+    conn.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    loop = asyncio.get_running_loop()
+    resp = UpstreamResponse(conn, "u", Timeouts(1.0, 30.0, 600.0), loop.time() + 600)
+    chunk = b"%x\r\n%s\r\n" % (len(_SSE), _SSE)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loop.call_soon(conn.data_received, chunk)
+        await resp.next_chunk()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def micro(n: int = 100_000) -> None:
+    """Per-chunk costs of the parts of the relay path that kvroute owns (best of 5), on uvloop."""
+    import uvloop
+
+    from router.wire import SseObserver
+
+    relay = min(uvloop.run(_relay_micro(n)) for _ in range(5))
+    best = float("inf")
+    for _ in range(5):
+        obs, t0 = SseObserver(), time.perf_counter()
+        for i in range(n):
+            obs.feed(_SSE, float(i))
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    print(f"engine receive path (http1): {relay:.2f} us/chunk; SSE side-parser: {best:.2f} us/chunk")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--start", type=int, default=0)
@@ -117,7 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--router", default="kvroute-kv_aware")
     ap.add_argument("--py-spy", default="", help="write a py-spy profile here (.svg, .json or .txt)")
     ap.add_argument("--log-dir", default=str(REPO / "bench" / "results" / "tmp" / "router_profile"))
-    asyncio.run(main_async(ap.parse_args(argv)))
+    ap.add_argument("--micro", action="store_true", help="only the in-process per-chunk micro-benchmarks")
+    a = ap.parse_args(argv)
+    if a.micro:
+        micro()
+        return 0
+    asyncio.run(main_async(a))
     return 0
 
 

@@ -393,7 +393,7 @@ class Http1Pool:
     def _release(self, conn: _Conn) -> None:
         conn._reset()
         conn.reused = True
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = (conn._loop or asyncio.get_running_loop()).time()
         self._idle.setdefault(conn.key, []).append(conn)
 
     async def _connect(self, key: tuple[str, int], url: str, timeout: float | None) -> _Conn:

@@ -181,6 +181,23 @@ class SseObserver:
 
     def feed(self, chunk: bytes, now: float) -> bool:
         """Returns True when this chunk carried the first data event."""
+        last_at = self.last_at
+        if (
+            last_at is not None
+            and not self._rest
+            and chunk.startswith(b"data:")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+        ):
+            # Fast path, one token per chunk: exactly one whole `data:` event after the first one.
+            payload = chunk[5:-2].strip()
+            if payload and payload != b"[DONE]":
+                self.ends_clean = True
+                self.events += 1
+                self.last_data = payload
+                self.gaps.append((now - last_at, 1))
+                self.last_at = now
+                return False
         data = self._rest + chunk if self._rest else chunk
         self.ends_clean = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
         lines = data.split(b"\n")

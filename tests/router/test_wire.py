@@ -26,6 +26,19 @@ def test_sse_observer_first_token_gaps_and_split_events() -> None:
     assert obs.last_data == b'{"a": 5}' and obs.first_data == b'{"a": 1}'
 
 
+def test_sse_observer_one_event_per_chunk() -> None:
+    """The streaming case (one token per chunk) takes a fast path that counts as the general one does."""
+    obs = SseObserver()
+    assert obs.feed(b'data: {"a": 1}\n\n', 1.0) is True
+    assert obs.feed(b'data: {"a": 2}\n\n', 1.25) is False
+    obs.feed(b'data: {"a": 3}\r\n\n', 1.5)  # CR before the LF: stripped like the general path does
+    obs.feed(b"data:\n\n", 1.75)  # empty data: not an event
+    obs.feed(b"data: [DONE]\n\n", 2.0)
+    assert (obs.events, obs.last_data, obs.last_at) == (3, b'{"a": 3}', 1.5)
+    assert (obs.done, obs.ends_clean) == (True, True)
+    assert obs.gaps == [(0.25, 1), (0.25, 1)]
+
+
 def test_extract_fields_routes_batches_by_their_first_item_and_rejects_bad_types() -> None:
     f = extract_fields("generate", {"text": ["first", "second"], "sampling_params": {"max_new_tokens": 3}})
     assert (f.text, f.max_tokens) == ("first", 3)
