@@ -170,7 +170,12 @@ async def json_child(
     yield that line; stop it (stdin EOF, then SIGTERM after 10 s). `error`: the BenchError if it dies
     first (both benches start their children this way)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
+        sys.executable,
+        *argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        cwd=REPO,
     )
     try:
         assert proc.stdout is not None
@@ -217,14 +222,40 @@ async def fleet_process(spec: FleetSpec, log: IO[str]) -> AsyncIterator[list[str
 def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: int) -> list[str]:
     if spec.kind == "kvroute":
         return [
-            sys.executable, "-m", "router.cli", "serve", "--worker-urls", *urls, "--policy", spec.policy,
-            "--host", "127.0.0.1", "--port", str(port), "--block-size", str(page_size),
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--worker-urls",
+            *urls,
+            "--policy",
+            spec.policy,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--block-size",
+            str(page_size),
             *[arg for p in spec.params for arg in ("--policy-param", p)],
         ]
     return [
-        sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", *urls, "--policy", spec.policy, "--prometheus-host", "127.0.0.1",
-        "--prometheus-port", str(free_port()), "--log-level", "warn",
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *urls,
+        "--policy",
+        spec.policy,
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warn",
         *[arg for p in spec.params for arg in ("--" + p.partition("=")[0], p.partition("=")[2])],
     ]
 
@@ -386,7 +417,11 @@ async def flush_all(http: aiohttp.ClientSession, urls: Sequence[str], deadline_s
 
 
 async def poll_loads(
-    http: aiohttp.ClientSession, urls: Sequence[str], period: float, scale: float, stop: asyncio.Event,
+    http: aiohttp.ClientSession,
+    urls: Sequence[str],
+    period: float,
+    scale: float,
+    stop: asyncio.Event,
     into: list[dict[str, Any]],
 ) -> None:
     """Sample every engine's running/waiting requests until `stop`; times in engine seconds."""
@@ -397,8 +432,13 @@ async def poll_loads(
         waiting = [int(ld.get("num_waiting_reqs", 0) or 0) for ld in loads]
         # SGLang's /get_load: num_reqs counts running + waiting.
         total = [int(ld.get("num_reqs", 0) or 0) for ld in loads]
-        into.append({"t": t, "running": [max(0, n - w) for n, w in zip(total, waiting, strict=True)],
-                     "waiting": waiting})
+        into.append(
+            {
+                "t": t,
+                "running": [max(0, n - w) for n, w in zip(total, waiting, strict=True)],
+                "waiting": waiting,
+            }
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=period)
 
@@ -415,8 +455,13 @@ class RunResult:
 
 
 async def run_router(
-    spec: RouterSpec, urls: Sequence[str], wl: Workload, cfg: BenchConfig, rate: float,
-    http: aiohttp.ClientSession, log: IO[str],
+    spec: RouterSpec,
+    urls: Sequence[str],
+    wl: Workload,
+    cfg: BenchConfig,
+    rate: float,
+    http: aiohttp.ClientSession,
+    log: IO[str],
 ) -> RunResult:
     """Flush the fleet, start the router, replay `wl` at `rate`, stop the router."""
     await flush_all(http, urls)
@@ -528,8 +573,9 @@ def summarize(
         owner_affinity=(
             owner_affinity(wl.requests, [r.worker for r in rs], ceiling.page_size) if wl else math.nan
         ),
-        host_overhead_s=_mean([r.e2e_s - r.engine_e2e_s for r in ok
-                               if r.e2e_s and r.engine_e2e_s is not None]),
+        host_overhead_s=_mean(
+            [r.e2e_s - r.engine_e2e_s for r in ok if r.e2e_s and r.engine_e2e_s is not None]
+        ),
     )
 
 
@@ -602,8 +648,13 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
         notes.append("SGLang's router is not installed (`pip install sglang-router==0.3.2`): skipped.")
     fleet = cfg.fleet
     if fleet.kv_capacity_tokens is None:
-        fleet = FleetSpec(fleet.workers, fleet.profile, fleet.page_size, fleet.time_scale,
-                          size_capacity(wl, fleet.workers, fleet.page_size))
+        fleet = FleetSpec(
+            fleet.workers,
+            fleet.profile,
+            fleet.page_size,
+            fleet.time_scale,
+            size_capacity(wl, fleet.workers, fleet.page_size),
+        )
     ceiling = prefix_reuse_ceiling(wl.requests, fleet.page_size)
     from engines.sim.profiles import get_profile
 
@@ -636,8 +687,14 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
 
 
 def write_report(
-    cfg: BenchConfig, fleet: FleetSpec, wl: Workload, ceiling: Ceiling, bounds: Sequence[float],
-    summaries: Sequence[Summary], runs: Sequence[RunResult], notes: Sequence[str],
+    cfg: BenchConfig,
+    fleet: FleetSpec,
+    wl: Workload,
+    ceiling: Ceiling,
+    bounds: Sequence[float],
+    summaries: Sequence[Summary],
+    runs: Sequence[RunResult],
+    notes: Sequence[str],
 ) -> None:
     out = cfg.out_dir
     base = [s for s in summaries if s.rate == (cfg.sweep[-1] if cfg.sweep else cfg.rate)]
@@ -646,8 +703,11 @@ def write_report(
         "",
         f"Workload: {wl.name} {json.dumps(wl.params)}, {len(wl.requests)} requests, "
         f"{wl.prompt_tokens:,} prompt tokens, rate "
-        + (f"sweep {', '.join(f'x{r:g}' for r in cfg.sweep)} (table: x{cfg.sweep[-1]:g}). " if cfg.sweep
-           else f"x{cfg.rate:g}. "),
+        + (
+            f"sweep {', '.join(f'x{r:g}' for r in cfg.sweep)} (table: x{cfg.sweep[-1]:g}). "
+            if cfg.sweep
+            else f"x{cfg.rate:g}. "
+        ),
         f"Fleet: {fleet.workers} simulated engines, profile {fleet.profile}, page {fleet.page_size}, "
         f"KV capacity {fleet.kv_capacity_tokens:,} tokens each, time_scale {fleet.time_scale:g}. ",
         f"Prefix-reuse ceiling: {ceiling.ratio:.1%} of prompt tokens; mean TTFT lower bound "
@@ -702,8 +762,13 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap.add_argument("--count", type=int, default=2000, help="mooncake: slice length")
     ap.add_argument("--max-output-tokens", type=int, default=None, help="cap on generated tokens per request")
     ap.add_argument("--output-scale", type=float, default=1.0, help="mooncake: multiply output lengths")
-    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="generator parameter (JSON value), repeatable, e.g. sessions=64")
+    ap.add_argument(
+        "--workload-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generator parameter (JSON value), repeatable, e.g. sessions=64",
+    )
     ap.add_argument("--rate", type=float, default=1.0, help="arrival rate factor (2 = twice as fast)")
     ap.add_argument("--sweep", default="", help="comma-separated rate factors for a load sweep, e.g. 1,2,4,8")
     ap.add_argument("--workers", type=int, default=8)
@@ -731,9 +796,14 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     else:
         routers = list(default_routers(not a.no_sglang))
     wargs: dict[str, Any] = (
-        {"start": a.start, "count": a.count, "max_output_tokens": a.max_output_tokens,
-         "output_scale": a.output_scale}
-        if a.workload == "mooncake" else {}
+        {
+            "start": a.start,
+            "count": a.count,
+            "max_output_tokens": a.max_output_tokens,
+            "output_scale": a.output_scale,
+        }
+        if a.workload == "mooncake"
+        else {}
     )
     for kv in a.workload_arg:
         key, sep, raw = kv.partition("=")

@@ -77,8 +77,18 @@ def decode_bench(copy_bw: float, quick: bool) -> dict[str, object]:
         ref = reference_extend(q[:1], kc, vc, pages[0], ctx - 1, ps, out_dtype=torch.float32)
         for t in tunings if ps == 16 else tunings[:1]:
             try:
-                fn = functools.partial(kernels.paged_decode, q, kc, vc, meta.decode_table, meta.decode_lens_t,
-                                       ctx, ps, out=o, tuning=t)
+                fn = functools.partial(
+                    kernels.paged_decode,
+                    q,
+                    kc,
+                    vc,
+                    meta.decode_table,
+                    meta.decode_lens_t,
+                    ctx,
+                    ps,
+                    out=o,
+                    tuning=t,
+                )
                 fn()
                 err = float((o[:1].float() - ref).norm() / ref.norm())
                 ms = bench(fn)
@@ -86,8 +96,16 @@ def decode_bench(copy_bw: float, quick: bool) -> dict[str, object]:
                 out["runs"].append({"page_size": ps, "tuning": t.__dict__, "error": repr(exc)[:200]})  # type: ignore[union-attr]
                 continue
             bw = kv_bytes / (ms * 1e-3)
-            out["runs"].append({"page_size": ps, "tuning": t.__dict__, "ms": ms, "bytes_per_s": bw,  # type: ignore[union-attr]
-                                "fraction_of_copy": bw / copy_bw, "rel_err": err})
+            out["runs"].append(
+                {
+                    "page_size": ps,
+                    "tuning": t.__dict__,
+                    "ms": ms,
+                    "bytes_per_s": bw,  # type: ignore[union-attr]
+                    "fraction_of_copy": bw / copy_bw,
+                    "rel_err": err,
+                }
+            )
         # The same attention through SDPA on contiguous K/V (the profile's decode measurement).
         if ps == 16:
             qs = q[:, :, None, :].contiguous()
@@ -108,9 +126,19 @@ def prefill_bench(quick: bool) -> dict[str, object]:
         shapes = [(2048, 0), (2048, 2048)]
     tunings = [kernels.PrefillTuning()]
     if not quick:
-        tunings += [kernels.PrefillTuning(*c) for c in
-                    [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 8, 3),
-                     (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 4)]]
+        tunings += [
+            kernels.PrefillTuning(*c)
+            for c in [
+                (128, 128, 8, 3),
+                (64, 64, 4, 3),
+                (128, 64, 4, 3),
+                (128, 32, 4, 4),
+                (64, 128, 8, 3),
+                (128, 64, 8, 4),
+                (128, 64, 8, 2),
+                (64, 64, 4, 4),
+            ]
+        ]
     ps = 16
     rows = []
     for n, p in shapes:
@@ -126,20 +154,39 @@ def prefill_bench(quick: bool) -> dict[str, object]:
         vs = vc.index_select(0, rows_idx).transpose(0, 1)[None].contiguous()
         qs = q.transpose(0, 1)[None].contiguous()
         if p == 0:
-            sd = functools.partial(F.scaled_dot_product_attention, qs, ks, vs, is_causal=True,
-                                   enable_gqa=True)
+            sd = functools.partial(
+                F.scaled_dot_product_attention, qs, ks, vs, is_causal=True, enable_gqa=True
+            )
         else:
-            sd = functools.partial(F.scaled_dot_product_attention, qs, ks, vs,
-                                   attn_mask=causal_lower_right(n, p + n), enable_gqa=True)
+            sd = functools.partial(
+                F.scaled_dot_product_attention,
+                qs,
+                ks,
+                vs,
+                attn_mask=causal_lower_right(n, p + n),
+                enable_gqa=True,
+            )
         sdpa_ms = bench(sd)
         ref = sd()[0].transpose(0, 1).float()
         best = None
         for t in tunings:
             meta = build_meta(ps, torch.device("cuda"), [], [], pages, [p], [n], prefill_block_m=t.block_m)
             assert meta.blk_req is not None and meta.blk_start is not None
-            fn = functools.partial(kernels.paged_prefill, q, kc, vc, meta.prefill_table, meta.prefix_lens_t,
-                                   meta.new_lens_t, meta.cu_q_t, meta.blk_req, meta.blk_start, ps, out=o,
-                                   tuning=t)
+            fn = functools.partial(
+                kernels.paged_prefill,
+                q,
+                kc,
+                vc,
+                meta.prefill_table,
+                meta.prefix_lens_t,
+                meta.new_lens_t,
+                meta.cu_q_t,
+                meta.blk_req,
+                meta.blk_start,
+                ps,
+                out=o,
+                tuning=t,
+            )
             try:
                 fn()
                 err = float((o.float() - ref).norm() / ref.norm())
@@ -147,8 +194,17 @@ def prefill_bench(quick: bool) -> dict[str, object]:
             except Exception as exc:
                 rows.append({"n": n, "p": p, "tuning": t.__dict__, "error": repr(exc)[:200]})
                 continue
-            row = {"n": n, "p": p, "tuning": t.__dict__, "ms": ms, "sdpa_ms": sdpa_ms, "ratio": ms / sdpa_ms,
-                   "tflops": flops / ms / 1e9, "sdpa_tflops": flops / sdpa_ms / 1e9, "rel_err": err}
+            row = {
+                "n": n,
+                "p": p,
+                "tuning": t.__dict__,
+                "ms": ms,
+                "sdpa_ms": sdpa_ms,
+                "ratio": ms / sdpa_ms,
+                "tflops": flops / ms / 1e9,
+                "sdpa_tflops": flops / sdpa_ms / 1e9,
+                "rel_err": err,
+            }
             rows.append(row)
             if best is None or ms < best["ms"]:
                 best = row
@@ -164,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth()
     dec = decode_bench(copy_bw, args.quick)
     pre = prefill_bench(args.quick)
-    res = {"device": dev, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "decode": dec,
-           "prefill": pre}
+    res = {
+        "device": dev,
+        "torch": torch.__version__,
+        "copy_bytes_per_s": copy_bw,
+        "decode": dec,
+        "prefill": pre,
+    }
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_kernels.json").write_text(json.dumps(res, indent=1))
@@ -177,22 +238,28 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in runs if r["page_size"] == ps]
         best = min(mine, key=lambda r: r["ms"])
         dflt = next((r for r in mine if r["tuning"] == default), best)
-        print(f"  page {ps:3d}: default {dflt['ms'] * 1e3:7.1f} us {dflt['fraction_of_copy']:.1%} of copy; "
-              f"best {best['ms'] * 1e3:7.1f} us {best['fraction_of_copy']:.1%} {best['tuning']} "
-              f"err {best['rel_err']:.1e}")
+        print(
+            f"  page {ps:3d}: default {dflt['ms'] * 1e3:7.1f} us {dflt['fraction_of_copy']:.1%} of copy; "
+            f"best {best['ms'] * 1e3:7.1f} us {best['fraction_of_copy']:.1%} {best['tuning']} "
+            f"err {best['rel_err']:.1e}"
+        )
     if "sdpa_contiguous_ms" in dec:
-        print(f"  sdpa contiguous: {dec['sdpa_contiguous_ms'] * 1e3:.1f} us "
-              f"{dec['sdpa_fraction_of_copy']:.1%} of copy")
+        print(
+            f"  sdpa contiguous: {dec['sdpa_contiguous_ms'] * 1e3:.1f} us "
+            f"{dec['sdpa_fraction_of_copy']:.1%} of copy"
+        )
     print("prefill (page 16), ours vs sdpa:")
     pdef = kernels.PrefillTuning().__dict__
     for n, p in sorted({(r["n"], r["p"]) for r in pre["runs"] if "ms" in r}):  # type: ignore[union-attr]
         mine = [r for r in pre["runs"] if r.get("n") == n and r.get("p") == p and "ms" in r]  # type: ignore[union-attr]
         best = min(mine, key=lambda r: r["ms"])
         dflt = next((r for r in mine if r["tuning"] == pdef), best)
-        print(f"  {n:5d} new x {p:5d} cached: sdpa {best['sdpa_ms']:.3f} ms "
-              f"({best['sdpa_tflops']:.0f} TF/s); default {dflt['ms']:.3f} ms x{dflt['ratio']:.2f}; "
-              f"best {best['ms']:.3f} ms x{best['ratio']:.2f} "
-              f"({best['tflops']:.0f} TF/s) {tuple(best['tuning'].values())} err {best['rel_err']:.1e}")
+        print(
+            f"  {n:5d} new x {p:5d} cached: sdpa {best['sdpa_ms']:.3f} ms "
+            f"({best['sdpa_tflops']:.0f} TF/s); default {dflt['ms']:.3f} ms x{dflt['ratio']:.2f}; "
+            f"best {best['ms']:.3f} ms x{best['ratio']:.2f} "
+            f"({best['tflops']:.0f} TF/s) {tuple(best['tuning'].values())} err {best['rel_err']:.1e}"
+        )
     errs = [r for r in (*dec["runs"], *pre["runs"]) if "error" in r]  # type: ignore[misc]
     if errs:
         print(f"{len(errs)} tunings failed to compile/run, e.g. {errs[0]}")

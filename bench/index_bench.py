@@ -174,8 +174,9 @@ def run(
     stored_q = [_chain(rng.choice(prompts)[1]) for _ in range(min(n_queries, 512))]
     fresh_q = [_chain(wl.prompt()[1]) for _ in range(64)]
     base = 1 << 50  # content ids no prompt uses
-    miss_q = [_chain(array("q", range(base + k * prompt_blocks, base + (k + 1) * prompt_blocks)))
-              for k in range(16)]
+    miss_q = [
+        _chain(array("q", range(base + k * prompt_blocks, base + (k + 1) * prompt_blocks))) for k in range(16)
+    ]
     lat: dict[str, list[float]] = {"stored": [], "fresh": [], "miss": [], "walk": []}
     sink = 0
     for kind, qs in (("stored", stored_q), ("fresh", fresh_q), ("miss", miss_q)):

@@ -110,11 +110,18 @@ def build_workload(cfg: PDBenchConfig) -> tuple[list[Request], set[str], list[li
 
 # ---- processes ------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def fleet(cfg: PDBenchConfig, regular: int, prefill: int, decode: int, log: IO[str]) -> AsyncIterator[
-    list[str]
-]:
-    args = {"workers": regular, "prefill": prefill, "decode": decode, "profile": cfg.profile,
-            "page_size": PAGE, "time_scale": cfg.time_scale, "seed": cfg.seed}
+async def fleet(
+    cfg: PDBenchConfig, regular: int, prefill: int, decode: int, log: IO[str]
+) -> AsyncIterator[list[str]]:
+    args = {
+        "workers": regular,
+        "prefill": prefill,
+        "decode": decode,
+        "profile": cfg.profile,
+        "page_size": PAGE,
+        "time_scale": cfg.time_scale,
+        "seed": cfg.seed,
+    }
     async with fleet_child(args, log, "the simulated fleet exited before listing its engines") as urls:
         yield urls
 
@@ -127,7 +134,9 @@ async def server_info(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def kvroute_front(
-    roles: Sequence[tuple[str, WorkerRole]], http: aiohttp.ClientSession, aggregated: bool,
+    roles: Sequence[tuple[str, WorkerRole]],
+    http: aiohttp.ClientSession,
+    aggregated: bool,
     kv_events: bool = True,
     local_max_tokens: int = 0,
 ) -> AsyncIterator[str]:
@@ -135,9 +144,16 @@ async def kvroute_front(
     router = Router(block_size=PAGE, policy="kv_aware")
     for url, role in roles:
         info = await server_info(http, url)
-        router.add_worker(Worker(url, role=role, state=WorkerState.HEALTHY, page_size=PAGE,
-                                 bootstrap_port=info.get("disaggregation_bootstrap_port"),
-                                 max_total_tokens=info.get("max_total_num_tokens")))
+        router.add_worker(
+            Worker(
+                url,
+                role=role,
+                state=WorkerState.HEALTHY,
+                page_size=PAGE,
+                bootstrap_port=info.get("disaggregation_bootstrap_port"),
+                max_total_tokens=info.get("max_total_num_tokens"),
+            )
+        )
         kv = info.get("kv_events")
         if kv_events and isinstance(kv, dict) and kv.get("endpoint"):
             await router.subscribe(url, kv["endpoint"], kv.get("replay_endpoint"), kv.get("topic", ""))
@@ -169,21 +185,31 @@ async def kvroute_front(
 async def _kvroute_child(spec: dict[str, Any]) -> None:
     """Run kvroute's front until stdin closes; print one JSON line with its URL first."""
     roles = [(u, WorkerRole(r)) for u, r in spec["roles"]]
-    async with aiohttp.ClientSession() as http, kvroute_front(
-        roles, http, bool(spec["aggregated"]), bool(spec["kv_events"]), int(spec["local_max_tokens"])
-    ) as url:
+    async with (
+        aiohttp.ClientSession() as http,
+        kvroute_front(
+            roles, http, bool(spec["aggregated"]), bool(spec["kv_events"]), int(spec["local_max_tokens"])
+        ) as url,
+    ):
         print(json.dumps({"url": url}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 @contextlib.asynccontextmanager
 async def kvroute_process(
-    roles: Sequence[tuple[str, WorkerRole]], aggregated: bool, kv_events: bool, local_max_tokens: int,
+    roles: Sequence[tuple[str, WorkerRole]],
+    aggregated: bool,
+    kv_events: bool,
+    local_max_tokens: int,
     log: IO[str],
 ) -> AsyncIterator[str]:
     """kvroute in its own process, like SGLang's router: the load generator does not share its CPU."""
-    spec = {"roles": [(u, r.value) for u, r in roles], "aggregated": aggregated, "kv_events": kv_events,
-            "local_max_tokens": local_max_tokens}
+    spec = {
+        "roles": [(u, r.value) for u, r in roles],
+        "aggregated": aggregated,
+        "kv_events": kv_events,
+        "local_max_tokens": local_max_tokens,
+    }
     argv = ["-m", "bench.pd_bench", "--kvroute-child", json.dumps(spec)]
     async with json_child(argv, log, 60, "kvroute exited before listening (see pd_bench.log)") as ready:
         yield str(ready["url"])
@@ -194,9 +220,22 @@ async def sglang_pd_front(
     prefill: Sequence[str], decode: Sequence[str], http: aiohttp.ClientSession, log: IO[str]
 ) -> AsyncIterator[str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-           "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-           "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--pd-disaggregation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warn",
+    ]
     for url in prefill:
         info = await server_info(http, url)
         cmd += ["--prefill", url, str(info.get("disaggregation_bootstrap_port"))]
@@ -265,17 +304,28 @@ def summarize(
     ms = 1000.0
     p99_calm = percentile(calm, 99)
     return Summary(
-        name, sum(r.ok for r in results), sum(not r.ok for r in results),
-        percentile(calm, 50) * ms, p99_calm * ms, percentile(burst, 50) * ms, percentile(burst, 99) * ms,
+        name,
+        sum(r.ok for r in results),
+        sum(not r.ok for r in results),
+        percentile(calm, 50) * ms,
+        p99_calm * ms,
+        percentile(burst, 50) * ms,
+        percentile(burst, 99) * ms,
         percentile(burst, 99) / p99_calm if p99_calm else float("nan"),
-        percentile(chat_ttft, 50) * ms, percentile(chat_ttft, 99) * ms, percentile(chat_ttft_burst, 99) * ms,
-        percentile(burst_ttft, 50) * ms, percentile(burst_ttft, 99) * ms, windows,
+        percentile(chat_ttft, 50) * ms,
+        percentile(chat_ttft, 99) * ms,
+        percentile(chat_ttft_burst, 99) * ms,
+        percentile(burst_ttft, 50) * ms,
+        percentile(burst_ttft, 99) * ms,
+        windows,
     )
 
 
 def table(sums: Sequence[Summary]) -> str:
-    head = ("| config | ok/failed | ITL p50 calm | ITL p99 calm | ITL p50 burst | ITL p99 burst | p99 ratio "
-            "| chat TTFT p50 | chat TTFT p99 | chat TTFT p99 (burst) | burst TTFT p50 | burst TTFT p99 |")
+    head = (
+        "| config | ok/failed | ITL p50 calm | ITL p99 calm | ITL p50 burst | ITL p99 burst | p99 ratio "
+        "| chat TTFT p50 | chat TTFT p99 | chat TTFT p99 (burst) | burst TTFT p50 | burst TTFT p99 |"
+    )
     lines = [head, "|" + "---|" * 12]
     for s in sums:
         lines.append(
@@ -300,17 +350,25 @@ async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
     else:
         regular, prefill, decode = 0, p, n - p
     async with aiohttp.ClientSession() as http, fleet(cfg, regular, prefill, decode, log) as urls:
-        roles = ([(u, WorkerRole.REGULAR) for u in urls[:regular]]
-                 + [(u, WorkerRole.PREFILL) for u in urls[regular:regular + prefill]]
-                 + [(u, WorkerRole.DECODE) for u in urls[regular + prefill:]])
+        roles = (
+            [(u, WorkerRole.REGULAR) for u in urls[:regular]]
+            + [(u, WorkerRole.PREFILL) for u in urls[regular : regular + prefill]]
+            + [(u, WorkerRole.DECODE) for u in urls[regular + prefill :]]
+        )
         if name == "sglang-pd":
             front = sglang_pd_front(urls[:prefill], urls[prefill:], http, log)
         else:
             local = cfg.local_max_tokens if conditional else 0
             front = kvroute_process(roles, aggregated, cfg.kv_events, local, log)
         async with front as base:
-            lg = LoadgenConfig(base_url=base, api="generate", time_scale=cfg.time_scale, label=name,
-                               progress=False, request_timeout_s=600.0)
+            lg = LoadgenConfig(
+                base_url=base,
+                api="generate",
+                time_scale=cfg.time_scale,
+                label=name,
+                progress=False,
+                request_timeout_s=600.0,
+            )
             t0 = time.perf_counter()
             results = await run_load(reqs, lg)
             wall = time.perf_counter() - t0
@@ -361,10 +419,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
     if not 0 < a.prefill < a.gpus - 1:
         p.error("--prefill must be between 1 and --gpus - 2 (the conditional fleet also needs a decode GPU)")
     cfg = PDBenchConfig(
-        duration_s=a.duration, chat_rate=a.chat_rate, chat_output_tokens=a.chat_output,
-        burst_every_s=a.burst_every, burst_size=a.burst_size, burst_prompt_tokens=a.burst_prompt,
-        gpus=a.gpus, prefill=a.prefill, profile=a.profile, time_scale=a.time_scale, seed=a.seed,
-        include_sglang=not a.no_sglang, kv_events=not a.no_kv_events,
+        duration_s=a.duration,
+        chat_rate=a.chat_rate,
+        chat_output_tokens=a.chat_output,
+        burst_every_s=a.burst_every,
+        burst_size=a.burst_size,
+        burst_prompt_tokens=a.burst_prompt,
+        gpus=a.gpus,
+        prefill=a.prefill,
+        profile=a.profile,
+        time_scale=a.time_scale,
+        seed=a.seed,
+        include_sglang=not a.no_sglang,
+        kv_events=not a.no_kv_events,
         configs=tuple(c for c in a.configs.split(",") if c),
     )
     unknown = set(cfg.configs) - set(d.configs)

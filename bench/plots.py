@@ -53,8 +53,13 @@ def hit_vs_ceiling(path: Path, sums: Sequence[Summary], ceiling: float) -> None:
     bars = ax.bar(range(len(sums)), vals, color="tab:blue")
     ax.axhline(ceiling * 100, color="k", linestyle="--", label=f"ceiling {ceiling:.1%}")
     for b, s in zip(bars, sums, strict=True):
-        ax.annotate(f"{s.hit_share_of_ceiling:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{s.hit_share_of_ceiling:.0%}",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(range(len(sums)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("prompt tokens served from cache (%)")
     ax.set_title("Cache hits vs prefix-reuse ceiling (label: share of ceiling)")

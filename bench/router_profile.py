@@ -53,8 +53,9 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 async def main_async(a: argparse.Namespace) -> None:
     wl = build("mooncake", start=a.start, count=a.count, max_output_tokens=a.max_output_tokens)
-    fleet = FleetSpec(a.workers, "h100-llama3-8b", a.page_size, a.time_scale,
-                      size_capacity(wl, a.workers, a.page_size))
+    fleet = FleetSpec(
+        a.workers, "h100-llama3-8b", a.page_size, a.time_scale, size_capacity(wl, a.workers, a.page_size)
+    )
     spec = RouterSpec.parse(a.router)
     out_dir = Path(a.log_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,23 +64,47 @@ async def main_async(a: argparse.Namespace) -> None:
             await flush_all(http, urls)
             port = free_port()
             cmd = router_command(spec, urls, port, a.page_size)
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=rlog, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=rlog, stderr=subprocess.STDOUT, start_new_session=True
+            )
             spy: subprocess.Popen[bytes] | None = None
             try:
                 url = f"http://127.0.0.1:{port}"
                 await wait_router_ready(url, len(urls), proc, http)
                 if a.py_spy:
                     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-                    fmt = "speedscope" if a.py_spy.endswith(".json") else (
-                        "raw" if a.py_spy.endswith(".txt") else "flamegraph")
-                    spy = subprocess.Popen([exe, "record", "--pid", str(proc.pid), "--rate", "200",
-                                            "--format", fmt, "-o", a.py_spy, "--nonblocking"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    fmt = (
+                        "speedscope"
+                        if a.py_spy.endswith(".json")
+                        else ("raw" if a.py_spy.endswith(".txt") else "flamegraph")
+                    )
+                    spy = subprocess.Popen(
+                        [
+                            exe,
+                            "record",
+                            "--pid",
+                            str(proc.pid),
+                            "--rate",
+                            "200",
+                            "--format",
+                            fmt,
+                            "-o",
+                            a.py_spy,
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                     await asyncio.sleep(1.0)  # let py-spy attach before the load starts
                 cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
-                lg = LoadgenConfig(url, api=a.api, time_scale=a.time_scale, request_timeout_s=600,
-                                   label=spec.name, progress=False)
+                lg = LoadgenConfig(
+                    url,
+                    api=a.api,
+                    time_scale=a.time_scale,
+                    request_timeout_s=600,
+                    label=spec.name,
+                    progress=False,
+                )
                 results = await run_load(wl.with_rate(a.rate).requests, lg)
                 cpu1, wall = cpu_seconds(proc.pid), time.perf_counter() - t0
             finally:
@@ -97,12 +122,16 @@ async def main_async(a: argparse.Namespace) -> None:
     n = len(results)
     user, sys_ = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     cpu = user + sys_
-    print(f"router {spec.name}: {len(ok)}/{n} ok, wall {wall:.1f} s, router CPU {cpu:.2f} s "
-          f"(user {user:.2f}, sys {sys_:.2f}) = {1e3 * cpu / max(n, 1):.2f} ms/request, "
-          f"CPU busy {100 * cpu / wall:.0f}%")
+    print(
+        f"router {spec.name}: {len(ok)}/{n} ok, wall {wall:.1f} s, router CPU {cpu:.2f} s "
+        f"(user {user:.2f}, sys {sys_:.2f}) = {1e3 * cpu / max(n, 1):.2f} ms/request, "
+        f"CPU busy {100 * cpu / wall:.0f}%"
+    )
     if over:
-        print(f"added latency (client e2e - engine e2e, engine s): mean {statistics.mean(over):.3f} "
-              f"p50 {statistics.median(over):.3f} max {max(over):.3f}; TTFT mean {statistics.mean(ttft):.3f}")
+        print(
+            f"added latency (client e2e - engine e2e, engine s): mean {statistics.mean(over):.3f} "
+            f"p50 {statistics.median(over):.3f} max {max(over):.3f}; TTFT mean {statistics.mean(ttft):.3f}"
+        )
 
 
 _SSE = b'data: {"text":"tok","meta_info":{"id":"abc","prompt_tokens":12000,"completion_tokens":17}}\n\n'

@@ -34,9 +34,7 @@ def _chain(parent: int, payload: bytes, seed: int) -> int:
     return xxhash.xxh3_64_intdigest(_U64.pack(parent) + payload, seed=seed)
 
 
-def hash_blocks(
-    token_ids: Sequence[int], block_size: int, seed: int = 0, parent: int = 0
-) -> list[BlockHash]:
+def hash_blocks(token_ids: Sequence[int], block_size: int, seed: int = 0, parent: int = 0) -> list[BlockHash]:
     """Hashes of the full blocks of `token_ids` (a trailing partial block is not hashed).
 
     `parent` continues a chain (the hash of the block before `token_ids[0]`); 0 starts at the root.

@@ -66,9 +66,7 @@ def prefix_reuse_ceiling(requests: Sequence[Request], page_size: int) -> Ceiling
 
 def ttft_lower_bounds(ceiling: Ceiling, prefill_cost: PrefillCost) -> list[float]:
     """Each request's TTFT if it ran alone on a worker holding every earlier prompt: prefill only."""
-    return [
-        prefill_cost(p - c, c) for p, c in zip(ceiling.prompt_tokens, ceiling.cached_tokens, strict=True)
-    ]
+    return [prefill_cost(p - c, c) for p, c in zip(ceiling.prompt_tokens, ceiling.cached_tokens, strict=True)]
 
 
 class StepCostProfile(Protocol):

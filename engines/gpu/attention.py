@@ -47,9 +47,16 @@ def _table(pages: list[list[int]], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
 
 
-def build_meta(page_size: int, device: torch.device, decode_pages: list[list[int]], decode_lens: list[int],
-               prefill_pages: list[list[int]], prefix_lens: list[int], new_lens: list[int],
-               prefill_block_m: int | None = None) -> StepMeta:
+def build_meta(
+    page_size: int,
+    device: torch.device,
+    decode_pages: list[list[int]],
+    decode_lens: list[int],
+    prefill_pages: list[list[int]],
+    prefix_lens: list[int],
+    new_lens: list[int],
+    prefill_block_m: int | None = None,
+) -> StepMeta:
     """Metadata for a step; ``prefill_block_m`` also builds the Triton prefill block map."""
     ps = page_size
     slots: list[int] = []
@@ -65,10 +72,13 @@ def build_meta(page_size: int, device: torch.device, decode_pages: list[list[int
         page_size=ps,
         slots=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
         num_decode=len(decode_lens),
-        decode_pages=decode_pages, decode_lens=decode_lens,
+        decode_pages=decode_pages,
+        decode_lens=decode_lens,
         decode_table=_table(decode_pages, device),
         decode_lens_t=torch.tensor(decode_lens, dtype=torch.int32).to(device, non_blocking=True),
-        prefill_pages=prefill_pages, prefix_lens=prefix_lens, new_lens=new_lens,
+        prefill_pages=prefill_pages,
+        prefix_lens=prefix_lens,
+        new_lens=new_lens,
         prefill_table=_table(prefill_pages, device),
         prefix_lens_t=torch.tensor(prefix_lens, dtype=torch.int32).to(device, non_blocking=True),
         new_lens_t=torch.tensor(new_lens, dtype=torch.int32).to(device, non_blocking=True),
@@ -86,12 +96,26 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: StepMeta) -> torch.Tensor: ...
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: StepMeta,
+    ) -> torch.Tensor: ...
 
 
-def reference_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: list[int],
-                     prefix_len: int, page_size: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def reference_extend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pages: list[int],
+    prefix_len: int,
+    page_size: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """One sequence's ``q`` ``[N, H, D]`` (positions ``prefix_len..``) over its pages, causal, in float32.
 
     Gathers K/V into contiguous tensors and calls ``scaled_dot_product_attention``: the ground truth the
@@ -100,8 +124,9 @@ def reference_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n, nh, dim = q.shape
     total = prefix_len + n
     ps = page_size
-    rows = torch.tensor([pages[t // ps] * ps + t % ps for t in range(total)], dtype=torch.long,
-                        device=k_cache.device)
+    rows = torch.tensor(
+        [pages[t // ps] * ps + t % ps for t in range(total)], dtype=torch.long, device=k_cache.device
+    )
     k = k_cache.index_select(0, rows).float()
     v = v_cache.index_select(0, rows).float()
     group = nh // k.shape[1]
@@ -109,8 +134,9 @@ def reference_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     v = v.repeat_interleave(group, dim=1).transpose(0, 1)
     qpos = torch.arange(prefix_len, total, device=q.device)[:, None]
     mask = torch.arange(total, device=q.device)[None, :] <= qpos  # [N, total]
-    o = F.scaled_dot_product_attention(q.float().transpose(0, 1), k, v, attn_mask=mask,
-                                       scale=1.0 / math.sqrt(dim))
+    o = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k, v, attn_mask=mask, scale=1.0 / math.sqrt(dim)
+    )
     return o.transpose(0, 1).to(out_dtype or q.dtype)
 
 
@@ -119,8 +145,15 @@ class TorchAttention:
 
     name = "torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: StepMeta,
+    ) -> torch.Tensor:
         k_cache.index_copy_(0, meta.slots, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slots, v.to(v_cache.dtype))
         outs: list[torch.Tensor] = []
@@ -145,25 +178,52 @@ class TritonAttention:
         self.decode_tuning = kernels.DecodeTuning()
         self.prefill_tuning = kernels.PrefillTuning()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: StepMeta,
+    ) -> torch.Tensor:
         kn = self._k
         kn.store_kv(k, v, k_cache, v_cache, meta.slots)
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
-            kn.paged_decode(q[:nd], k_cache, v_cache, meta.decode_table, meta.decode_lens_t,
-                            meta.max_decode_len, meta.page_size, out=out[:nd], tuning=self.decode_tuning)
+            kn.paged_decode(
+                q[:nd],
+                k_cache,
+                v_cache,
+                meta.decode_table,
+                meta.decode_lens_t,
+                meta.max_decode_len,
+                meta.page_size,
+                out=out[:nd],
+                tuning=self.decode_tuning,
+            )
         if meta.new_lens:
             assert meta.blk_req is not None and meta.blk_start is not None
-            kn.paged_prefill(q[nd:], k_cache, v_cache, meta.prefill_table, meta.prefix_lens_t,
-                             meta.new_lens_t, meta.cu_q_t, meta.blk_req, meta.blk_start, meta.page_size,
-                             out=out[nd:], tuning=self.prefill_tuning)
+            kn.paged_prefill(
+                q[nd:],
+                k_cache,
+                v_cache,
+                meta.prefill_table,
+                meta.prefix_lens_t,
+                meta.new_lens_t,
+                meta.cu_q_t,
+                meta.blk_req,
+                meta.blk_start,
+                meta.page_size,
+                out=out[nd:],
+                tuning=self.prefill_tuning,
+            )
         return out
 
 
 def make_backend(kind: str, device: torch.device) -> AttentionBackend:
-    """"auto": Triton on CUDA when importable, else torch."""
+    """ "auto": Triton on CUDA when importable, else torch."""
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchAttention()
     try:

@@ -56,16 +56,50 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU tests: a few thousand parameters' worth of real computation.
-    "tiny": ModelConfig("tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=16, intermediate_size=128, max_position=8192, dtype="float32"),
+    "tiny": ModelConfig(
+        "tiny",
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position=8192,
+        dtype="float32",
+    ),
     # Llama-3-8B shapes (random weights unless a checkpoint is given).
-    "llama3-8b": ModelConfig("llama3-8b", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
-                             num_kv_heads=8, head_dim=128, intermediate_size=14336),
+    "llama3-8b": ModelConfig(
+        "llama3-8b",
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+    ),
     # Llama-3.2-3B / 1B shapes: smaller models for fitting more engines or KV on one GPU.
-    "llama3-3b": ModelConfig("llama3-3b", vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24,
-                             num_kv_heads=8, head_dim=128, intermediate_size=8192),
-    "llama3-1b": ModelConfig("llama3-1b", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
-                             num_kv_heads=8, head_dim=64, intermediate_size=8192),
+    "llama3-3b": ModelConfig(
+        "llama3-3b",
+        vocab_size=128256,
+        hidden_size=3072,
+        num_layers=28,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=8192,
+    ),
+    "llama3-1b": ModelConfig(
+        "llama3-1b",
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+    ),
 }
 
 
@@ -83,11 +117,14 @@ def load_model_config(spec: str) -> ModelConfig:
         heads = raw["num_attention_heads"]
         return ModelConfig(
             name=raw.get("_name_or_path") or path.parent.name or "hf",
-            vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-            num_layers=raw["num_hidden_layers"], num_heads=heads,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
             num_kv_heads=raw.get("num_key_value_heads", heads),
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            intermediate_size=raw["intermediate_size"], rope_theta=float(raw.get("rope_theta", 10000.0)),
+            intermediate_size=raw["intermediate_size"],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
             rms_eps=float(raw.get("rms_norm_eps", 1e-5)),
             max_position=int(raw.get("max_position_embeddings", 8192)),
             dtype=str(raw.get("torch_dtype", "bfloat16")),

@@ -71,10 +71,19 @@ class GpuEngine:
     Invariant: only the step thread touches the scheduler, pool and model after ``start``.
     """
 
-    def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, *, weights: LlamaWeights | None = None,
-                 kv_events_endpoint: str | None = None, kv_events_replay: str | None = None,
-                 kv_events_topic: str = "", kv_events_form: str = "array", num_pages: int | None = None,
-                 name: str = "engine") -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: EngineConfig,
+        *,
+        weights: LlamaWeights | None = None,
+        kv_events_endpoint: str | None = None,
+        kv_events_replay: str | None = None,
+        kv_events_topic: str = "",
+        kv_events_form: str = "array",
+        num_pages: int | None = None,
+        name: str = "engine",
+    ) -> None:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.name = name
@@ -122,14 +131,20 @@ class GpuEngine:
         if pages <= 0:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                pages = KVPool.pages_for_bytes(mc, ec.page_size, int(free * ec.kv_memory_fraction),
-                                               dt.itemsize)
+                pages = KVPool.pages_for_bytes(
+                    mc, ec.page_size, int(free * ec.kv_memory_fraction), dt.itemsize
+                )
             else:
                 pages = DEFAULT_CPU_PAGES
         self.pool = KVPool(mc, pages, ec.page_size, self.device, dt)
         cache = PrefixCache(ec.page_size, pages * ec.page_size, record_events=True)
-        self.sched = Scheduler(cache, self.pool, max_batch_tokens=ec.max_batch_tokens,
-                               max_running=ec.max_running, context_length=mc.max_position)
+        self.sched = Scheduler(
+            cache,
+            self.pool,
+            max_batch_tokens=ec.max_batch_tokens,
+            max_running=ec.max_running,
+            context_length=mc.max_position,
+        )
         self.model = LlamaModel(self._weights, make_backend(ec.attention, self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights drawn on the default stream; steps use their own
@@ -144,18 +159,28 @@ class GpuEngine:
         if self._ev_endpoint is not None:
             from engines.kv_publisher import KvEventPublisher
 
-            self._publisher = KvEventPublisher(self._ev_endpoint, replay_endpoint=self._ev_replay,
-                                               topic=self._ev_topic, form=self._ev_form)  # type: ignore[arg-type]
+            self._publisher = KvEventPublisher(
+                self._ev_endpoint, replay_endpoint=self._ev_replay, topic=self._ev_topic, form=self._ev_form
+            )  # type: ignore[arg-type]
             await self._publisher.start()
-            ev_info = KvEventsInfo(self._publisher.endpoint, self._publisher.replay_endpoint, self._ev_topic,
-                                   self.cfg.page_size)
+            ev_info = KvEventsInfo(
+                self._publisher.endpoint, self._publisher.replay_endpoint, self._ev_topic, self.cfg.page_size
+            )
         self._facts = ServerFacts(
-            model_path=self.cfg.served_model_name, page_size=self.cfg.page_size,
+            model_path=self.cfg.served_model_name,
+            page_size=self.cfg.page_size,
             max_total_tokens=self.pool.num_pages * self.pool.page_size,
-            context_length=self.model_cfg.max_position, max_running_requests=self.cfg.max_running,
-            chunked_prefill_size=self.cfg.max_batch_tokens, kv_events=ev_info,
-            extra={"engine": "kvroute-gpu", "device": str(self.device), "attention": self.model.attn.name,
-                   "model_config": self.model_cfg.name, "dtype": self.model_cfg.dtype},
+            context_length=self.model_cfg.max_position,
+            max_running_requests=self.cfg.max_running,
+            chunked_prefill_size=self.cfg.max_batch_tokens,
+            kv_events=ev_info,
+            extra={
+                "engine": "kvroute-gpu",
+                "device": str(self.device),
+                "attention": self.model.attn.name,
+                "model_config": self.model_cfg.name,
+                "dtype": self.model_cfg.dtype,
+            },
         )
         self._thread = threading.Thread(target=self._run, name=f"kvroute-gpu-{self.name}", daemon=True)
         self._thread.start()
@@ -188,12 +213,18 @@ class GpuEngine:
         need = len(req.input_ids) + req.max_new_tokens
         cap = min(self.facts.context_length, self.facts.max_total_tokens)
         if need > cap:
-            raise BadRequest(f"prompt ({len(req.input_ids)}) + max_new_tokens ({req.max_new_tokens}) "
-                             f"exceeds the engine's {cap} tokens")
+            raise BadRequest(
+                f"prompt ({len(req.input_ids)}) + max_new_tokens ({req.max_new_tokens}) "
+                f"exceeds the engine's {cap} tokens"
+            )
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), time.monotonic())
-        r = Req(rid=req.rid, prompt=list(req.input_ids), max_new_tokens=max(1, req.max_new_tokens),
-                arrival=stream.arrival)
+        r = Req(
+            rid=req.rid,
+            prompt=list(req.input_ids),
+            max_new_tokens=max(1, req.max_new_tokens),
+            arrival=stream.arrival,
+        )
         self._streams[id(r)] = stream
         self._submit("add", r)
         done = False
@@ -217,8 +248,11 @@ class GpuEngine:
         """Asynchronous like SGLang's: counts requests known now, they end at the next step."""
         if self.sched is None:
             return 0
-        n = sum(1 for r in (*self.sched.waiting, *self.sched.running)
-                if not r.finished and (abort_all or r.rid == rid))
+        n = sum(
+            1
+            for r in (*self.sched.waiting, *self.sched.running)
+            if not r.finished and (abort_all or r.rid == rid)
+        )
         self._submit("abort", (rid, abort_all))
         return n
 
@@ -235,20 +269,31 @@ class GpuEngine:
         win = [(t, n) for t, n in self._gen_window if now - t < 5.0]
         thr = sum(n for _, n in win) / 5.0 if win else 0.0
         return LoadSnapshot(
-            num_running_reqs=len(s.running), num_waiting_reqs=len(s.waiting), num_used_tokens=s.used_tokens(),
+            num_running_reqs=len(s.running),
+            num_waiting_reqs=len(s.waiting),
+            num_used_tokens=s.used_tokens(),
             max_total_num_tokens=s.cache.capacity_tokens,
             cache_hit_rate=s.cached_tokens_total / s.prompt_tokens_total if s.prompt_tokens_total else 0.0,
-            gen_throughput=thr, prompt_tokens_total=s.prompt_tokens_total,
-            cached_tokens_total=s.cached_tokens_total, generation_tokens_total=s.generation_tokens_total,
-            requests_total=s.requests_total)
+            gen_throughput=thr,
+            prompt_tokens_total=s.prompt_tokens_total,
+            cached_tokens_total=s.cached_tokens_total,
+            generation_tokens_total=s.generation_tokens_total,
+            requests_total=s.requests_total,
+        )
 
     # ---- step thread ---------------------------------------------------------------------------
     def _deliver(self, r: Req, toks: list[int], finish: dict[str, Any] | None) -> None:
         st = self._streams.get(id(r))
         if st is None:
             return
-        chunk = TokenChunk(toks, len(r.prompt), r.cached_tokens, len(r.output), finish,
-                           time.monotonic() - st.arrival if finish is not None else None)
+        chunk = TokenChunk(
+            toks,
+            len(r.prompt),
+            r.cached_tokens,
+            len(r.output),
+            finish,
+            time.monotonic() - st.arrival if finish is not None else None,
+        )
         st.loop.call_soon_threadsafe(st.q.put_nowait, chunk)
 
     def _fail(self, r: Req, err: EngineError) -> None:
@@ -331,9 +376,15 @@ class GpuEngine:
                     r.aborted = True
                     self._fail(r, EngineError(f"step failed: {exc}"))
                 continue
-            self.step_log.append(StepRecord(
-                len(step.decodes), sum(r.computed + 1 for r in step.decodes),
-                sum(c.length for c in step.prefills), sum(c.start + c.length for c in step.prefills), ms))
+            self.step_log.append(
+                StepRecord(
+                    len(step.decodes),
+                    sum(r.computed + 1 for r in step.decodes),
+                    sum(c.length for c in step.prefills),
+                    sum(c.start + c.length for c in step.prefills),
+                    ms,
+                )
+            )
             results = s.finish_step(step, tokens)
             n_new = 0
             for r, tok, fin in results:
@@ -362,12 +413,19 @@ class GpuEngine:
             off += c.length
             if c.completes:
                 rows.append(off - 1)
-        block_m = (self.model.attn.prefill_tuning.block_m if isinstance(self.model.attn, TritonAttention)
-                   else None)
-        meta = build_meta(self.pool.page_size, self.device,
-                          [r.pages for r in step.decodes], [r.computed + 1 for r in step.decodes],
-                          [c.req.pages for c in step.prefills], [c.start for c in step.prefills],
-                          [c.length for c in step.prefills], prefill_block_m=block_m)
+        block_m = (
+            self.model.attn.prefill_tuning.block_m if isinstance(self.model.attn, TritonAttention) else None
+        )
+        meta = build_meta(
+            self.pool.page_size,
+            self.device,
+            [r.pages for r in step.decodes],
+            [r.computed + 1 for r in step.decodes],
+            [c.req.pages for c in step.prefills],
+            [c.start for c in step.prefills],
+            [c.length for c in step.prefills],
+            prefill_block_m=block_m,
+        )
         return ids, pos, meta, rows
 
     def run_step(self, step: Step) -> list[int]:
@@ -378,6 +436,9 @@ class GpuEngine:
         logits = self.model.forward(
             torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
             torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
-            meta, self.pool.k, self.pool.v,
-            torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True))
+            meta,
+            self.pool.k,
+            self.pool.v,
+            torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True),
+        )
         return logits.argmax(-1).tolist() if rows else []

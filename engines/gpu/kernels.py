@@ -23,8 +23,9 @@ def available() -> bool:
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, ROW: tl.constexpr, BLOCK: tl.constexpr
+):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -35,8 +36,9 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_v
     tl.store(vc_ptr + slot * ROW + offs, v, mask=m)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     """Write ``k``/``v`` ``[T, Hkv, D]`` into pool rows ``slots`` ``[T]`` of one layer's cache."""
     t = k.shape[0]
     if t == 0:
@@ -48,17 +50,46 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k2 = k2.contiguous()
     if v2.stride(1) != 1:
         v2 = v2.contiguous()
-    _store_kv_kernel[(t,)](k2, v2, k_cache, v_cache, slots, k2.stride(0), v2.stride(0),
-                           ROW=row, BLOCK=triton.next_power_of_2(row))
+    _store_kv_kernel[(t,)](
+        k2,
+        v2,
+        k_cache,
+        v_cache,
+        slots,
+        k2.stride(0),
+        v2.stride(0),
+        ROW=row,
+        BLOCK=triton.next_power_of_2(row),
+    )
 
 
 @triton.jit
-def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
-                           stride_qb, stride_qh, stride_cs, stride_ch, stride_btb,
-                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                           qk_scale, split_len,
-                           PAGE: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+def _decode_partial_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    len_ptr,
+    o_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_cs,
+    stride_ch,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    qk_scale,
+    split_len,
+    PAGE: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -69,8 +100,11 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, lse_pt
     d = tl.arange(0, D)
     gm = g < G
     heads = kvh * G + g
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=gm[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=gm[:, None],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -100,9 +134,21 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, lse_pt
 
 
 @triton.jit
-def _decode_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, num_splits,
-                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                          D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_reduce_kernel(
+    o_part_ptr,
+    lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -112,8 +158,11 @@ def _decode_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, num_splits,
     mx = tl.max(lse, 0)
     w = tl.math.exp2(lse - mx)
     w = tl.where(sm, w, 0.0)
-    part = tl.load(o_part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + s[:, None] * stride_ps
-                   + d[None, :], mask=sm[:, None], other=0.0)
+    part = tl.load(
+        o_part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+        mask=sm[:, None],
+        other=0.0,
+    )
     out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
@@ -126,9 +175,17 @@ class DecodeTuning:
     target_programs: int = 1056  # ~8 waves' worth of CTAs on 132 SMs, to hide the ragged tail
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, max_len: int, page_size: int, out: torch.Tensor | None = None,
-                 tuning: DecodeTuning = DecodeTuning()) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_len: int,
+    page_size: int,
+    out: torch.Tensor | None = None,
+    tuning: DecodeTuning = DecodeTuning(),
+) -> torch.Tensor:
     """One query token per sequence over its paged K/V. ``q`` ``[B, H, D]``; returns ``[B, H, D]``."""
     bsz, nh, dim = q.shape
     nkv = k_cache.shape[1]
@@ -146,26 +203,78 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     lse = torch.empty((bsz, nh, splits), dtype=torch.float32, device=q.device)
     qk_scale = LOG2E / math.sqrt(dim)
     _decode_partial_kernel[(bsz, nkv, splits)](
-        q, k_cache, v_cache, block_table, seq_lens, o_part, lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        qk_scale, split_len,
-        PAGE=page_size, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=bn,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        o_part,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_table.stride(0),
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        qk_scale,
+        split_len,
+        PAGE=page_size,
+        G=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        D=dim,
+        BLOCK_N=bn,
+        num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
+    )
     _decode_reduce_kernel[(bsz, nh)](
-        o_part, lse, out, splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        D=dim, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        o_part,
+        lse,
+        out,
+        splits,
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        D=dim,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        num_warps=4,
+    )
     return out
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, prefix_ptr, newlen_ptr, cuq_ptr,
-                    blk_req_ptr, blk_start_ptr,
-                    stride_qt, stride_qh, stride_cs, stride_ch, stride_btb, stride_ot, stride_oh,
-                    qk_scale,
-                    PAGE: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    o_ptr,
+    bt_ptr,
+    prefix_ptr,
+    newlen_ptr,
+    cuq_ptr,
+    blk_req_ptr,
+    blk_start_ptr,
+    stride_qt,
+    stride_qh,
+    stride_cs,
+    stride_ch,
+    stride_btb,
+    stride_ot,
+    stride_oh,
+    qk_scale,
+    PAGE: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     h = tl.program_id(0)  # heads vary fastest: a query block's heads run together and share K/V in L2
     pid = tl.program_id(1)
     kvh = h // G
@@ -177,8 +286,9 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, prefix_ptr, newlen_ptr
     m = qs + tl.arange(0, BLOCK_M)
     mm = m < n_new
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (q_off + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=mm[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + (q_off + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mm[:, None], other=0.0
+    )
     qpos = prefix + m
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -217,8 +327,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, prefix_ptr, newlen_ptr
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(o_ptr + (q_off + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=mm[:, None])
+    tl.store(
+        o_ptr + (q_off + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=mm[:, None],
+    )
 
 
 @dataclass(frozen=True)
@@ -229,8 +342,9 @@ class PrefillTuning:
     num_stages: int = 3
 
 
-def prefill_block_map(new_lens: list[int], block_m: int, device: torch.device,
-                      prefix_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_block_map(
+    new_lens: list[int], block_m: int, device: torch.device, prefix_lens: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block: (request index, first new-token index), longest blocks first (they launch first,
     so the short ones fill the tail). Built on the host, one copy to the device."""
     blocks = [(i, s) for i, n in enumerate(new_lens) for s in range(0, n, block_m)]
@@ -242,10 +356,20 @@ def prefill_block_map(new_lens: list[int], block_m: int, device: torch.device,
     return both[0], both[1]
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                  prefix_lens: torch.Tensor, new_lens: torch.Tensor, cu_q: torch.Tensor,
-                  blk_req: torch.Tensor, blk_start: torch.Tensor, page_size: int,
-                  out: torch.Tensor | None = None, tuning: PrefillTuning = PrefillTuning()) -> torch.Tensor:
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_lens: torch.Tensor,
+    cu_q: torch.Tensor,
+    blk_req: torch.Tensor,
+    blk_start: torch.Tensor,
+    page_size: int,
+    out: torch.Tensor | None = None,
+    tuning: PrefillTuning = PrefillTuning(),
+) -> torch.Tensor:
     """New tokens (``q`` ``[T, H, D]``, packed by ``cu_q``) over cached pages plus themselves, causal.
 
     Their own K/V must already be in the pool (``store_kv`` first). ``blk_req``/``blk_start`` come from
@@ -259,18 +383,50 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if t == 0 or nblocks == 0:
         return out
     _prefill_kernel[(nh, nblocks)](
-        q, k_cache, v_cache, out, block_table, prefix_lens, new_lens, cu_q, blk_req, blk_start,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1), LOG2E / math.sqrt(dim),
-        PAGE=page_size, G=nh // nkv, D=dim, BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_table,
+        prefix_lens,
+        new_lens,
+        cu_q,
+        blk_req,
+        blk_start,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        LOG2E / math.sqrt(dim),
+        PAGE=page_size,
+        G=nh // nkv,
+        D=dim,
+        BLOCK_M=tuning.block_m,
+        BLOCK_N=tuning.block_n,
+        num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
+    )
     return out
 
 
 # ---- fused elementwise kernels of the model (fewer launches: decode steps are launch-bound) --------
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_d, stride_o,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(
+    x_ptr,
+    d_ptr,
+    w_ptr,
+    out_ptr,
+    n,
+    eps,
+    stride_x,
+    stride_d,
+    stride_o,
+    HAS_DELTA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < n
@@ -292,15 +448,36 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, e
     if t == 0:
         return out
     d = delta if delta is not None else x
-    _add_rms_norm_kernel[(t,)](x, d, w, out, n, eps, x.stride(0), d.stride(0), out.stride(0),
-                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
-                               num_warps=8 if n >= 4096 else 4)
+    _add_rms_norm_kernel[(t,)](
+        x,
+        d,
+        w,
+        out,
+        n,
+        eps,
+        x.stride(0),
+        d.stride(0),
+        out.stride(0),
+        HAS_DELTA=delta is not None,
+        BLOCK=triton.next_power_of_2(n),
+        num_warps=8 if n >= 4096 else 4,
+    )
     return out
 
 
 @triton.jit
-def _rope_kernel(qk_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, n_heads,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_kernel(
+    qk_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_t,
+    stride_h,
+    stride_c,
+    n_heads,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF)
@@ -322,8 +499,19 @@ def rope_(qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
     if t == 0:
         return
     assert qk.stride(2) == 1 and cos.stride(1) == 1
-    _rope_kernel[(t,)](qk, positions, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), nh,
-                       HALF=dim // 2, BLOCK_H=min(16, triton.next_power_of_2(nh)), num_warps=4)
+    _rope_kernel[(t,)](
+        qk,
+        positions,
+        cos,
+        sin,
+        qk.stride(0),
+        qk.stride(1),
+        cos.stride(0),
+        nh,
+        HALF=dim // 2,
+        BLOCK_H=min(16, triton.next_power_of_2(nh)),
+        num_warps=4,
+    )
 
 
 @triton.jit
@@ -345,6 +533,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     if t == 0:
         return out
     block = 1024
-    _silu_mul_kernel[(t, triton.cdiv(n, block))](gu, out, n, gu.stride(0), out.stride(0), BLOCK=block,
-                                                 num_warps=4)
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](
+        gu, out, n, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4
+    )
     return out

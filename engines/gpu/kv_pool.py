@@ -61,8 +61,9 @@ class PageAllocator:
 class KVPool(PageAllocator):
     """K/V storage for every layer (``k[layer]``: ``[num_pages * page_size, Hkv, D]``) plus its allocator."""
 
-    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, device: object,
-                 dtype: object) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_pages: int, page_size: int, device: object, dtype: object
+    ) -> None:
         import torch
 
         super().__init__(num_pages, page_size)

@@ -38,22 +38,31 @@ def parse_args(argv: Sequence[str] | None) -> LaunchArgs:
     ap = argparse.ArgumentParser(prog="kvroute engine", description="kvroute's GPU engine (SGLang API)")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     ap.add_argument("--model-config", default="tiny", help="preset name, ModelConfig JSON or HF config.json")
-    ap.add_argument("--model-path", default=None,
-                    help="safetensors weights (HF Llama names); random if absent")
+    ap.add_argument(
+        "--model-path", default=None, help="safetensors weights (HF Llama names); random if absent"
+    )
     ap.add_argument("--dtype", default=None, help="override the config's dtype")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30001, help="engine i serves on port + i")
     ap.add_argument("--num-engines", type=int, default=1)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--num-pages", type=int, default=0, help="KV pages per engine; 0 = from memory fraction")
-    ap.add_argument("--kv-memory-fraction", type=float, default=0.85,
-                    help="share of free device memory (after weights) for all engines' KV pools together")
+    ap.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=0.85,
+        help="share of free device memory (after weights) for all engines' KV pools together",
+    )
     ap.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens per step (chunked prefill)")
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
-    ap.add_argument("--events-port", type=int, default=None,
-                    help="first KV-event PUB port (engine i: +i); 0 = ephemeral; absent = no events")
+    ap.add_argument(
+        "--events-port",
+        type=int,
+        default=None,
+        help="first KV-event PUB port (engine i: +i); 0 = ephemeral; absent = no events",
+    )
     ap.add_argument("--events-form", default="array", choices=["array", "map"])
     ap.add_argument("--replay", action="store_true", help="also serve a replay ROUTER socket per engine")
     ap.add_argument("--served-model-name", default="kvroute-gpu")
@@ -63,10 +72,18 @@ def parse_args(argv: Sequence[str] | None) -> LaunchArgs:
         model = model.with_dtype(a.dtype)
     if a.num_engines < 1:
         ap.error("--num-engines must be >= 1")
-    eng = EngineConfig(page_size=a.page_size, num_pages=a.num_pages, kv_memory_fraction=a.kv_memory_fraction,
-                       max_batch_tokens=a.max_batch_tokens, max_running=a.max_running, seed=a.seed,
-                       device=a.device, attention=a.attention, model_path=a.model_path,
-                       served_model_name=a.served_model_name)
+    eng = EngineConfig(
+        page_size=a.page_size,
+        num_pages=a.num_pages,
+        kv_memory_fraction=a.kv_memory_fraction,
+        max_batch_tokens=a.max_batch_tokens,
+        max_running=a.max_running,
+        seed=a.seed,
+        device=a.device,
+        attention=a.attention,
+        model_path=a.model_path,
+        served_model_name=a.served_model_name,
+    )
     return LaunchArgs(model, eng, a.host, a.port, a.num_engines, a.events_port, a.events_form, a.replay)
 
 
@@ -89,12 +106,14 @@ def pages_per_engine(args: LaunchArgs) -> int:
     reserve = 4 * args.engine.max_batch_tokens * (m.intermediate_size * 2 + m.hidden_size * 4)
     reserve = reserve * args.num_engines + (2 << 30)
     budget = max(0, int(free * args.engine.kv_memory_fraction) - reserve)
-    return KVPool.pages_for_bytes(args.model, args.engine.page_size, budget // args.num_engines,
-                                  torch_dtype(args.model.dtype).itemsize)
+    return KVPool.pages_for_bytes(
+        args.model, args.engine.page_size, budget // args.num_engines, torch_dtype(args.model.dtype).itemsize
+    )
 
 
-async def serve(args: LaunchArgs, stop: asyncio.Event,
-                ready: asyncio.Future[list[dict[str, str]]] | None = None) -> list[dict[str, str]]:
+async def serve(
+    args: LaunchArgs, stop: asyncio.Event, ready: asyncio.Future[list[dict[str, str]]] | None = None
+) -> list[dict[str, str]]:
     """Start every engine and its HTTP site, run until ``stop``; ``ready`` gets their addresses once all
     serve (the same list is printed as one JSON line on stdout)."""
     from aiohttp import web
@@ -122,8 +141,16 @@ async def serve(args: LaunchArgs, stop: asyncio.Event,
                 ev = f"tcp://{args.host}:{p}"
                 if args.replay:
                     replay = f"tcp://{args.host}:{0 if args.events_port == 0 else args.events_port + 100 + i}"
-            eng = GpuEngine(args.model, ec, weights=weights, kv_events_endpoint=ev, kv_events_replay=replay,
-                            kv_events_form=args.events_form, num_pages=pages, name=f"e{i}")
+            eng = GpuEngine(
+                args.model,
+                ec,
+                weights=weights,
+                kv_events_endpoint=ev,
+                kv_events_replay=replay,
+                kv_events_form=args.events_form,
+                num_pages=pages,
+                name=f"e{i}",
+            )
             engines.append(eng)
             await eng.start()
             app = create_app(eng, served_model_name=ec.served_model_name, manage_core=False)
@@ -134,8 +161,13 @@ async def serve(args: LaunchArgs, stop: asyncio.Event,
             await site.start()
             port = runner.addresses[0][1]
             kv = eng.facts.kv_events
-            info.append({"url": f"http://{args.host}:{port}", "kv_events": kv.endpoint if kv else "",
-                         "pages": str(pages)})
+            info.append(
+                {
+                    "url": f"http://{args.host}:{port}",
+                    "kv_events": kv.endpoint if kv else "",
+                    "pages": str(pages),
+                }
+            )
         print(json.dumps({"engines": info}), flush=True)
         if ready is not None:
             ready.set_result(info)

@@ -85,8 +85,15 @@ class LlamaWeights:
             for _ in range(cfg.num_layers)
         ]
         cos, sin = cls.rope_tables(cfg, dev)
-        return cls(cfg, mat(cfg.vocab_size, h), layers, torch.ones(h, dtype=dt, device=dev),
-                   mat(cfg.vocab_size, h), cos, sin)
+        return cls(
+            cfg,
+            mat(cfg.vocab_size, h),
+            layers,
+            torch.ones(h, dtype=dt, device=dev),
+            mat(cfg.vocab_size, h),
+            cos,
+            sin,
+        )
 
     @classmethod
     def from_safetensors(cls, cfg: ModelConfig, path: str | Path, device: torch.device | str) -> LlamaWeights:
@@ -110,14 +117,16 @@ class LlamaWeights:
         layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            layers.append(LayerWeights(
-                attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0),
-                wo=get(p + "self_attn.o_proj.weight"),
-                mlp_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0),
-                w_down=get(p + "mlp.down_proj.weight"),
-            ))
+            layers.append(
+                LayerWeights(
+                    attn_norm=get(p + "input_layernorm.weight"),
+                    wqkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0),
+                    wo=get(p + "self_attn.o_proj.weight"),
+                    mlp_norm=get(p + "post_attention_layernorm.weight"),
+                    w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0),
+                    w_down=get(p + "mlp.down_proj.weight"),
+                )
+            )
         embed = get("model.embed_tokens.weight")
         head = get("lm_head.weight") if "lm_head.weight" in sd else embed
         cos, sin = cls.rope_tables(cfg, dev)
@@ -156,8 +165,15 @@ class LlamaModel:
             self._k = kernels
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMeta,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: StepMeta,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        sample_rows: torch.Tensor,
+    ) -> torch.Tensor:
         if self.fused:
             return self._forward_fused(input_ids, positions, meta, k_cache, v_cache, sample_rows)
         cfg, w = self.cfg, self.w
@@ -180,9 +196,15 @@ class LlamaModel:
         x = rms_norm(x.index_select(0, sample_rows), w.final_norm, cfg.rms_eps)
         return F.linear(x, w.lm_head).float()
 
-    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMeta,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       sample_rows: torch.Tensor) -> torch.Tensor:
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: StepMeta,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        sample_rows: torch.Tensor,
+    ) -> torch.Tensor:
         cfg, w, kn = self.cfg, self.w, self._k
         t = input_ids.shape[0]
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -194,8 +216,9 @@ class LlamaModel:
             qkv = F.linear(h, lw.wqkv)
             qkv3 = qkv.view(t, nh + 2 * nkv, d)
             kn.rope_(qkv3[:, : nh + nkv], positions, w.rope_cos, w.rope_sin)
-            o = self.attn.forward(qkv3[:, :nh], qkv3[:, nh : nh + nkv], qkv3[:, nh + nkv :],
-                                  k_cache[li], v_cache[li], meta)
+            o = self.attn.forward(
+                qkv3[:, :nh], qkv3[:, nh : nh + nkv], qkv3[:, nh + nkv :], k_cache[li], v_cache[li], meta
+            )
             h = kn.add_rms_norm(x, F.linear(o.view(t, nh * d), lw.wo), lw.mlp_norm, eps)
             delta = F.linear(kn.silu_mul(F.linear(h, lw.w_gate_up)), lw.w_down)
         assert delta is not None

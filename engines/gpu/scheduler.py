@@ -80,8 +80,15 @@ class Scheduler:
     Not thread-safe: the engine calls every method from its step thread.
     """
 
-    def __init__(self, cache: PrefixCache, pool: PageAllocator, *, max_batch_tokens: int, max_running: int,
-                 context_length: int) -> None:
+    def __init__(
+        self,
+        cache: PrefixCache,
+        pool: PageAllocator,
+        *,
+        max_batch_tokens: int,
+        max_running: int,
+        context_length: int,
+    ) -> None:
         if cache.page_size != pool.page_size:
             raise ValueError("cache and pool page sizes differ")
         if cache.capacity_tokens != pool.num_pages * pool.page_size:
@@ -162,8 +169,11 @@ class Scheduler:
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> list[Req]:
         """Mark matching requests aborted; they leave at the next ``schedule``. Returns them."""
-        hit = [r for r in (*self.waiting, *self.running)
-               if not r.finished and not r.aborted and (abort_all or r.rid == rid)]
+        hit = [
+            r
+            for r in (*self.waiting, *self.running)
+            if not r.finished and not r.aborted and (abort_all or r.rid == rid)
+        ]
         for r in hit:
             r.aborted = True
         return hit

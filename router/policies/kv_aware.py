@@ -169,8 +169,22 @@ class KvAwarePolicy(PolicyBase):
             reuse = c.reuse_weight * (prompt_blocks - ov_i) if prompt_blocks > ov_i else 0.0
             cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode + reuse
             rows.append(
-                (cost, -overlap, i, url, overlap, ov_i, ov_f, new_prefill, pending, decode, load, reqs, 0.0,
-                 reuse)
+                (
+                    cost,
+                    -overlap,
+                    i,
+                    url,
+                    overlap,
+                    ov_i,
+                    ov_f,
+                    new_prefill,
+                    pending,
+                    decode,
+                    load,
+                    reqs,
+                    0.0,
+                    reuse,
+                )
             )
         if c.guard_factor > 0 and len(rows) > 1:
             n = len(rows)

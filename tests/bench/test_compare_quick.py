@@ -20,7 +20,10 @@ def test_quick_comparison_completes_and_every_router_serves_every_request(tmp_pa
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--quick", "--out", str(out), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=280,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -24,8 +24,19 @@ from bench.workloads.ceiling import prefix_reuse_ceiling
 
 
 def _res(rid: str, ttft: float, itl: list[float], cached: int, prompt: int, done: float) -> RequestResult:
-    return RequestResult(rid, "r", True, prompt, 0.0, ttft_s=ttft, e2e_s=ttft + sum(itl), itl_s=itl,
-                         output_tokens=len(itl) + 1, cached_tokens=cached, done_s=done)
+    return RequestResult(
+        rid,
+        "r",
+        True,
+        prompt,
+        0.0,
+        ttft_s=ttft,
+        e2e_s=ttft + sum(itl),
+        itl_s=itl,
+        output_tokens=len(itl) + 1,
+        cached_tokens=cached,
+        done_s=done,
+    )
 
 
 def test_percentile_interpolates() -> None:
@@ -62,8 +73,9 @@ def test_summary_figures() -> None:
 
 
 def test_cli_parsing(tmp_path: Path) -> None:
-    cfg = parse_args(["--routers", "kvroute-kv_aware,sglang-cache_aware", "--sweep", "1,2", "--out",
-                      str(tmp_path)])
+    cfg = parse_args(
+        ["--routers", "kvroute-kv_aware,sglang-cache_aware", "--sweep", "1,2", "--out", str(tmp_path)]
+    )
     assert cfg.routers == (RouterSpec("kvroute", "kv_aware"), RouterSpec("sglang", "cache_aware"))
     assert cfg.sweep == (1.0, 2.0) and cfg.out_dir == tmp_path
     tuned = RouterSpec.parse("kvroute-kv_aware:queue_weight=0.5")

@@ -41,8 +41,11 @@ async def _fake_engine() -> web.Application:
         await resp.prepare(request)
         for _ in range(body["max_tokens"]):
             await resp.write(f"data: {json.dumps({'choices': [{'text': 'y'}]})}\n\n".encode())
-        usage = {"prompt_tokens": 9, "completion_tokens": body["max_tokens"],
-                 "prompt_tokens_details": {"cached_tokens": 4}}
+        usage = {
+            "prompt_tokens": 9,
+            "completion_tokens": body["max_tokens"],
+            "prompt_tokens_details": {"cached_tokens": 4},
+        }
         await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp

@@ -96,8 +96,9 @@ def test_mooncake_blocks_slices_and_rate(tmp_path: Path) -> None:
 def test_mooncake_rejects_inconsistent_trace(tmp_path: Path) -> None:
     from bench.workloads import mooncake
 
-    bad = _write_trace(tmp_path / "b.jsonl", [{"timestamp": 0, "input_length": 2000, "output_length": 1,
-                                               "hash_ids": [0]}])
+    bad = _write_trace(
+        tmp_path / "b.jsonl", [{"timestamp": 0, "input_length": 2000, "output_length": 1, "hash_ids": [0]}]
+    )
     with pytest.raises(WorkloadError):
         mooncake.load(bad)
 
@@ -109,11 +110,27 @@ def test_bundled_mooncake_trace_slice() -> None:
 
 
 def test_shared_prefix_ceiling_is_known() -> None:
-    wl = build("shared_prefix", groups=2, users_per_group=2, questions_per_user=1, context_tokens=64,
-               question_tokens=16, rate_per_s=10.0, seed=3)
+    wl = build(
+        "shared_prefix",
+        groups=2,
+        users_per_group=2,
+        questions_per_user=1,
+        context_tokens=64,
+        question_tokens=16,
+        rate_per_s=10.0,
+        seed=3,
+    )
     assert len(wl.requests) == 4
-    assert wl == build("shared_prefix", groups=2, users_per_group=2, questions_per_user=1, context_tokens=64,
-                       question_tokens=16, rate_per_s=10.0, seed=3)
+    assert wl == build(
+        "shared_prefix",
+        groups=2,
+        users_per_group=2,
+        questions_per_user=1,
+        context_tokens=64,
+        question_tokens=16,
+        rate_per_s=10.0,
+        seed=3,
+    )
     assert len({r.text[:64] for r in wl.requests}) == 2  # two group contexts
     assert len({r.text[64:] for r in wl.requests}) == 4  # four distinct questions
     # First request of each group misses; the other of each reuses the 64-token context (4 pages).
@@ -138,8 +155,14 @@ def test_multiturn_turns_extend_the_previous_one() -> None:
 
 
 def test_rate_factor_and_validation() -> None:
-    wl = build("shared_prefix", groups=1, users_per_group=3, questions_per_user=1, context_tokens=16,
-               question_tokens=4)
+    wl = build(
+        "shared_prefix",
+        groups=1,
+        users_per_group=3,
+        questions_per_user=1,
+        context_tokens=16,
+        question_tokens=4,
+    )
     fast = wl.with_rate(4.0)
     assert [r.arrival_s for r in fast.requests] == pytest.approx([r.arrival_s / 4 for r in wl.requests])
     with pytest.raises(WorkloadError):

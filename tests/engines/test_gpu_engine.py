@@ -125,8 +125,9 @@ async def test_http_api_and_kv_events_over_loopback() -> None:
             text = "abcdefghijklmnop"  # 16 bytes = 4 pages
             got = None
             for _ in range(50):
-                async with s.post(url + "/generate", json={"text": text, "sampling_params":
-                                                            {"max_new_tokens": 2}}) as r:
+                async with s.post(
+                    url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": 2}}
+                ) as r:
                     body = await r.json()
                 assert r.status == 200 and len(body["output_ids"]) == 2
                 try:
@@ -141,8 +142,9 @@ async def test_http_api_and_kv_events_over_loopback() -> None:
             assert stored and list(stored[0].token_ids) == list(text.encode())[:4]
             assert stored[0].parent_block_hash is None and stored[0].block_size == 4
             # A prompt that needs more pages than are free evicts: BlockRemoved events follow.
-            async with s.post(url + "/generate", json={"text": "Z" * 40, "sampling_params":
-                                                        {"max_new_tokens": 2}}) as r:
+            async with s.post(
+                url + "/generate", json={"text": "Z" * 40, "sampling_params": {"max_new_tokens": 2}}
+            ) as r:
                 assert r.status == 200
             removed = []
             for _ in range(20):
@@ -161,9 +163,24 @@ async def test_http_api_and_kv_events_over_loopback() -> None:
 async def test_launcher_serves_two_engines_sharing_weights() -> None:
     from engines.gpu import launch
 
-    args = launch.parse_args(["--device", "cpu", "--model-config", "tiny", "--port", "0",
-                              "--num-engines", "2",
-                              "--page-size", "4", "--num-pages", "32", "--events-port", "0"])
+    args = launch.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--model-config",
+            "tiny",
+            "--port",
+            "0",
+            "--num-engines",
+            "2",
+            "--page-size",
+            "4",
+            "--num-pages",
+            "32",
+            "--events-port",
+            "0",
+        ]
+    )
     stop = asyncio.Event()
     ready: asyncio.Future[list[dict[str, str]]] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(launch.serve(args, stop, ready))

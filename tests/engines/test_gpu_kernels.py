@@ -20,8 +20,9 @@ SHAPES = [(32, 8, 128), (8, 8, 64), (16, 2, 128), (8, 1, 64)]  # (query heads, K
 PAGE_SIZES = [1, 16, 64]
 
 
-def _pool(nkv: int, dim: int, num_pages: int, ps: int,
-          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool(
+    nkv: int, dim: int, num_pages: int, ps: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     k = torch.randn(num_pages * ps, nkv, dim, device="cuda", dtype=dtype)
     return k, torch.randn_like(k)
 
@@ -57,8 +58,9 @@ def test_paged_decode_matches_reference(shape: tuple[int, int, int], ps: int, dt
     q = torch.randn(len(lengths), nh, dim, device="cuda", dtype=dt)
     for tuning in (kernels.DecodeTuning(), kernels.DecodeTuning(block_n=32, target_programs=8)):
         out = torch.full_like(q, float("nan"))
-        kernels.paged_decode(q, kc, vc, meta.decode_table, meta.decode_lens_t, max(lengths), ps, out=out,
-                             tuning=tuning)
+        kernels.paged_decode(
+            q, kc, vc, meta.decode_table, meta.decode_lens_t, max(lengths), ps, out=out, tuning=tuning
+        )
         for i, (pg, n) in enumerate(zip(pages, lengths, strict=True)):
             ref = reference_extend(q[i : i + 1], kc, vc, pg, n - 1, ps, out_dtype=torch.float32)
             assert _rel(out[i : i + 1], ref) < 1e-2, (i, n, tuning)
@@ -85,14 +87,34 @@ def test_store_and_prefill_match_reference(shape: tuple[int, int, int], ps: int,
     k = torch.randn(t, nkv, dim, device="cuda", dtype=dt)
     v = torch.randn_like(k)
     for tuning in (kernels.PrefillTuning(), kernels.PrefillTuning(64, 32, 4, 2)):
-        meta = build_meta(ps, torch.device("cuda"), [], [], pages, [p for p, _ in reqs], [n for _, n in reqs],
-                          prefill_block_m=tuning.block_m)
+        meta = build_meta(
+            ps,
+            torch.device("cuda"),
+            [],
+            [],
+            pages,
+            [p for p, _ in reqs],
+            [n for _, n in reqs],
+            prefill_block_m=tuning.block_m,
+        )
         kernels.store_kv(k, v, kc, vc, meta.slots)
         assert torch.equal(kc[meta.slots], k) and torch.equal(vc[meta.slots], v)
         out = torch.full_like(q, float("nan"))
         assert meta.blk_req is not None and meta.blk_start is not None
-        kernels.paged_prefill(q, kc, vc, meta.prefill_table, meta.prefix_lens_t, meta.new_lens_t, meta.cu_q_t,
-                              meta.blk_req, meta.blk_start, ps, out=out, tuning=tuning)
+        kernels.paged_prefill(
+            q,
+            kc,
+            vc,
+            meta.prefill_table,
+            meta.prefix_lens_t,
+            meta.new_lens_t,
+            meta.cu_q_t,
+            meta.blk_req,
+            meta.blk_start,
+            ps,
+            out=out,
+            tuning=tuning,
+        )
         off = 0
         for pg, (p, n) in zip(pages, reqs, strict=True):
             ref = reference_extend(q[off : off + n], kc, vc, pg, p, ps, out_dtype=torch.float32)
@@ -114,8 +136,16 @@ def test_mixed_step_backends_agree() -> None:
     k = torch.randn(t, nkv, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     tri = TritonAttention()
-    meta = build_meta(ps, torch.device("cuda"), dec_pages, dec_lens, pre_pages, pre_prefix, pre_new,
-                      prefill_block_m=tri.prefill_tuning.block_m)
+    meta = build_meta(
+        ps,
+        torch.device("cuda"),
+        dec_pages,
+        dec_lens,
+        pre_pages,
+        pre_prefix,
+        pre_new,
+        prefill_block_m=tri.prefill_tuning.block_m,
+    )
     kc2, vc2 = kc.clone(), vc.clone()
     a = tri.forward(q, k, v, kc, vc, meta)
     b = TorchAttention().forward(q, k, v, kc2, vc2, meta)
@@ -181,8 +211,14 @@ def test_fused_model_matches_plain_torch_model() -> None:
         pos = torch.tensor(list(range(130)) + list(range(7)), device="cuda")
         a = model.forward(ids, pos, meta, pool.k, pool.v, torch.tensor([129, 136], device="cuda"))
         meta = build_meta(ps, torch.device("cuda"), pages, [131, 8], [], [], [], prefill_block_m=bm)
-        b = model.forward(torch.tensor([5, 6], device="cuda"), torch.tensor([130, 7], device="cuda"), meta,
-                          pool.k, pool.v, torch.tensor([0, 1], device="cuda"))
+        b = model.forward(
+            torch.tensor([5, 6], device="cuda"),
+            torch.tensor([130, 7], device="cuda"),
+            meta,
+            pool.k,
+            pool.v,
+            torch.tensor([0, 1], device="cuda"),
+        )
         return [a, b]
 
     for x, y in zip(run(LlamaModel(w, TorchAttention())), run(LlamaModel(w, TritonAttention())), strict=True):

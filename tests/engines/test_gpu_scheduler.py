@@ -10,8 +10,13 @@ from engines.prefix_cache import PagesRemoved, PageStored, PrefixCache
 
 def make(num_pages: int = 32, ps: int = 4, max_batch_tokens: int = 16, max_running: int = 8) -> Scheduler:
     cache = PrefixCache(ps, num_pages * ps)
-    return Scheduler(cache, PageAllocator(num_pages, ps), max_batch_tokens=max_batch_tokens,
-                     max_running=max_running, context_length=10_000)
+    return Scheduler(
+        cache,
+        PageAllocator(num_pages, ps),
+        max_batch_tokens=max_batch_tokens,
+        max_running=max_running,
+        context_length=10_000,
+    )
 
 
 def run_all(s: Scheduler, max_steps: int = 1000) -> list[tuple[int, int]]:
