@@ -85,6 +85,10 @@ def test_cli_parsing(tmp_path: Path) -> None:
     assert cmd[-2:] == ["--policy-param", "queue_weight=0.5"] and "--block-size" in cmd
     sg = router_command(RouterSpec.parse("sglang-cache_aware:cache-threshold=0.5"), ["u"], 8000, 16)
     assert sg[-2:] == ["--cache-threshold", "0.5"]
+    # No flags = the comparison the README records, in real time (compression charges the proxy 1/scale x).
+    d = parse_args([])
+    assert (d.fleet.time_scale, d.fleet.page_size, d.fleet.workers, d.rate) == (1.0, 64, 8, 2.5)
+    assert d.workload_args["count"] == 2000 and d.workload_args["output_scale"] == 0.25
     quick = parse_args(["--quick"])
     assert quick.fleet.workers < 8 and len(quick.routers) >= 4
     with pytest.raises(SystemExit):
