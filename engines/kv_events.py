@@ -2,10 +2,17 @@
 
 Each worker's stream is read by its own task. Messages are `[topic, seq (8 B BE), payload]`; `seq`
 must grow by one. On a gap the missing batches are fetched from the worker's ROUTER replay endpoint
-when one is known (DEALER, `[b"", start]` -> replies until the end marker, bounded by a timeout);
-when that is impossible or incomplete, the consumer is told to forget the worker (`on_reset`) and
-rebuilds from the batches that follow. Decode errors are counted, never fatal. Ready messages are
-drained and delivered, then the task yields, so a burst cannot starve the loop.
+when one is known (DEALER, `[b"", start]` -> replies until the end marker; abandoned when the
+worker stays silent for `replay_timeout`); when that is impossible or incomplete, the consumer is told
+to forget the worker (`on_reset`) and rebuilds from the batches that follow. Decode errors are
+counted, never fatal. Ready messages are drained and delivered, then the task yields, so a burst
+cannot starve the loop.
+
+Joining late: `add` replays the worker's buffered history (up to SGLang's `buffer_steps` batches)
+before it returns, so a router that starts, or restarts, in front of a warm fleet knows what is
+cached before it routes there, and the replay's cost is paid at registration rather than in the
+middle of the first requests (it used to wait for the first live message, which on an idle fleet is
+the first request's own prefill).
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class _Stream:
     stats: WorkerStreamStats = field(default_factory=WorkerStreamStats)
     expected: int | None = None
     task: asyncio.Task[None] | None = None
+    synced: asyncio.Event = field(default_factory=asyncio.Event)  # set once the initial replay is over
 
 
 class _Gap(Exception):
@@ -119,7 +127,11 @@ class KvEventSubscriber:
     async def add(
         self, worker: str, endpoint: str, *, replay_endpoint: str | None = None, topic: str = ""
     ) -> None:
-        """Start following `worker`'s stream (replacing any previous subscription of that worker)."""
+        """Start following `worker`'s stream (replacing any previous subscription of that worker).
+
+        Returns once the worker's buffered history has been replayed into `on_batch` (or the replay
+        failed, or there is no replay endpoint): bounded by `replay_timeout` of silence.
+        """
         if worker in self._streams:
             await self.remove(worker)
         sock = self._ctx.socket(zmq.SUB)
@@ -134,6 +146,11 @@ class KvEventSubscriber:
         st = _Stream(worker, endpoint, replay_endpoint, topic.encode("utf-8"), sock)
         st.task = asyncio.get_running_loop().create_task(self._run(st), name=f"kv-events:{worker}")
         self._streams[worker] = st
+        synced = asyncio.ensure_future(st.synced.wait())
+        try:
+            await asyncio.wait((synced, st.task), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            synced.cancel()
 
     async def remove(self, worker: str) -> None:
         st = self._streams.pop(worker, None)
@@ -161,6 +178,11 @@ class KvEventSubscriber:
         # future and none of zmq.asyncio's poller bookkeeping (~5% of the router's CPU under load).
         # Not closed here: a shadow does not own the socket.
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        try:
+            if st.replay_endpoint is not None:
+                await self._recover(st, 0, 0)  # the history buffered before we joined; live ones queue
+        finally:
+            st.synced.set()
         while True:
             try:
                 frames = await sock.recv_multipart()
@@ -250,8 +272,7 @@ class KvEventSubscriber:
         """Fill [start, seen) by replay if possible; else reset so the consumer forgets the worker."""
         if st.replay_endpoint is not None:
             try:
-                async with asyncio.timeout(self._replay_timeout):
-                    await self._replay(st, start, seen)
+                await self._replay(st, start, seen)
                 st.stats.replays += 1
                 return
             except (TimeoutError, _Gap, zmq.ZMQError) as exc:
@@ -262,8 +283,9 @@ class KvEventSubscriber:
     async def _replay(self, st: _Stream, start: int, seen: int) -> None:
         """Ask for every batch >= start and deliver them; raise _Gap if [start, seen) is incomplete.
 
-        A fresh DEALER per replay: a late answer to an abandoned (timed-out) request cannot be
-        mistaken for the next one.
+        TimeoutError when the worker is silent for `replay_timeout` (an idle timeout: a long replay
+        that keeps flowing is not cut). A fresh DEALER per replay: a late answer to an abandoned
+        request cannot be mistaken for the next one.
         """
         assert st.replay_endpoint is not None
         initial = st.expected is None
@@ -275,7 +297,8 @@ class KvEventSubscriber:
             first = True
             n = 0
             while True:
-                frames = await dealer.recv_multipart()
+                async with asyncio.timeout(self._replay_timeout):
+                    frames = await dealer.recv_multipart()
                 # 0.5.10: [b"", seq, payload]; 0.5.23: [b"", topic, seq, payload]
                 if len(frames) == 3:
                     seq_b, payload = frames[1], frames[2]

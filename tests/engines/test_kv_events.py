@@ -301,7 +301,7 @@ def _sglang_publisher(version: str, tmp_path: Path) -> tuple[object, str, str]:
 
 
 @pytest.mark.parametrize("version", ["0.5.10.post1", "0.5.23"])
-async def test_sglang_publisher_late_join_replays_history(version: str, tmp_path: Path) -> None:
+async def test_sglang_publisher_late_join_replays_history_before_add_returns(version: str, tmp_path: Path) -> None:
     m = load_kv_events(version)
     pub, ep, rep = _sglang_publisher(version, tmp_path)
     h = Harness()
@@ -314,13 +314,17 @@ async def test_sglang_publisher_late_join_replays_history(version: str, tmp_path
             for e in page_events(a)]))  # fmt: skip
         await wait_for(lambda: len(pub._buffer) == 1)  # type: ignore[attr-defined]  # sent to nobody
         await h.sub.add("w0", ep, replay_endpoint=rep, topic="kv")
+        # add() returns after the initial replay: the history is known before any live message
+        assert h.index.match(hash_blocks(a, BS)) == {"w0": 4}
+        st = h.sub.stats("w0")
+        assert st["replays"] == 1 and st["gaps"] == 0 and st["decode_errors"] == 0 and h.resets == []
+        # the live stream follows the replayed history (a probe lost to the slow joiner is replayed)
         deadline = time.monotonic() + 5
-        while h.index.match(hash_blocks(a, BS)) != {"w0": 4}:  # live probes trigger the first-message replay
+        while h.sub.stats("w0")["last_seq"] < 1:
             assert time.monotonic() < deadline, h.sub.stats("w0")
             pub.publish(m.KVEventBatch(ts=time.time(), events=[]))  # type: ignore[attr-defined]
             await asyncio.sleep(0.02)
-        st = h.sub.stats("w0")
-        assert st["replays"] >= 1 and st["decode_errors"] == 0 and h.resets == []
+        assert h.resets == [] and h.index.match(hash_blocks(a, BS)) == {"w0": 4}
         kinds = [type(e) for _, b in h.batches for e in b.events]
         assert kinds == [BlockStored] * 4
     finally:

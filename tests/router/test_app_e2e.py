@@ -51,6 +51,20 @@ async def test_kv_aware_follows_the_prefix_and_spreads_unrelated(start_router) -
         assert r.core.worker_stats(holder).cached_tokens >= 5 * 512 - 16
 
 
+async def test_router_started_in_front_of_a_warm_fleet_knows_its_cache_once_healthy(start_router) -> None:
+    """A (re)started router replays each engine's buffered KV events while registering it, so the
+    first request after readiness already follows the prefix; nothing is learned mid-traffic."""
+    async with SimFleet(workers=2, time_scale=0.01) as fleet:
+        w0, w1 = fleet.urls
+        async with aiohttp.ClientSession() as direct:  # warm w1 before any router exists
+            await generate(direct, w1, PREFIX + " seed")
+        r = await start_router(worker_urls=tuple(fleet.urls), policy="kv_aware")
+        await r.wait_healthy(2, timeout=10)
+        assert blocks_on(r, w1, PREFIX) == 32 and blocks_on(r, w0, PREFIX) == 0  # no wait, no live event
+        w, cached = await generate(r.session, r.url, PREFIX + " first routed question")
+        assert w == w1 and cached == 32
+
+
 async def test_evicted_prefix_stops_attracting_traffic(start_router) -> None:
     async with SimFleet(workers=2, time_scale=0.01, kv_capacity_tokens=2048) as fleet:
         r = await start_router(worker_urls=tuple(fleet.urls), policy="kv_aware")
