@@ -64,6 +64,8 @@ class WorkerStreamStats:
     replays: int = 0
     """Gaps fully recovered through the replay endpoint."""
     replay_failures: int = 0
+    replay_resumes: int = 0
+    """Replays cut in the middle (lost replies) and asked again from the first missing batch."""
     resets: int = 0
     """Times `on_reset` was called (gap not recoverable, or the engine restarted at seq 0)."""
     duplicates: int = 0
@@ -89,10 +91,15 @@ class _Stream:
     expected: int | None = None
     task: asyncio.Task[None] | None = None
     synced: asyncio.Event = field(default_factory=asyncio.Event)  # set once the initial replay is over
+    history_lost: bool = False  # the initial replay failed: follow from the live stream, do not retry it
 
 
 class _Gap(Exception):
     pass
+
+
+class _ReplayCut(_Gap):
+    """The replay lost batches in the middle (SGLang's ROUTER drops replies it cannot queue)."""
 
 
 class KvEventSubscriber:
@@ -110,12 +117,14 @@ class KvEventSubscriber:
         on_reset: Callable[[str], None],
         *,
         replay_timeout: float = 2.0,
+        replay_attempts: int = 8,
         max_drain: int = 256,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self._on_batch = on_batch
         self._on_reset = on_reset
         self._replay_timeout = replay_timeout
+        self._replay_attempts = replay_attempts
         self._max_drain = max_drain
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._streams: dict[str, _Stream] = {}
@@ -180,7 +189,9 @@ class KvEventSubscriber:
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         try:
             if st.replay_endpoint is not None:
+                failures = st.stats.replay_failures
                 await self._recover(st, 0, 0)  # the history buffered before we joined; live ones queue
+                st.history_lost = st.stats.replay_failures > failures
         finally:
             st.synced.set()
         while True:
@@ -222,7 +233,9 @@ class KvEventSubscriber:
         seq = int.from_bytes(frames[1], "big")
         exp = st.expected
         if exp is None:
-            if seq != 0:
+            # Missed the stream's first batches (a slow join): fetch them, unless the full replay at
+            # subscription already failed; retrying it on every first message would be a replay storm.
+            if seq != 0 and not st.history_lost:
                 st.stats.gaps += 1
                 await self._recover(st, 0, seq)
         elif seq < exp:
@@ -271,13 +284,27 @@ class KvEventSubscriber:
     async def _recover(self, st: _Stream, start: int, seen: int) -> None:
         """Fill [start, seen) by replay if possible; else reset so the consumer forgets the worker."""
         if st.replay_endpoint is not None:
-            try:
-                await self._replay(st, start, seen)
-                st.stats.replays += 1
-                return
-            except (TimeoutError, _Gap, zmq.ZMQError) as exc:
+            attempts = self._replay_attempts
+            while True:
+                before = st.expected
+                try:
+                    await self._replay(st, start, seen)
+                    st.stats.replays += 1
+                    return
+                except (TimeoutError, _ReplayCut) as exc:
+                    # A cut after progress (or silence where the end marker should be): ask again from
+                    # the first batch still missing; each attempt keeps what it delivered.
+                    attempts -= 1
+                    if st.expected is not None and st.expected != before and attempts > 0:
+                        st.stats.replay_resumes += 1
+                        start = st.expected
+                        continue
+                    err: Exception = exc
+                except (_Gap, zmq.ZMQError) as exc:
+                    err = exc
                 st.stats.replay_failures += 1
-                log.warning("kv events of %s: replay from %d failed (%r); resetting", st.worker, start, exc)
+                log.warning("kv events of %s: replay from %d failed (%r); resetting", st.worker, start, err)
+                break
         self._reset(st)
 
     async def _replay(self, st: _Stream, start: int, seen: int) -> None:
@@ -291,6 +318,12 @@ class KvEventSubscriber:
         initial = st.expected is None
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        # SGLang answers a replay from its publisher thread in one tight loop on a ROUTER socket, which
+        # drops what exceeds the pipe's high-water marks (1,000 + 1,000 messages by default) instead of
+        # blocking: with a bounded receive queue, a 10,000-batch replay loses batches (and its end
+        # marker) whenever we decode slower than it sends. Unbounded here; a replay is at most
+        # `buffer_steps` batches.
+        dealer.setsockopt(zmq.RCVHWM, 0)
         try:
             dealer.connect(st.replay_endpoint)
             await dealer.send_multipart((b"", start.to_bytes(8, "big")))
@@ -321,7 +354,7 @@ class KvEventSubscriber:
                 if exp is not None and seq < exp:
                     continue
                 if exp is not None and seq > exp:
-                    raise _Gap(f"replay skipped from {exp} to {seq}")
+                    raise _ReplayCut(f"replay skipped from {exp} to {seq}")
                 self._deliver(st, seq, payload)
                 n += 1
                 if n % self._max_drain == 0:

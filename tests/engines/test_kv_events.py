@@ -333,6 +333,42 @@ async def test_sglang_publisher_late_join_replays_history_before_add_returns(ver
         atexit.unregister(pub.shutdown)  # type: ignore[attr-defined]  # SGLang registers it at init
 
 
+@pytest.mark.parametrize("version", ["0.5.10.post1", "0.5.23"])
+async def test_large_replay_to_a_slow_consumer_loses_nothing(version: str, tmp_path: Path) -> None:
+    """SGLang's ROUTER drops replies it cannot queue: an 8,000-batch history replayed to a consumer
+    slower than the sender must still arrive whole (resumed from the first missing batch)."""
+    m = load_kv_events(version)
+    pub, ep, rep = _sglang_publisher(version, tmp_path)
+    h = Harness()
+    n = 8000
+
+    def slow(worker: str, batch: KvEventBatch) -> None:
+        end = time.perf_counter() + 30e-6  # ~10x slower than the publisher sends
+        while time.perf_counter() < end:
+            pass
+        h.on_batch(worker, batch)
+
+    h.sub._on_batch = slow
+    try:
+        # ~2 KB per batch (16 pages of 16 tokens), 16 MB in all: more than the kernel's socket buffers hold
+        events = [m.BlockStored(block_hashes=list(e.block_hashes), parent_block_hash=e.parent_block_hash,
+                                token_ids=list(e.token_ids), block_size=BS, lora_id=None, medium="GPU")
+                  for e in page_events(list(range(1000, 1000 + 16 * BS)))]  # fmt: skip
+        for _ in range(n):
+            pub.publish(m.KVEventBatch(ts=time.time(), events=events))  # type: ignore[attr-defined]
+        await wait_for(lambda: len(pub._buffer) == n)  # type: ignore[attr-defined]
+        await h.sub.add("w0", ep, replay_endpoint=rep, topic="kv")
+        st = h.sub.stats("w0")
+        # whole and in order, however many times it had to be resumed where replies were dropped
+        assert (st["batches"], st["last_seq"], st["replays"], st["replay_failures"]) == (n, n - 1, 1, 0)
+        assert st["duplicates"] == 0, st
+        assert h.resets == []
+    finally:
+        await h.sub.close()
+        await asyncio.to_thread(pub.shutdown)  # type: ignore[attr-defined]
+        atexit.unregister(pub.shutdown)  # type: ignore[attr-defined]
+
+
 async def test_consumer_exception_is_counted_not_fatal() -> None:
     h = Harness()
     calls: list[int] = []
