@@ -4,8 +4,8 @@ Processes (all on loopback, each its own OS process):
 - backend: a zero-work SGLang look-alike (raw asyncio on uvloop) answering every `/generate` with
   the same small JSON, and the control endpoints both routers probe at registration;
 - the router under test: `kvroute serve` (round_robin, and kv_aware: tokenize + hash + index) and
-  `python -m sglang_router.launch_router` (sglang-router 0.3.2, round_robin), one after another,
-  each pointed at the same backend;
+  `python -m sglang_router.launch_router` (sglang-router 0.3.2, round_robin and cache_aware),
+  one after another, each pointed at the same backend;
 - loadgen: a raw-asyncio HTTP/1.1 client (keep-alive pool) in its own process.
 
 Two measurements per target (and for the backend called directly, the baseline):
@@ -404,31 +404,33 @@ def orchestrate(args: argparse.Namespace) -> int:
         )
     )
     if not args.no_sglang:
-        targets.append(
-            Target(
-                "sglang-router 0.3.2 round_robin",
-                p3,
-                [
-                    py,
-                    "-m",
-                    "sglang_router.launch_router",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(p3),
-                    "--worker-urls",
-                    burl,
-                    "--policy",
-                    "round_robin",
-                    "--prometheus-host",
-                    "127.0.0.1",
-                    "--prometheus-port",
-                    str(free_port()),
-                    "--log-level",
-                    "warn",
-                ],
+        # round_robin: the proxy alone; cache_aware: its prefix tree too, the like-for-like rival of kv_aware
+        for policy, port in (("round_robin", p3), ("cache_aware", free_port())):
+            targets.append(
+                Target(
+                    f"sglang-router 0.3.2 {policy}",
+                    port,
+                    [
+                        py,
+                        "-m",
+                        "sglang_router.launch_router",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--worker-urls",
+                        burl,
+                        "--policy",
+                        policy,
+                        "--prometheus-host",
+                        "127.0.0.1",
+                        "--prometheus-port",
+                        str(free_port()),
+                        "--log-level",
+                        "warn",
+                    ],
+                )
             )
-        )
     runs: dict[str, list[dict[str, dict[str, float]]]] = {t.name: [] for t in targets}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -482,17 +484,15 @@ def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Name
             f"{name:<34} {lat['p50_ms']:>8.3f} {lat['p99_ms']:>8.3f} {add50:>8.3f} {add99:>8.3f} "
             f"{tput['rps']:>8.0f}"
         )
-    sg = next((r for n, r in results.items() if n.startswith("sglang-router")), None)
-    kv = results.get("kvroute round_robin")
-    if sg and kv:
-        ratio = kv["throughput"]["rps"] / sg["throughput"]["rps"]
-        print(f"\nsustained-rate ratio kvroute round_robin / sglang-router: {ratio:.2f} (target >= 0.5)")
-        kva = results.get("kvroute kv_aware")
-        if kva:
-            print(
-                "sustained-rate ratio kvroute kv_aware / sglang-router: "
-                f"{kva['throughput']['rps'] / sg['throughput']['rps']:.2f}"
-            )
+    print()
+    for ours, theirs in (
+        ("kvroute round_robin", "sglang-router 0.3.2 round_robin"),
+        ("kvroute kv_aware", "sglang-router 0.3.2 round_robin"),
+        ("kvroute kv_aware", "sglang-router 0.3.2 cache_aware"),
+    ):
+        if ours in results and theirs in results:
+            ratio = results[ours]["throughput"]["rps"] / results[theirs]["throughput"]["rps"]
+            print(f"sustained-rate ratio {ours} / {theirs}: {ratio:.2f} (target >= 0.5)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
 
