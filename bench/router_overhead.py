@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.compare import RouterSpec, router_command
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "You are a helpful assistant. " * 8  # 232 bytes: 14 blocks for kv_aware to hash
 GEN_BODY = json.dumps({"text": PROMPT, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()
@@ -406,31 +408,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     if not args.no_sglang:
         # round_robin: the proxy alone; cache_aware: its prefix tree too, the like-for-like rival of kv_aware
         for policy, port in (("round_robin", p3), ("cache_aware", free_port())):
-            targets.append(
-                Target(
-                    f"sglang-router 0.3.2 {policy}",
-                    port,
-                    [
-                        py,
-                        "-m",
-                        "sglang_router.launch_router",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--worker-urls",
-                        burl,
-                        "--policy",
-                        policy,
-                        "--prometheus-host",
-                        "127.0.0.1",
-                        "--prometheus-port",
-                        str(free_port()),
-                        "--log-level",
-                        "warn",
-                    ],
-                )
-            )
+            cmd = router_command(RouterSpec("sglang", policy), [burl], port, 16)
+            targets.append(Target(f"sglang-router 0.3.2 {policy}", port, cmd))
     runs: dict[str, list[dict[str, dict[str, float]]]] = {t.name: [] for t in targets}
     procs: list[subprocess.Popen[bytes]] = []
     try:
