@@ -301,7 +301,9 @@ def _sglang_publisher(version: str, tmp_path: Path) -> tuple[object, str, str]:
 
 
 @pytest.mark.parametrize("version", ["0.5.10.post1", "0.5.23"])
-async def test_sglang_publisher_late_join_replays_history_before_add_returns(version: str, tmp_path: Path) -> None:
+async def test_sglang_publisher_late_join_replays_history_before_add_returns(
+    version: str, tmp_path: Path
+) -> None:
     m = load_kv_events(version)
     pub, ep, rep = _sglang_publisher(version, tmp_path)
     h = Harness()
