@@ -189,9 +189,8 @@ class KvEventSubscriber:
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         try:
             if st.replay_endpoint is not None:
-                failures = st.stats.replay_failures
-                await self._recover(st, 0, 0)  # the history buffered before we joined; live ones queue
-                st.history_lost = st.stats.replay_failures > failures
+                # the history buffered before we joined; live messages queue meanwhile
+                st.history_lost = not await self._recover(st, 0, 0)
         finally:
             st.synced.set()
         while True:
@@ -281,8 +280,9 @@ class KvEventSubscriber:
             st.stats.callback_errors += 1
             log.exception("kv events of %s: on_reset failed", st.worker)
 
-    async def _recover(self, st: _Stream, start: int, seen: int) -> None:
-        """Fill [start, seen) by replay if possible; else reset so the consumer forgets the worker."""
+    async def _recover(self, st: _Stream, start: int, seen: int) -> bool:
+        """Fill [start, seen) by replay if possible (True); else reset so the consumer forgets the
+        worker (False)."""
         if st.replay_endpoint is not None:
             attempts = self._replay_attempts
             while True:
@@ -290,7 +290,7 @@ class KvEventSubscriber:
                 try:
                     await self._replay(st, start, seen)
                     st.stats.replays += 1
-                    return
+                    return True
                 except (TimeoutError, _ReplayCut) as exc:
                     # A cut after progress (or silence where the end marker should be): ask again from
                     # the first batch still missing; each attempt keeps what it delivered.
@@ -306,6 +306,7 @@ class KvEventSubscriber:
                 log.warning("kv events of %s: replay from %d failed (%r); resetting", st.worker, start, err)
                 break
         self._reset(st)
+        return False
 
     async def _replay(self, st: _Stream, start: int, seen: int) -> None:
         """Ask for every batch >= start and deliver them; raise _Gap if [start, seen) is incomplete.

@@ -19,7 +19,7 @@ from cache_index.events import BlockRemoved, BlockStored, KvEventBatch
 from cache_index.hashing import hash_blocks
 from cache_index.radix import RadixIndex
 from engines.kv_events import KvEventSubscriber, resolve_endpoint
-from engines.kv_publisher import KvEventPublisher, PublisherForm, sglang_page_hash
+from engines.kv_publisher import END_SEQ, KvEventPublisher, PublisherForm, sglang_page_hash
 from tests.sglang_ref import load_kv_events
 
 BS = 4
@@ -369,6 +369,43 @@ async def test_large_replay_to_a_slow_consumer_loses_nothing(version: str, tmp_p
         await h.sub.close()
         await asyncio.to_thread(pub.shutdown)  # type: ignore[attr-defined]
         atexit.unregister(pub.shutdown)  # type: ignore[attr-defined]
+
+
+async def test_replay_cut_in_the_middle_resumes_from_the_first_missing_batch() -> None:
+    """A scripted replay server that drops seq 5 the first time (as a full ROUTER pipe does): the
+    subscriber asks again from 5 and ends with all ten batches once each, no reset."""
+    pub = KvEventPublisher("tcp://127.0.0.1:0")  # live stream only; the replay is scripted below
+    ctx = zmq.asyncio.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:0")
+    payloads = [pub.encode([]) for _ in range(10)]
+    starts: list[int] = []
+
+    async def serve() -> None:
+        while True:
+            client, _, start_b = await router.recv_multipart()
+            start = int.from_bytes(start_b, "big")
+            starts.append(start)
+            for seq in range(start, 10):
+                if len(starts) == 1 and seq == 5:
+                    continue  # dropped
+                await router.send_multipart((client, b"", seq.to_bytes(8, "big"), payloads[seq]))
+            await router.send_multipart((client, b"", END_SEQ, b""))
+
+    server = asyncio.get_running_loop().create_task(serve())
+    h = Harness()
+    try:
+        await pub.start()
+        await h.sub.add("w0", pub.endpoint, replay_endpoint=router.getsockopt_string(zmq.LAST_ENDPOINT))
+        st = h.sub.stats("w0")
+        assert starts == [0, 5]
+        assert (st["batches"], st["last_seq"], st["replays"], st["replay_resumes"]) == (10, 9, 1, 1)
+        assert st["replay_failures"] == 0 and h.resets == []
+    finally:
+        server.cancel()
+        await h.sub.close()
+        await pub.close()
+        router.close(linger=0)
 
 
 async def test_consumer_exception_is_counted_not_fatal() -> None:
