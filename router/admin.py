@@ -213,7 +213,10 @@ class AdminApi:
             self.router.set_policy(name, params)
         except ValueError as exc:
             raise bad_request(str(exc), "invalid_policy") from exc
-        return _json(self.router.policy_info())
+        info = self.router.policy_info()
+        if self.replicas is not None:  # resolved params: every replica compares like with like
+            self.replicas.notify_policy(info["name"], info["params"])
+        return _json(info)
 
     async def index_stats(self, request: web.Request) -> web.Response:
         return _json(self.router.index_stats())

@@ -15,6 +15,7 @@ from router.shared.membership import (
     SharedMembership,
     WorkerSpec,
 )
+from router.shared.policy import PolicyChange, SharedPolicy
 from router.shared.records import RoutingRecordShare, cache_aware_sink
 from router.shared.runtime import ReplicaRuntime, replica_context
 
@@ -24,6 +25,7 @@ __all__ = [
     "MembershipChange",
     "MembershipListener",
     "Op",
+    "PolicyChange",
     "RegistryMembership",
     "RemoteLoadFolder",
     "ReplicaConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "ReplicaStateSync",
     "RoutingRecordShare",
     "SharedMembership",
+    "SharedPolicy",
     "SharedStateError",
     "WorkerSpec",
     "cache_aware_sink",

@@ -114,6 +114,16 @@ class Keys:
         """Pub/sub channel of membership changes (JSON MembershipChange)."""
         return f"{self.prefix}:workers:changes"
 
+    @property
+    def policy(self) -> str:
+        """String: the policy last set through the admin API (JSON PolicyChange)."""
+        return f"{self.prefix}:policy"
+
+    @property
+    def policy_channel(self) -> str:
+        """Pub/sub channel of policy changes (JSON PolicyChange)."""
+        return f"{self.prefix}:policy:changes"
+
 
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
     """A client that fails fast: no built-in retries (our loops back off themselves), short timeouts,

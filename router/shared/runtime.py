@@ -11,6 +11,7 @@ from router.config import normalize_url
 from router.shared.common import REDIS_ERRORS, ReplicaConfig, connect
 from router.shared.load_sync import RemoteLoadFolder, ReplicaStateSync
 from router.shared.membership import Op, RegistryMembership, SharedMembership, WorkerSpec
+from router.shared.policy import SharedPolicy
 from router.shared.records import RoutingRecordShare, cache_aware_sink
 from router.types import RoutingRequest, Worker
 
@@ -18,11 +19,11 @@ log = logging.getLogger("kvroute.replicas")
 
 
 class ReplicaRuntime:
-    """The Redis client, the load sync and the membership mirror of one replica."""
+    """The Redis client, the load sync, the membership mirror and the shared policy of one replica."""
 
     def __init__(self, config: ReplicaConfig, router: Any, registry: Any | None) -> None:
-        """`router`: a `Router` (its `workers()` are synced); `registry`: a `WorkerRegistry`, or None to
-        share load only (library use without the HTTP layer)."""
+        """`router`: a `Router` (its `workers()` are synced, its policy shared); `registry`: a
+        `WorkerRegistry`, or None to share load only (library use without the HTTP layer)."""
         if config.redis_url is None:
             raise ValueError("ReplicaRuntime needs config.redis_url")
         self.config = config
@@ -31,6 +32,14 @@ class ReplicaRuntime:
         self.sync = ReplicaStateSync(self.client, RemoteLoadFolder(router.workers), config, self.replica_id)
         self.membership = (
             SharedMembership(self.client, RegistryMembership(registry), config, self.replica_id)
+            if registry is not None
+            else None
+        )
+        info = router.policy_info()
+        self.policy = (
+            SharedPolicy(
+                self.client, router.set_policy, config, self.replica_id, (info["name"], info["params"])
+            )
             if registry is not None
             else None
         )
@@ -51,6 +60,8 @@ class ReplicaRuntime:
         self.sync.start()
         if self.membership is not None:
             self.membership.start()
+        if self.policy is not None:
+            self.policy.start()
         if self.records is not None:
             self.records.start()
             self._router.routed_hooks.append(self.on_routed)
@@ -62,6 +73,8 @@ class ReplicaRuntime:
             await self.records.close()
         if self.membership is not None:
             await self.membership.close()
+        if self.policy is not None:
+            await self.policy.close()
         await self.sync.close(forget=True)
         with contextlib.suppress(*REDIS_ERRORS):
             await self.client.aclose()
@@ -90,6 +103,11 @@ class ReplicaRuntime:
             Op.DRAIN if drained else Op.UNDRAIN, WorkerSpec(normalize_url(url), role, drained=drained)
         )
 
+    def notify_policy(self, name: str, params: dict[str, Any]) -> None:
+        """After a local `set_policy` succeeded: store it for every replica and tell them."""
+        if self.policy is not None:
+            self.policy.notify(name, params)
+
     def _notify(self, op: Op, spec: WorkerSpec) -> None:
         if self.membership is not None:
             self.membership.notify(op, spec)
@@ -101,6 +119,7 @@ class ReplicaRuntime:
             "peers": list(self.sync.peers),
             "degraded": self.sync.degraded
             or bool(self.membership and self.membership.degraded)
+            or bool(self.policy and self.policy.degraded)
             or bool(self.records and self.records.degraded),
             "syncs": self.sync.syncs,
             "sync_failures": self.sync.failures,

@@ -32,6 +32,7 @@ from router.shared import (
     ReplicaStateSync,
     RoutingRecordShare,
     SharedMembership,
+    SharedPolicy,
     SharedStateError,
     WorkerSpec,
     connect,
@@ -364,6 +365,55 @@ async def test_membership_changes_reach_other_replicas(redis_url: str, prefix: s
             await reg_b.close()
 
 
+def _policy_of(router: Router) -> tuple[str, dict[str, Any]]:
+    info = router.policy_info()
+    return info["name"], info["params"]
+
+
+async def test_policy_set_on_one_replica_reaches_the_others(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """a's admin policy change reaches b at once and c when it starts later (stored, not only published);
+    a replica that cannot build a shared policy keeps its own and says why; own changes are not re-applied."""
+    ra, rb, rc = (Router(policy="round_robin") for _ in range(3))
+    clients = [connect(redis_url, 0.5) for _ in range(3)]
+    applied: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    def applier(rid: str, router: Router) -> Any:
+        def apply(name: str, params: dict[str, Any]) -> None:
+            router.set_policy(name, params)
+            applied[rid].append(name)
+
+        return apply
+
+    sa, sb, sc = (
+        SharedPolicy(c, applier(rid, r), rcfg(redis_url, prefix, rid), rid, _policy_of(r))
+        for c, rid, r in zip(clients, "abc", (ra, rb, rc), strict=True)
+    )
+    try:
+        sa.start()
+        sb.start()
+        await asyncio.wait_for(asyncio.gather(sa.ready.wait(), sb.ready.wait()), 5)
+        assert applied == {"a": [], "b": [], "c": []}  # nothing stored yet: both keep --policy
+        ra.set_policy("least_load", {"metric": "requests"})
+        assert await sa.publish(*_policy_of(ra))
+        await wait_until(lambda: _policy_of(rb) == _policy_of(ra), 5.0, "b to take a's policy")
+        assert rb.policy_info()["params"]["metric"] == "requests"
+        sc.start()  # late joiner: reads the stored change
+        await asyncio.wait_for(sc.ready.wait(), 5)
+        assert _policy_of(rc) == _policy_of(ra)
+        with caplog.at_level("ERROR", logger="kvroute.replicas"):
+            assert await sb.publish("no_such_policy", {})  # as from a newer version of kvroute
+            await wait_until(lambda: "cannot apply shared policy no_such_policy" in caplog.text, 5.0, "error")
+        assert _policy_of(ra)[0] == "least_load"  # kept its policy
+        assert applied["a"] == [] and applied["b"] == ["least_load"]  # a never re-applied its own change
+    finally:
+        for s in (sa, sb, sc):
+            await s.close()
+        for c in clients:
+            await c.aclose()
+
+
 async def test_membership_publish_without_redis_keeps_local(prefix: str) -> None:
     """Redis down at publish time: False, logged, no exception into the admin call."""
     url = f"redis://127.0.0.1:{free_port()}/0"
@@ -511,7 +561,8 @@ async def test_two_router_apps_share_load_and_admin_changes(
     redis_url: str, prefix: str, start_router: Any
 ) -> None:
     """Load routed through replica a shows in b's /get_loads (and steers b's policy) while it runs and
-    leaves when it ends; an admin add/remove on a reaches b's registry; /admin/replicas shows the peer."""
+    leaves when it ends; an admin add/remove and a policy change on a reach b; /admin/replicas shows the
+    peer."""
     from engines.sim.fleet import SimFleet
     from tests.router.conftest import test_config
 
@@ -572,6 +623,9 @@ async def test_two_router_apps_share_load_and_admin_changes(
         async with a.session.delete(a.url + "/admin/workers", params={"url": w3}) as resp:
             assert resp.status == 200
         await wait_until(lambda: w3 not in b.registry, 5.0, "b to remove w3")
+        async with a.session.put(a.url + "/admin/policy", json={"name": "power_of_two"}) as resp:
+            assert resp.status == 200
+        await wait_until(lambda: b.core.policy_info()["name"] == "power_of_two", 5.0, "b to take a's policy")
 
 
 async def test_membership_carries_pd_role_and_bootstrap_port() -> None:
