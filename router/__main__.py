@@ -4,4 +4,5 @@ import sys
 
 from router.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when re-imported as `__mp_main__` by a `serve --processes` child
+    sys.exit(main())

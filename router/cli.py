@@ -25,6 +25,12 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--host",), "host", str, "address to bind (default 127.0.0.1)"),
     (("--port",), "port", int, "port to bind (default 30000; 0 = any free port)"),
     (("--policy",), "policy", str, "routing policy (default kv_aware)"),
+    (
+        ("--processes",),
+        "processes",
+        int,
+        "serving processes on the port (SO_REUSEPORT), sharing state through --redis-url (default 1)",
+    ),
     (("--block-size",), "block_size", int, "tokens per KV block = the engines' --page-size (default 16)"),
     (
         ("--tokenizer", "--tokenizer-path"),
@@ -162,8 +168,12 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def serve(config: RouterConfig, ready: Callable[[str], None] | None = None) -> None:
-    """Run the router until SIGINT/SIGTERM; `ready(url)` is called once it listens."""
+async def serve(
+    config: RouterConfig, ready: Callable[[str], None] | None = None, reuse_port: bool = False
+) -> None:
+    """Run the router until SIGINT/SIGTERM; `ready(url)` is called once it listens. `reuse_port`: share
+    the port with the other processes of `serve --processes N` (off otherwise: a second router on a
+    taken port must fail, not split the traffic)."""
     from aiohttp import web
 
     from router.app import create_app
@@ -171,7 +181,7 @@ async def serve(config: RouterConfig, ready: Callable[[str], None] | None = None
     app = create_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     host, port = runner.addresses[0][:2]
     url = f"http://{host}:{port}"
@@ -211,6 +221,10 @@ def cmd_serve(argv: Sequence[str]) -> int:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    if config.processes > 1:
+        from router.supervisor import ServeSupervisor
+
+        return ServeSupervisor(config).run()
     try:
         run_async(serve(config))
     except ConfigError as exc:  # found while building the app (unknown policy, bad policy params)

@@ -41,6 +41,8 @@ class RouterConfig:
     max_body_bytes: int = 32 * 1024 * 1024  # request body limit in bytes (413 above it); 0 = no limit
     request_id_header: str = "X-Request-Id"  # propagated to engines, created when absent
     session_header: str = "X-Session-Id"  # consistent_hash affinity key; the OpenAI `user` field otherwise
+    processes: int = 1  # serving processes on one port (SO_REUSEPORT), replicas sharing state through
+    # Redis (router/supervisor.py); > 1 needs redis_url and a fixed port
     # --- fleet
     worker_urls: tuple[str, ...] = ()  # engines registered at start-up (more via the admin API)
     kv_events: tuple[tuple[str, str], ...] = ()  # (worker url, zmq endpoint) overrides of /server_info
@@ -107,6 +109,15 @@ class RouterConfig:
         for _, port in self.prefill_urls:
             if port is not None and not 0 < port < 65536:
                 raise ConfigError(f"prefill bootstrap port out of range: {port}")
+        if self.processes < 1:
+            raise ConfigError(f"processes must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.redis_url is None:
+            raise ConfigError(
+                "processes > 1 needs redis_url (--redis-url): the processes are replicas that share "
+                "load, admin changes and the policy through Redis"
+            )
+        if self.processes > 1 and self.port == 0:
+            raise ConfigError("processes > 1 needs a fixed port (port 0 would give each process its own)")
         if self.sync_interval_s <= 0:
             raise ConfigError(f"sync_interval_s must be > 0, got {self.sync_interval_s}")
         if self.replica_ttl_s <= self.sync_interval_s:

@@ -9,16 +9,23 @@ Labels (bounded: routes and policies are fixed sets, workers are the registered 
   `stream_broken`, `client_disconnect`, `no_worker`, `bad_request`).
 - `reason`: why a retry happened (same values as `kind`).
 - `state`: worker state (`pending`, `healthy`, `unhealthy`, `draining`, `rejected`).
+
+Under `kvroute serve --processes N` (router/supervisor.py) prometheus_client runs in multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR set): counters and histograms are summed over the processes; a gauge takes the
+most recently set value among live processes (`livemostrecent`: the loads are router-wide already,
+through Redis, and gauges are refreshed by whichever process answers the scrape).
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from router.types import Worker, WorkerState
 
@@ -28,6 +35,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 # Gaps between tokens in seconds (TPOT, ITL; also `router.pd_metrics`).
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATEST = "livemostrecent"  # gauges under multiprocess mode (see the module docstring)
 _RATIO = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -36,6 +45,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_DIR_ENV) or None
         self._children: dict[tuple[str, str, str, int], _Children] = {}
         self.requests = Counter(
             "kvroute_requests",
@@ -107,63 +117,87 @@ class Metrics:
             registry=r,
         )
         self.index_blocks = Gauge(
-            "kvroute_index_blocks", "Blocks the index holds per worker.", ["worker"], registry=r
+            "kvroute_index_blocks",
+            "Blocks the index holds per worker.",
+            ["worker"],
+            registry=r,
+            multiprocess_mode=LATEST,
         )
         self.in_flight = Gauge(
             "kvroute_worker_in_flight",
             "Requests routed and not finished, per worker.",
             ["worker"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.pending_prefill = Gauge(
             "kvroute_worker_pending_prefill_tokens",
             "Uncached prompt tokens routed with no first token yet, per worker.",
             ["worker"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.active_blocks = Gauge(
-            "kvroute_worker_active_blocks", "KV blocks held by running requests.", ["worker"], registry=r
+            "kvroute_worker_active_blocks",
+            "KV blocks held by running requests.",
+            ["worker"],
+            registry=r,
+            multiprocess_mode=LATEST,
         )
         self.engine_running = Gauge(
-            "kvroute_worker_engine_running", "Running requests per /get_load.", ["worker"], registry=r
+            "kvroute_worker_engine_running",
+            "Running requests per /get_load.",
+            ["worker"],
+            registry=r,
+            multiprocess_mode=LATEST,
         )
         self.engine_queued = Gauge(
-            "kvroute_worker_engine_queued", "Queued requests per /get_load.", ["worker"], registry=r
+            "kvroute_worker_engine_queued",
+            "Queued requests per /get_load.",
+            ["worker"],
+            registry=r,
+            multiprocess_mode=LATEST,
         )
         self.worker_state = Gauge(
             "kvroute_worker_state",
             "1 for the worker's current state, else 0.",
             ["worker", "state"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.event_lag = Gauge(
             "kvroute_event_lag_seconds",
             "Age of the last KV event applied per worker (engine timestamp to now).",
             ["worker"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.event_gaps = Gauge(
             "kvroute_event_gaps",
             "Sequence gaps seen in a worker's KV event stream since it registered (count).",
             ["worker"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.events = Gauge(
             "kvroute_events",
             "KV events applied per worker since it registered (count).",
             ["worker"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.blind_workers = Gauge(
             "kvroute_blind_workers",
             "Workers serving traffic whose KV events never arrived (routing blind).",
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.worker_blind = Gauge(
             "kvroute_worker_blind",
             "1 when this worker serves traffic with no KV events.",
             ["worker"],
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.circuit_opened = Counter(
             "kvroute_circuit_opened", "Times a worker's circuit breaker opened.", ["worker"], registry=r
@@ -175,11 +209,13 @@ class Metrics:
             "kvroute_replica_peers",
             "Other router replicas whose load was counted at the last Redis sync (0 without --redis-url).",
             registry=r,
+            multiprocess_mode=LATEST,
         )
         self.replica_degraded = Gauge(
             "kvroute_replica_degraded",
             "1 while Redis is unreachable and this replica routes on its own state only.",
             registry=r,
+            multiprocess_mode="livemax",
         )
 
     def observe_request(
@@ -263,7 +299,8 @@ class Metrics:
         self.blind_workers.set(len(blind_set))
 
     def forget_worker(self, url: str) -> None:
-        """Drop a removed worker's gauge series (counters keep their history)."""
+        """Drop a removed worker's gauge series (counters keep their history). In multiprocess mode a
+        series cannot be deleted from the shared files: it is set to 0 first, and stays at 0."""
         for key in [k for k in self._children if k[2] == url]:
             del self._children[key]
         for g in (
@@ -278,18 +315,25 @@ class Metrics:
             self.event_gaps,
             self.events,
         ):
-            try:
-                g.remove(url)
-            except KeyError:
-                pass
+            self._drop(g, url)
         for s in WorkerState:
-            try:
-                self.worker_state.remove(url, s.value)
-            except KeyError:
-                pass
+            self._drop(self.worker_state, url, s.value)
+
+    def _drop(self, gauge: Gauge, *labels: str) -> None:
+        if self.multiprocess_dir is not None:  # prometheus_client cannot remove a series there
+            gauge.labels(*labels).set(0)
+            return
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return generate_latest(merged)
 
 
 @dataclass(frozen=True, slots=True)

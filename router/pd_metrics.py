@@ -107,6 +107,7 @@ class PDMetrics:
             "decode/local = sent, response not finished.",
             ["pool"],
             registry=r,
+            multiprocess_mode="livesum",  # each process counts its own requests
         )
         self.ttft_phase = Histogram(
             "kvroute_pd_ttft_phase_seconds",
