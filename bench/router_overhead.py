@@ -3,7 +3,9 @@
 Processes (all on loopback, each its own OS process):
 - backend: a zero-work SGLang look-alike (raw asyncio on uvloop) answering every `/generate` with
   the same small JSON, and the control endpoints both routers probe at registration;
-- the router under test: `kvroute serve` (round_robin, and kv_aware: tokenize + hash + index) and
+- the router under test: `kvroute serve` (round_robin, and kv_aware: tokenize + hash + index), as one
+  process and as `--processes 2` (SO_REUSEPORT replicas sharing state through the local Redis; the
+  Rust router uses every core, so this is the like-for-like setting on a multi-core machine), and
   `python -m sglang_router.launch_router` (sglang-router 0.3.2, round_robin and cache_aware),
   one after another, each pointed at the same backend;
 - loadgen: a raw-asyncio HTTP/1.1 client (keep-alive pool) in its own process.
@@ -14,7 +16,7 @@ Two measurements per target (and for the backend called directly, the baseline):
 - sustained rate: closed loop with `--concurrency` connections for `--tput-seconds`; completed
   requests per second (every answer checked to be a 200).
 
-    .venv/bin/python bench/router_overhead.py            # full run (3 interleaved rounds), ~5 minutes
+    .venv/bin/python bench/router_overhead.py            # full run (3 interleaved rounds), ~7 minutes
     .venv/bin/python bench/router_overhead.py --quick    # smoke run, ~30 s
 """
 
@@ -390,24 +392,18 @@ def orchestrate(args: argparse.Namespace) -> int:
     py = sys.executable
     targets = [Target("direct (no router)", bport, None)]
     kv_common = ["--worker-urls", burl, "--block-size", "16", "--log-level", "warning"]
-    p1, p2, p3 = free_port(), free_port(), free_port()
-    targets.append(
-        Target(
-            "kvroute round_robin",
-            p1,
-            [py, "-m", "router", "serve", "--port", str(p1), "--policy", "round_robin", *kv_common],
-        )
-    )
-    targets.append(
-        Target(
-            "kvroute kv_aware",
-            p2,
-            [py, "-m", "router", "serve", "--port", str(p2), "--policy", "kv_aware", *kv_common],
-        )
-    )
+    for n in args.processes:
+        # n > 1: `serve --processes n`, replicas sharing state through Redis (its own key namespace)
+        extra = [] if n == 1 else ["--processes", str(n), "--redis-url", args.redis_url,
+                                   "--redis-key-prefix", f"kvroute-bench-{os.getpid()}-{n}"]  # fmt: skip
+        for policy in ("round_robin", "kv_aware"):
+            port = free_port()
+            cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", policy, *kv_common, *extra]
+            targets.append(Target(_kv_name(policy, n), port, cmd))
     if not args.no_sglang:
         # round_robin: the proxy alone; cache_aware: its prefix tree too, the like-for-like rival of kv_aware
-        for policy, port in (("round_robin", p3), ("cache_aware", free_port())):
+        for policy in ("round_robin", "cache_aware"):
+            port = free_port()
             cmd = router_command(RouterSpec("sglang", policy), [burl], port, 16)
             targets.append(Target(f"sglang-router 0.3.2 {policy}", port, cmd))
     runs: dict[str, list[dict[str, dict[str, float]]]] = {t.name: [] for t in targets}
@@ -437,6 +433,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kv_name(policy: str, processes: int) -> str:
+    return f"kvroute {policy}" + ("" if processes == 1 else f" x{processes} procs")
+
+
 def _median_run(rs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Per figure, the median over rounds."""
     out: dict[str, dict[str, float]] = {}
@@ -464,11 +464,16 @@ def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Name
             f"{tput['rps']:>8.0f}"
         )
     print()
-    for ours, theirs in (
-        ("kvroute round_robin", "sglang-router 0.3.2 round_robin"),
-        ("kvroute kv_aware", "sglang-router 0.3.2 round_robin"),
-        ("kvroute kv_aware", "sglang-router 0.3.2 cache_aware"),
-    ):
+    pairs = [
+        (_kv_name(policy, n), f"sglang-router 0.3.2 {theirs}")
+        for n in args.processes
+        for policy, theirs in (
+            ("round_robin", "round_robin"),
+            ("kv_aware", "round_robin"),
+            ("kv_aware", "cache_aware"),
+        )
+    ]
+    for ours, theirs in pairs:
         if ours in results and theirs in results:
             ratio = results[ours]["throughput"]["rps"] / results[theirs]["throughput"]["rps"]
             print(f"sustained-rate ratio {ours} / {theirs}: {ratio:.2f} (target >= 0.5)")
@@ -486,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tput-seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=64, help="connections of the closed-loop run")
     p.add_argument("--no-sglang", action="store_true", help="skip sglang-router")
+    p.add_argument(
+        "--processes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 2],
+        help="kvroute serving-process counts to measure, comma-separated (n > 1 uses --redis-url)",
+    )
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="for kvroute --processes > 1")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the table shows medians")
     p.add_argument("--quick", action="store_true", help="short run (smoke test)")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")

@@ -182,7 +182,11 @@ async def serve(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:  # the app has started (registry, Redis tasks): stop it before saying why
+        await runner.cleanup()
+        raise
     host, port = runner.addresses[0][:2]
     url = f"http://{host}:{port}"
     log.info(

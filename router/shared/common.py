@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,17 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.base
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
+    """Cancel `tasks` and wait until each has ended. A cancel can be swallowed by redis-py while it opens
+    a connection (seen with redis 8.1 when a replica stops right after it starts: the loop carried on
+    and shutdown hung), so the cancel is repeated until it lands."""
+    pending = {t for t in tasks if t is not None}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 async def sync_forever(

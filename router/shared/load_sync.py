@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, sync_forever
+from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait, sync_forever
 from router.types import Worker, WorkerLoad
 
 log = logging.getLogger("kvroute.replicas")
@@ -211,8 +211,7 @@ class ReplicaStateSync:
     async def close(self, *, forget: bool = True) -> None:
         """Stop syncing; `forget` removes our load from Redis at once (a crash leaves it to the TTL)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None
         self.folder.apply({})
         if forget:

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig
+from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait
 
 log = logging.getLogger("kvroute.replicas")
 
@@ -86,10 +86,7 @@ class SharedPolicy:
             self._task = asyncio.create_task(self._run(), name=f"kvroute-policy {self.replica_id}")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._pending) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait((self._task, *self._pending))
         self._task = None
         self._pending.clear()
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from cache_index.hashing import BlockHash
-from router.shared.common import REDIS_ERRORS, Backoff, ReplicaConfig, sync_forever
+from router.shared.common import REDIS_ERRORS, Backoff, ReplicaConfig, cancel_and_wait, sync_forever
 
 log = logging.getLogger("kvroute.replicas")
 
@@ -70,8 +70,7 @@ class RoutingRecordShare:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def sync_once(self) -> bool:

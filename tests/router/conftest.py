@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -297,3 +301,64 @@ async def start_router() -> AsyncIterator[Callable[..., Awaitable[RunningRouter]
         await s.close()
     for r in runners:
         await r.cleanup()
+
+
+# --- a Redis server of our own (replicas, serve --processes) -------------------------------------
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A private redis-server (no persistence) on a free loopback port; restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not _reachable(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private server when `redis-server` exists, else a reachable 127.0.0.1:6379 (keys namespaced
+    per test, never flushed), else skip."""
+    if shutil.which("redis-server"):
+        srv = RedisServer(tmp_path_factory.mktemp("redis"))
+        srv.start()
+        try:
+            yield srv.url
+        finally:
+            srv.stop()
+    elif _reachable(6379):
+        yield "redis://127.0.0.1:6379/0"
+    else:
+        pytest.skip("no redis-server binary and nothing listening on 127.0.0.1:6379")
