@@ -22,7 +22,7 @@ import bisect
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -36,7 +36,7 @@ LATENCY_BUCKETS = (
 # Gaps between tokens in seconds (TPOT, ITL; also `router.pd_metrics`).
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-LATEST = "livemostrecent"  # gauges under multiprocess mode (see the module docstring)
+LATEST: Final = "livemostrecent"  # gauges under multiprocess mode (see the module docstring)
 _RATIO = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -332,7 +332,7 @@ class Metrics:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(merged)
 
 

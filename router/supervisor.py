@@ -277,4 +277,4 @@ def _mark_dead(pid: int, metrics_dir: str | None) -> None:
     if metrics_dir and pid > 0:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, metrics_dir)
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]

@@ -35,7 +35,7 @@ class PolicyChange:
         return json.dumps({"name": self.name, "params": self.params, "origin": self.origin, "at": self.at})
 
     @classmethod
-    def decode(cls, raw: str) -> PolicyChange | None:
+    def decode(cls, raw: str | bytes) -> PolicyChange | None:
         try:
             d = json.loads(raw)
             if not isinstance(d["name"], str) or not isinstance(d.get("params") or {}, dict):
@@ -144,7 +144,7 @@ class SharedPolicy:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(self._backoff.next())
 
-    def _receive(self, raw: str, at_start: bool) -> None:
+    def _receive(self, raw: str | bytes, at_start: bool) -> None:
         change = PolicyChange.decode(raw)
         if change is None:
             log.warning("replica %s: ignoring malformed policy message", self.replica_id)
