@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -120,6 +121,10 @@ class Proxy:
         self.metrics = metrics
         self.config = config
         self.session = session
+        # Request ids we create: a random prefix per process and a counter. Unique across processes and
+        # replicas like a random id, without a getrandom() syscall per request (~4% of the proxy's CPU).
+        self._rid_prefix = os.urandom(8).hex()
+        self._rid_seq = itertools.count()
         self.timeout = Timeouts(
             connect=config.connect_timeout_s or None,
             idle=config.stream_idle_timeout_s or None,
@@ -135,7 +140,9 @@ class Proxy:
     async def handle(self, request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         t0 = time.perf_counter()
         cfg = self.config
-        rid_header = request.headers.get(cfg.request_id_header) or os.urandom(16).hex()
+        rid_header = (
+            request.headers.get(cfg.request_id_header) or f"{self._rid_prefix}{next(self._rid_seq):016x}"
+        )
         try:
             return await self._handle(request, spec, rid_header, t0)
         except ApiError as err:
