@@ -161,10 +161,11 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     return build_config(cli, environ=os.environ if environ is None else environ)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, tag: str = "") -> None:
+    """`tag`: names the process in every line (`serve --processes N` runs N of them on one stderr)."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag + ' ' if tag else ''}%(name)s: %(message)s",
     )
 
 

@@ -193,7 +193,10 @@ class ServeSupervisor:
         cfg = dataclasses.replace(self.config, processes=1, replica_id=c.replica_id)
         reader, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(
-            target=serve_process, args=(cfg, writer), name=f"kvroute-serve-{c.index}", daemon=False
+            target=serve_process,
+            args=(cfg, writer, os.getpid()),
+            name=f"kvroute-serve-{c.index}",
+            daemon=False,
         )
         proc.start()
         writer.close()  # the child holds its end; EOF here means it died before saying ready
@@ -240,11 +243,12 @@ class ServeSupervisor:
             os.environ.pop(METRICS_DIR_ENV, None)
 
 
-def serve_process(config: RouterConfig, ready: Connection) -> None:
+def serve_process(config: RouterConfig, ready: Connection, supervisor_pid: int) -> None:
     """One serving process: `kvroute serve` with SO_REUSEPORT, telling the supervisor once it listens."""
     from router.cli import run_async, serve, setup_logging
 
-    setup_logging(config.log_level)
+    _exit_with_parent(supervisor_pid)
+    setup_logging(config.log_level, tag=f"[{config.replica_id.rsplit('-', 1)[-1]}]")
 
     def on_ready(url: str) -> None:
         ready.send(url)
@@ -258,6 +262,20 @@ def serve_process(config: RouterConfig, ready: Connection) -> None:
     except OSError as exc:
         print(f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
         sys.exit(1)
+
+
+def _exit_with_parent(supervisor_pid: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies (even by SIGKILL): no orphan keeps serving the port
+    unsupervised. Elsewhere (no prctl) the supervisor's own SIGTERM handling is all there is."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _pid(c: _Child) -> int:

@@ -163,6 +163,32 @@ async def test_processes_share_the_port_metrics_policy_and_restart(
 
 
 @pytest.mark.slow
+async def test_processes_stop_when_the_supervisor_is_killed(
+    supervisor: Callable[..., subprocess.Popen[bytes]], redis_url: str
+) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its processes; they stop by themselves (parent-death
+    signal) instead of serving the port unsupervised."""
+    port = free_port()
+    proc = supervisor("--processes", "2", "--port", str(port), "--redis-url", redis_url)
+    client = Client(port)
+    try:
+        await _until(lambda: client.all_agree("/liveness", lambda s, b: s == 200), 30, "both processes up")
+        await _until(lambda: asyncio.sleep(0, len(_children(proc.pid)) == 2), 10, "two processes")
+        kids = _children(proc.pid)
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+
+        async def all_gone() -> bool:
+            return not any(Path(f"/proc/{k}").exists() for k in kids)
+
+        await _until(all_gone, 20, "the orphaned processes to exit")
+        status, _ = await client.call("GET", "/liveness")
+        assert status == 0  # nothing listens on the port any more
+    finally:
+        await client.session.close()
+
+
+@pytest.mark.slow
 async def test_taken_port_stops_the_start_with_a_clear_error(
     supervisor: Callable[..., subprocess.Popen[bytes]], redis_url: str, tmp_path: Path
 ) -> None:
