@@ -59,7 +59,8 @@ class BenchError(RuntimeError):
 @dataclass(frozen=True)
 class RouterSpec:
     """One router under test: `kind` is `kvroute` or `sglang`; `params` are policy KEY=VALUE settings
-    (kvroute: `--policy-param`; SGLang: `--KEY VALUE`, e.g. cache-threshold=0.5)."""
+    (kvroute: `--policy-param`; SGLang: `--KEY VALUE`, e.g. cache-threshold=0.5). kvroute's `processes=N`
+    is the serve flag instead: N processes sharing state through the local Redis."""
 
     kind: str
     policy: str
@@ -220,6 +221,14 @@ async def fleet_process(spec: FleetSpec, log: IO[str]) -> AsyncIterator[list[str
 
 
 # ---- routers, each in a child process ---------------------------------------------------------------
+def _processes_flags(spec: RouterSpec, port: int) -> list[str]:
+    n = next((p.partition("=")[2] for p in spec.params if p.startswith("processes=")), "1")
+    if n == "1":
+        return []
+    redis_url = os.environ.get("KVROUTE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    return ["--processes", n, "--redis-url", redis_url, "--redis-key-prefix", f"kvroute-bench-{port}"]
+
+
 def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: int) -> list[str]:
     if spec.kind == "kvroute":
         return [
@@ -237,7 +246,8 @@ def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: 
             str(port),
             "--block-size",
             str(page_size),
-            *[arg for p in spec.params for arg in ("--policy-param", p)],
+            *[arg for p in spec.params if not p.startswith("processes=") for arg in ("--policy-param", p)],
+            *_processes_flags(spec, port),
         ]
     return [
         sys.executable,

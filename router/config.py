@@ -82,6 +82,8 @@ class RouterConfig:
     replica_ttl_s: float = 2.0  # seconds a silent replica's load still counts; must exceed sync_interval_s
     redis_key_prefix: str = "kvroute"  # namespace of every Redis key and channel (one per fleet)
     redis_share_records: bool = False  # share cache_aware's routing records through a capped stream
+    redis_share_inflight: bool = True  # publish routed prompts so the others predict bursts (kv_aware)
+    redis_inflight_ttl_s: float = 10.0  # seconds another replica's routed prompt counts as in flight
     # --- admin
     admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
     log_level: str = "info"  # debug | info | warning | error

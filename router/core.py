@@ -81,7 +81,7 @@ class Router:
         self._stats: dict[str, WorkerStats] = {}
         self.index = RadixIndex()
         self._applier = KvEventApplier(self.index, block_size=block_size, seed=self.seed)
-        self.load = LoadTracker(self._workers)
+        self.load = LoadTracker(self._workers, clock)
         self._context = PolicyContext(kv_index=self.index, inflight=self.load.inflight, clock=clock)
         self._policy_name = policy
         self._policy: Policy = make_policy(policy, policy_params, self._context)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,10 +77,36 @@ class InflightIndex:
     blocks). Because hashes are chained, a worker's set is prefix-closed (holding block i of a prompt
     means holding blocks 0..i-1 of it), so `match` binary-searches each worker's depth: O(workers
     holding the first block x log(prompt blocks)) lookups; `add` is one C-level Counter update.
+
+    Other router replicas' prompts (`add_for`, router/shared/inflight.py) are held for a fixed time
+    instead: this replica never sees those requests finish. They share the refcounts, and expire in
+    arrival order (one TTL for all: the queue stays sorted), checked at `match` and `add_for`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_expiring: int = 200_000) -> None:
         self._per_worker: dict[str, Counter[BlockHash]] = {}
+        self._clock = clock
+        self._expiring: deque[tuple[float, str, Sequence[BlockHash]]] = deque()
+        self._max_expiring = max_expiring  # bound on remote prompts held (oldest expire early)
+
+    def add_for(self, url: str, hashes: Sequence[BlockHash], ttl_s: float) -> None:
+        """Count `hashes` as in flight on `url` for `ttl_s` seconds (a prompt another replica routed).
+        `hashes` is kept as given (not copied): the caller must not change it."""
+        if not hashes:
+            return
+        now = self._clock()
+        self._expire(now)
+        if len(self._expiring) >= self._max_expiring:
+            _, old_url, old = self._expiring.popleft()
+            self.discard(old_url, old)
+        self.add(url, hashes)
+        self._expiring.append((now + ttl_s, url, hashes))
+
+    def _expire(self, now: float) -> None:
+        exp = self._expiring
+        while exp and exp[0][0] <= now:
+            _, url, hashes = exp.popleft()
+            self.discard(url, hashes)
 
     def add(self, url: str, hashes: Iterable[BlockHash]) -> None:
         cnt = self._per_worker.get(url)
@@ -103,12 +130,16 @@ class InflightIndex:
 
     def remove_worker(self, url: str) -> None:
         self._per_worker.pop(url, None)
+        if any(e[1] == url for e in self._expiring):  # a re-added worker must not lose counts to these
+            self._expiring = deque(e for e in self._expiring if e[1] != url)
 
     def match(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
         """{worker: leading blocks of `hashes` in flight there}; workers with none are absent."""
         out: dict[str, int] = {}
         if not hashes:
             return out
+        if self._expiring and self._expiring[0][0] <= self._clock():
+            self._expire(self._clock())
         first, n = hashes[0], len(hashes)
         for url, cnt in self._per_worker.items():
             if first not in cnt:
@@ -134,11 +165,11 @@ class LoadTracker:
     `workers` is the live registry (url -> Worker), read at `on_routed` only. Single-threaded (asyncio).
     """
 
-    def __init__(self, workers: Mapping[str, Worker]) -> None:
+    def __init__(self, workers: Mapping[str, Worker], clock: Callable[[], float] = time.monotonic) -> None:
         self._workers = workers
         self._ids = itertools.count(1)
         self._tickets: dict[str, dict[int, Ticket]] = {}  # url -> open tickets
-        self.inflight = InflightIndex()
+        self.inflight = InflightIndex(clock)
 
     def on_routed(
         self,

@@ -6,6 +6,7 @@ routing records on a capped stream), `runtime` (one replica's parts as a unit).
 """
 
 from router.shared.common import Keys, ReplicaConfig, SharedStateError, connect
+from router.shared.inflight import InflightShare, inflight_sink
 from router.shared.load_sync import LoadVector, RemoteLoadFolder, ReplicaStateSync
 from router.shared.membership import (
     MembershipChange,
@@ -20,6 +21,7 @@ from router.shared.records import RoutingRecordShare, cache_aware_sink
 from router.shared.runtime import ReplicaRuntime, replica_context
 
 __all__ = [
+    "InflightShare",
     "Keys",
     "LoadVector",
     "MembershipChange",
@@ -38,5 +40,6 @@ __all__ = [
     "WorkerSpec",
     "cache_aware_sink",
     "connect",
+    "inflight_sink",
     "replica_context",
 ]

@@ -43,6 +43,8 @@ class ReplicaConfig:
     reconnect_max_s: float = 5.0  # longest wait between reconnect tries while Redis is down
     redis_timeout_s: float = 1.0  # socket connect/read timeout per Redis call, seconds
     share_records: bool = False  # share cache_aware's routing records (a capped stream); False = off
+    share_inflight: bool = True  # publish routed prompts for the others' in-flight prediction (kv_aware)
+    inflight_ttl_s: float = 10.0  # seconds another replica's routed prompt counts as in flight here
 
     def __post_init__(self) -> None:
         if self.sync_interval_s <= 0:
@@ -56,6 +58,8 @@ class ReplicaConfig:
             raise SharedStateError("reconnect_max_s and redis_timeout_s must be > 0")
         if not self.key_prefix:
             raise SharedStateError("key_prefix must not be empty")
+        if self.inflight_ttl_s <= 0:
+            raise SharedStateError(f"inflight_ttl_s must be > 0, got {self.inflight_ttl_s}")
 
     @property
     def enabled(self) -> bool:
@@ -67,8 +71,9 @@ class ReplicaConfig:
 
     @classmethod
     def from_router_config(cls, cfg: Any) -> ReplicaConfig:
-        """Read the proposed `RouterConfig` fields (`redis_url`, `replica_id`, `sync_interval_s`,
-        `replica_ttl_s`, `redis_key_prefix`, `redis_share_records`); absent ones take the defaults."""
+        """Read the `RouterConfig` fields (`redis_url`, `replica_id`, `sync_interval_s`, `replica_ttl_s`,
+        `redis_key_prefix`, `redis_share_records`, `redis_share_inflight`, `redis_inflight_ttl_s`); absent
+        ones take the defaults."""
         d = cls()
         return cls(
             redis_url=getattr(cfg, "redis_url", d.redis_url),
@@ -77,6 +82,8 @@ class ReplicaConfig:
             replica_ttl_s=getattr(cfg, "replica_ttl_s", d.replica_ttl_s),
             key_prefix=getattr(cfg, "redis_key_prefix", d.key_prefix),
             share_records=getattr(cfg, "redis_share_records", d.share_records),
+            share_inflight=getattr(cfg, "redis_share_inflight", d.share_inflight),
+            inflight_ttl_s=getattr(cfg, "redis_inflight_ttl_s", d.inflight_ttl_s),
         )
 
 
@@ -113,6 +120,11 @@ class Keys:
     def workers_channel(self) -> str:
         """Pub/sub channel of membership changes (JSON MembershipChange)."""
         return f"{self.prefix}:workers:changes"
+
+    @property
+    def inflight_channel(self) -> str:
+        """Pub/sub channel of routed prompts (JSON: origin, [[url, [block hashes]], ...])."""
+        return f"{self.prefix}:inflight"
 
     @property
     def policy(self) -> str:

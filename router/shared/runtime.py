@@ -9,6 +9,7 @@ from typing import Any
 
 from router.config import normalize_url
 from router.shared.common import REDIS_ERRORS, ReplicaConfig, connect
+from router.shared.inflight import InflightShare, inflight_sink
 from router.shared.load_sync import RemoteLoadFolder, ReplicaStateSync
 from router.shared.membership import Op, RegistryMembership, SharedMembership, WorkerSpec
 from router.shared.policy import SharedPolicy
@@ -48,6 +49,11 @@ class ReplicaRuntime:
             if config.share_records
             else None
         )
+        self.inflight = (
+            InflightShare(self.client, inflight_sink(router, config.inflight_ttl_s), config, self.replica_id)
+            if config.share_inflight
+            else None
+        )
         self._router = router
 
     def on_routed(self, request: RoutingRequest, worker: Worker) -> None:
@@ -65,10 +71,17 @@ class ReplicaRuntime:
         if self.records is not None:
             self.records.start()
             self._router.routed_hooks.append(self.on_routed)
+        if self.inflight is not None:
+            self.inflight.start()
+            self._router.routed_hooks.append(self.inflight.on_routed)
 
     async def close(self) -> None:
         if self.on_routed in self._router.routed_hooks:
             self._router.routed_hooks.remove(self.on_routed)
+        if self.inflight is not None:
+            if self.inflight.on_routed in self._router.routed_hooks:
+                self._router.routed_hooks.remove(self.inflight.on_routed)
+            await self.inflight.close()
         if self.records is not None:
             await self.records.close()
         if self.membership is not None:
@@ -120,10 +133,13 @@ class ReplicaRuntime:
             "degraded": self.sync.degraded
             or bool(self.membership and self.membership.degraded)
             or bool(self.policy and self.policy.degraded)
+            or bool(self.inflight and self.inflight.degraded)
             or bool(self.records and self.records.degraded),
             "syncs": self.sync.syncs,
             "sync_failures": self.sync.failures,
             "shared_workers": sorted(self.membership.known) if self.membership else [],
+            "inflight_published": self.inflight.published if self.inflight else 0,
+            "inflight_applied": self.inflight.applied if self.inflight else 0,
         }
 
 

@@ -140,3 +140,37 @@ def test_counters_never_negative_and_return_to_zero(seq: list[tuple[str, int, in
         lt.on_finished(t)  # type: ignore[arg-type]
     assert all(wk.load == WorkerLoad() for wk in ws.values())  # exactly back to zero
     assert len(lt.inflight) == 0 and lt.open_tickets() == 0
+
+
+def test_inflight_prompts_of_other_replicas_expire_and_share_refcounts() -> None:
+    now = [100.0]
+    idx = InflightIndex(clock=lambda: now[0])
+    p = [BlockHash(i) for i in range(1, 7)]
+    idx.add_for("a", p, ttl_s=5.0)
+    idx.add("a", p[:3])  # our own request with the first half
+    assert idx.match(p) == {"a": 6}
+    now[0] = 104.9
+    assert idx.match(p) == {"a": 6}
+    now[0] = 105.0  # the remote prompt expires; our own request still holds its blocks
+    assert idx.match(p) == {"a": 3}
+    idx.discard("a", p[:3])
+    assert idx.match(p) == {} and len(idx) == 0
+
+
+def test_removed_worker_drops_its_remote_prompts_so_a_re_added_one_keeps_its_counts() -> None:
+    now = [0.0]
+    idx = InflightIndex(clock=lambda: now[0])
+    p = [BlockHash(i) for i in range(1, 4)]
+    idx.add_for("a", p, ttl_s=1.0)
+    idx.remove_worker("a")
+    idx.add("a", p)  # the worker is back; one of our requests holds the prompt
+    now[0] = 2.0  # the old remote entry's expiry must not take this request's blocks away
+    assert idx.match(p) == {"a": 3}
+
+
+def test_remote_prompts_are_bounded() -> None:
+    idx = InflightIndex(clock=lambda: 0.0, max_expiring=2)
+    for i in range(3):
+        idx.add_for("a", [BlockHash(10 * i + 1)], ttl_s=60)
+    assert idx.match([BlockHash(1)]) == {}  # the oldest was dropped early
+    assert idx.match([BlockHash(21)]) == {"a": 1}

@@ -453,6 +453,42 @@ async def test_runtime_shares_records_load_and_membership(redis_url: str, prefix
             await reg_b.close()
 
 
+async def test_runtime_shares_prompts_in_flight_for_kv_aware(redis_url: str, prefix: str) -> None:
+    """An 8k-token prompt a routes to W2 is held in flight on W2 by b within milliseconds, so b sends a
+    follower there as a would (no KV event exists yet); c, sharing load but not prompts, sees only a busy
+    W2 and sends the follower elsewhere to prefill it again. A repeat of the prompt is not re-sent."""
+    ra, rb, rc = _fleet("kv_aware"), _fleet("kv_aware"), _fleet("kv_aware")
+    long_prompt = RoutingRequest(
+        block_hashes=tuple(BlockHash(7000 + i) for i in range(512)), prompt_tokens=8192, block_size=16
+    )
+    async with (
+        replica_context(rcfg(redis_url, prefix, "a"), ra, None) as rt_a,
+        replica_context(rcfg(redis_url, prefix, "b"), rb, None) as rt_b,
+        replica_context(rcfg(redis_url, prefix, "c", share_inflight=False), rc, None) as rt_c,
+    ):
+        assert rt_a is not None and rt_b is not None and rt_c is not None
+        assert rt_a.inflight is not None and rt_b.inflight is not None and rt_c.inflight is None
+        await asyncio.wait_for(rt_b.inflight.ready.wait(), 5)
+        ticket = ra.on_routed(W2, long_prompt)  # a sends the prompt to W2: the hook publishes it
+        assert ra.select(long_prompt).worker == W2  # a's own follower: wait for that prefill, reuse it
+
+        def pending_on_w2(r: Router) -> bool:
+            w = r.get_worker(W2)
+            return w is not None and w.load.pending_prefill_tokens == 8192
+
+        await wait_until(lambda: pending_on_w2(rb) and pending_on_w2(rc), 5.0, "b and c to see a's load")
+        await wait_until(lambda: rb.load.inflight.match(long_prompt.block_hashes) == {W2: 512}, 5.0, "b")
+        assert rb.select(long_prompt).worker == W2  # b follows the prompt as a would
+        assert rc.select(long_prompt).worker == W1  # c: W2 merely looks busy
+        assert rc.load.inflight.match(long_prompt.block_hashes) == {}
+        ra.on_finished(ticket)
+        ra.on_finished(ra.on_routed(W2, long_prompt))  # the same prompt again, at once: not re-published
+        await wait_until(lambda: rt_a.inflight is not None and not rt_a.inflight._buffer, 5.0, "a's flush")
+        assert rt_a.inflight.published == 1 and rt_b.inflight.applied == 1
+        assert rt_a.status()["inflight_published"] == 1
+    assert rb.load.inflight.match(long_prompt.block_hashes) == {W2: 512}  # held for its TTL after a's end
+
+
 async def test_record_stream_is_capped(redis_url: str, prefix: str) -> None:
     got: list[tuple[str, list[BlockHash]]] = []
     c = connect(redis_url, 0.5)
