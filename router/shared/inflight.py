@@ -6,11 +6,13 @@ predicts it from the prompts it has routed itself (`router.load.InflightIndex`).
 several workers: measured on 16 shared 8k contexts at 64 req/s, owner affinity fell from 93-96% with one
 process to 82-87% with two, and TTFT p99 rose from 0.33 s to 0.50-0.70 s.
 
-Each routing decision's (worker, block hashes) is batched for `flush_s` (20 ms) and published on the
-pub/sub channel `{prefix}:inflight`; the other replicas hold those blocks as in flight on that worker
-for `ttl_s`, by which time the engine's own KV events have normally taken over. Pub/sub is lossy on a
-reconnect, which is acceptable here: a lost record only means a prediction the router would not have had
-anyway. Not used for cache_aware (its records are learned, not predicted: router/shared/records.py).
+Each routing decision's (worker, block hashes, prompt tokens) is batched for `flush_s` (20 ms) and
+published on the pub/sub channel `{prefix}:inflight`. The other replicas hold those blocks as in flight on
+that worker for `ttl_s`, by which time the engine's own KV events have normally taken over, and count the
+request and its uncached prompt in that worker's load until their next load sync brings the sender's own
+figures. Pub/sub is lossy on a reconnect, which is acceptable here: a lost record only means a prediction
+the router would not have had anyway. Not used for cache_aware (its records are learned, not predicted:
+router/shared/records.py).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import redis.asyncio as aioredis
 
 from cache_index.hashing import BlockHash
 from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait
+from router.shared.load_sync import LoadVector, RemoteLoadFolder
 from router.types import RoutingRequest, Worker
 
 log = logging.getLogger("kvroute.replicas")
 
-InflightSink = Callable[[str, Sequence[BlockHash]], None]
+InflightSink = Callable[[str, Sequence[BlockHash], int], None]  # (worker url, block hashes, prompt tokens)
 
 
 class InflightShare:
@@ -54,7 +57,7 @@ class InflightShare:
         self.replica_id = replica_id
         self.channel = Keys(config.key_prefix).inflight_channel
         self.flush_s = flush_s
-        self._buffer: deque[tuple[str, Sequence[BlockHash]]] = deque(maxlen=max_buffer)
+        self._buffer: deque[tuple[str, Sequence[BlockHash], int]] = deque(maxlen=max_buffer)
         self._clock = clock
         self._refresh_s = config.inflight_ttl_s / 2
         self._recent: dict[tuple[str, BlockHash], float] = {}  # (worker, last block) -> last published
@@ -81,7 +84,7 @@ class InflightShare:
         if len(self._recent) >= self._max_recent:
             self._recent = {k: t for k, t in self._recent.items() if now - t < self._refresh_s}
         self._recent[key] = now
-        self._buffer.append((worker.url, hashes))
+        self._buffer.append((worker.url, hashes, request.prompt_tokens))
         self._wake.set()
 
     def start(self) -> None:
@@ -144,10 +147,10 @@ class InflightShare:
             if msg["o"] == self.replica_id:
                 return
             sink = self.sink
-            for url, hashes in msg["r"]:
-                if not isinstance(hashes, list):
-                    raise TypeError("block hashes must be a list")
-                sink(url, hashes)  # orjson's ints as they are (BlockHash is an int); junk would never match
+            for url, hashes, prompt_tokens in msg["r"]:
+                if not isinstance(hashes, list) or not isinstance(prompt_tokens, int):
+                    raise TypeError("expected [url, [block hashes], prompt tokens]")
+                sink(url, hashes, prompt_tokens)  # orjson's ints as they are (BlockHash is an int)
                 self.applied += 1
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
             log.warning("replica %s: ignoring malformed in-flight message", self.replica_id)
@@ -163,11 +166,18 @@ class InflightShare:
             )
 
 
-def inflight_sink(router: Any, ttl_s: float) -> InflightSink:
-    """Holds another replica's prompt as in flight on a worker this replica knows, for `ttl_s`."""
+def inflight_sink(router: Any, ttl_s: float, folder: RemoteLoadFolder | None = None) -> InflightSink:
+    """Holds another replica's prompt as in flight on a worker this replica knows, for `ttl_s`; with
+    `folder`, also counts the request and its uncached prompt in the worker's load until the next load
+    sync (a burst's cold prefills would otherwise look free for up to `sync_interval_s`)."""
 
-    def sink(url: str, block_hashes: Sequence[BlockHash]) -> None:
-        if router.get_worker(url) is not None:
-            router.load.inflight.add_for(url, block_hashes, ttl_s)
+    def sink(url: str, block_hashes: Sequence[BlockHash], prompt_tokens: int) -> None:
+        worker = router.get_worker(url)
+        if worker is None:
+            return
+        if folder is not None and prompt_tokens > 0:
+            cached = router.overlap(url, block_hashes) * router.block_size  # as the sender computed it
+            folder.add_transient(worker, LoadVector(1, max(0, prompt_tokens - cached), 0))
+        router.load.inflight.add_for(url, block_hashes, ttl_s)
 
     return sink

@@ -113,6 +113,16 @@ class RemoteLoadFolder:
                 applied[w.url] = _Applied(ld, target)
         self._applied = applied
 
+    def add_transient(self, worker: Worker, extra: LoadVector) -> None:
+        """Another replica's request, known from its in-flight record before its load arrives: counted
+        in `worker`'s remote share until the next `apply` replaces that share with the synced one (which
+        includes the request if it is still running). Our own share (`local()`) is unchanged."""
+        ld, prev = worker.load, self._prev(worker)
+        ld.in_flight += extra.in_flight
+        ld.pending_prefill_tokens += extra.pending_prefill_tokens
+        ld.active_blocks += extra.active_blocks
+        self._applied[worker.url] = _Applied(ld, prev + extra)
+
     def remote(self, url: str) -> LoadVector:
         a = self._applied.get(url)
         return a.remote if a is not None else ZERO

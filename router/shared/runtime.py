@@ -50,7 +50,12 @@ class ReplicaRuntime:
             else None
         )
         self.inflight = (
-            InflightShare(self.client, inflight_sink(router, config.inflight_ttl_s), config, self.replica_id)
+            InflightShare(
+                self.client,
+                inflight_sink(router, config.inflight_ttl_s, self.sync.folder),
+                config,
+                self.replica_id,
+            )
             if config.share_inflight
             else None
         )

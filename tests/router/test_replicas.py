@@ -36,6 +36,7 @@ from router.shared import (
     connect,
     replica_context,
 )
+from router.shared.inflight import inflight_sink
 from router.shared.load_sync import add_blob, encode_blob
 from router.types import RoutingRequest, Worker, WorkerState
 from router.workers import WorkerRegistry
@@ -157,6 +158,30 @@ def test_folder_keeps_local_share_exact_through_tickets() -> None:
     assert folder.local() == {}
     folder.apply({W1: LoadVector(1, 0, 0)})
     assert workers[W1].load.in_flight == 1
+
+
+def test_peer_request_seen_in_flight_counts_as_load_until_the_next_sync() -> None:
+    """An in-flight record from another replica adds its request and uncached prompt to the worker's
+    load at once (as remote load: our published share is unchanged); the next sync's figures replace it."""
+    router = Router(block_size=16, policy="kv_aware")
+    router.add_worker(Worker(url=W1, state=WorkerState.HEALTHY))
+    folder = RemoteLoadFolder(router.workers)
+    sink = inflight_sink(router, ttl_s=10.0, folder=folder)
+    mine = router.on_routed(W1, RoutingRequest(block_hashes=(), prompt_tokens=64, block_size=16))
+    hashes = [BlockHash(900 + i) for i in range(8)]
+    sink(W1, hashes, 128)  # the peer's 128-token prompt, nothing of it cached here
+    ld = router.get_worker(W1).load  # type: ignore[union-attr]
+    assert (ld.in_flight, ld.pending_prefill_tokens) == (2, 64 + 128)
+    assert folder.local() == {W1: LoadVector(1, 64, 0)}  # what we publish: still only ours
+    assert router.load.inflight.match(hashes) == {W1: 8}
+    sink(W1, hashes, 128)  # a follower of the same prompt: its blocks are on the way, nothing to prefill
+    assert (ld.in_flight, ld.pending_prefill_tokens) == (3, 64 + 128)
+    sink("http://127.0.0.1:1", hashes, 128)  # a worker we do not know: ignored
+    folder.apply({W1: LoadVector(1, 128, 0)})  # the sync: the peer's own count replaces the guess
+    assert (ld.in_flight, ld.pending_prefill_tokens) == (2, 64 + 128)
+    router.on_finished(mine)
+    folder.apply({})
+    assert (ld.in_flight, ld.pending_prefill_tokens) == (0, 0)
 
 
 async def test_disabled_without_redis_url() -> None:
