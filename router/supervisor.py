@@ -63,6 +63,7 @@ class ServeSupervisor:
     _metrics_dir: str | None = field(default=None, init=False)
     _own_metrics_dir: bool = field(default=False, init=False)
     _up: bool = field(default=False, init=False)  # every process has listened once: start-up is over
+    _stopping: bool = field(default=False, init=False)  # SIGINT/SIGTERM received
 
     def run(self) -> int:
         """Blocks until stopped; the exit status of the command (0 after a clean stop)."""
@@ -73,11 +74,9 @@ class ServeSupervisor:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        stopping = False
 
         def on_signal(signum: int, frame: Any) -> None:
-            nonlocal stopping
-            stopping = True
+            self._stopping = True
 
         old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
@@ -85,7 +84,7 @@ class ServeSupervisor:
             for c in self._children:
                 self._start(ctx, c)
             deadline = time.monotonic() + self.ready_timeout_s
-            while not stopping:
+            while not self._stopping:
                 status = self._step(ctx, wake_r, deadline)
                 if status is not None:
                     return status
@@ -119,6 +118,8 @@ class ServeSupervisor:
         if wake in fired:
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 wake.recv(4096)
+        if self._stopping:  # a terminal's Ctrl-C reaches the processes too: their exits are no crash
+            return None
         for c in self._children:
             if c.ready_conn is not None and c.ready_conn in fired:
                 self._on_ready(c)
