@@ -445,8 +445,13 @@ async def test_runtime_shares_records_load_and_membership(redis_url: str, prefix
         reg_a, reg_b = await _registry(session, ra), await _registry(session, rb)
         try:
             async with (
-                replica_context(rcfg(redis_url, prefix, "a", share_records=True), ra, reg_a) as rt_a,
-                replica_context(rcfg(redis_url, prefix, "b", share_records=True), rb, reg_b) as rt_b,
+                # prompts in flight not shared: b must see a's load through the load sync itself
+                replica_context(
+                    rcfg(redis_url, prefix, "a", share_records=True, share_inflight=False), ra, reg_a
+                ) as rt_a,
+                replica_context(
+                    rcfg(redis_url, prefix, "b", share_records=True, share_inflight=False), rb, reg_b
+                ) as rt_b,
             ):
                 assert rt_a is not None and rt_b is not None
                 assert rt_a.on_routed in ra.routed_hooks  # type: ignore[attr-defined]
