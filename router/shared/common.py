@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -163,6 +164,62 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.base
+
+
+class Outage:
+    """Whether one replica component has lost Redis; logged once when it happens and once on recovery."""
+
+    def __init__(self, replica_id: str, what: str) -> None:
+        self.replica_id, self.what = replica_id, what
+        self.degraded = False
+
+    def lost(self, exc: BaseException) -> None:
+        if not self.degraded:
+            self.degraded = True
+            log.warning(
+                "replica %s: %s lost (%s: %s); retrying with backoff",
+                self.replica_id,
+                self.what,
+                type(exc).__name__,
+                exc,
+            )
+
+    def recovered(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            log.info("replica %s: %s reconnected", self.replica_id, self.what)
+
+
+async def listen_forever(
+    client: aioredis.Redis,
+    channel: str,
+    on_message: Callable[[str], Awaitable[None]],
+    on_subscribed: Callable[[], Awaitable[None]],
+    outage: Outage,
+    backoff: Backoff,
+) -> None:
+    """Subscribe to `channel` and hand each message to `on_message`, until cancelled. `on_subscribed`
+    runs after every (re)subscription (read the stored state: no change published meanwhile is missed).
+    Redis errors mark `outage` and retry with `backoff`; other errors are logged and retried the same."""
+    while True:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            await on_subscribed()
+            backoff.reset()
+            outage.recovered()
+            while True:
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is not None and msg.get("type") == "message":
+                    await on_message(msg["data"])
+        except Exception as exc:
+            if not isinstance(exc, REDIS_ERRORS):
+                log.exception("replica %s: %s loop failed", outage.replica_id, outage.what)
+            outage.lost(exc)
+        finally:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await asyncio.sleep(backoff.next())
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:

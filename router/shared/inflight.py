@@ -18,7 +18,6 @@ router/shared/records.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -29,7 +28,15 @@ import orjson
 import redis.asyncio as aioredis
 
 from cache_index.hashing import BlockHash
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait
+from router.shared.common import (
+    REDIS_ERRORS,
+    Backoff,
+    Keys,
+    Outage,
+    ReplicaConfig,
+    cancel_and_wait,
+    listen_forever,
+)
 from router.shared.load_sync import LoadVector, RemoteLoadFolder
 from router.types import RoutingRequest, Worker
 
@@ -66,7 +73,7 @@ class InflightShare:
         self._backoff = Backoff(config.sync_interval_s, config.reconnect_max_s)
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()  # subscribed (records published from now on reach us)
-        self.degraded = False
+        self._outage = Outage(replica_id, "in-flight channel")
         self.published = 0  # records sent
         self.applied = 0  # records from other replicas held as in flight here
 
@@ -110,7 +117,7 @@ class InflightShare:
             try:
                 await self.client.publish(self.channel, msg)
             except REDIS_ERRORS as exc:
-                self._set_degraded(exc)
+                self._outage.lost(exc)
                 self._wake.set()  # keep the records (bounded buffer) and try again after a pause
                 await asyncio.sleep(self._backoff.next())
                 continue
@@ -119,27 +126,19 @@ class InflightShare:
             self.published += len(batch)
 
     async def _receive_loop(self) -> None:
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self.ready.set()
-                self._backoff.reset()
-                if self.degraded:
-                    self.degraded = False
-                    log.info("replica %s: in-flight channel reconnected", self.replica_id)
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self._apply(msg["data"])
-            except Exception as exc:  # Redis errors expected; anything else logged, and retried all the same
-                if not isinstance(exc, REDIS_ERRORS):
-                    log.exception("replica %s: in-flight loop failed", self.replica_id)
-                self._set_degraded(exc)
-            finally:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(self._backoff.next())
+        await listen_forever(
+            self.client, self.channel, self._on_message, self._subscribed, self._outage, self._backoff
+        )
+
+    @property
+    def degraded(self) -> bool:
+        return self._outage.degraded
+
+    async def _subscribed(self) -> None:
+        self.ready.set()
+
+    async def _on_message(self, raw: str) -> None:
+        self._apply(raw)
 
     def _apply(self, raw: str | bytes) -> None:
         try:
@@ -154,16 +153,6 @@ class InflightShare:
                 self.applied += 1
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
             log.warning("replica %s: ignoring malformed in-flight message", self.replica_id)
-
-    def _set_degraded(self, exc: BaseException) -> None:
-        if not self.degraded:
-            self.degraded = True
-            log.warning(
-                "replica %s: in-flight channel unavailable (%s: %s); retrying with backoff",
-                self.replica_id,
-                type(exc).__name__,
-                exc,
-            )
 
 
 def inflight_sink(router: Any, ttl_s: float, folder: RemoteLoadFolder | None = None) -> InflightSink:

@@ -9,7 +9,6 @@ listener operation is idempotent).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
@@ -19,7 +18,15 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait
+from router.shared.common import (
+    REDIS_ERRORS,
+    Backoff,
+    Keys,
+    Outage,
+    ReplicaConfig,
+    cancel_and_wait,
+    listen_forever,
+)
 from router.types import WorkerRole
 
 log = logging.getLogger("kvroute.replicas")
@@ -85,7 +92,7 @@ class SharedMembership:
         self.replica_id = replica_id
         self.keys = Keys(config.key_prefix)
         self.known: dict[str, WorkerSpec] = {}
-        self.degraded = False
+        self._outage = Outage(replica_id, "membership channel")
         self.ready = asyncio.Event()  # set once the first snapshot has been applied
         self._backoff = Backoff(config.sync_interval_s, config.reconnect_max_s)
         self._task: asyncio.Task[None] | None = None
@@ -142,39 +149,25 @@ class SharedMembership:
     # --- receiving
 
     async def _run(self) -> None:
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.workers_channel)
-                await self._load_snapshot()
-                self._backoff.reset()
-                if self.degraded:
-                    self.degraded = False
-                    log.info("replica %s: membership channel reconnected", self.replica_id)
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is None or msg.get("type") != "message":
-                        continue
-                    change = MembershipChange.decode(msg["data"])
-                    if change is None:
-                        log.warning("replica %s: ignoring malformed membership message", self.replica_id)
-                    elif change.origin != self.replica_id:
-                        await self._apply(change)
-            except Exception as exc:  # Redis errors expected; anything else logged, and retried all the same
-                if not isinstance(exc, REDIS_ERRORS):
-                    log.exception("replica %s: membership loop failed", self.replica_id)
-                if not self.degraded:
-                    self.degraded = True
-                    log.warning(
-                        "replica %s: membership channel lost (%s: %s); retrying with backoff",
-                        self.replica_id,
-                        type(exc).__name__,
-                        exc,
-                    )
-            finally:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(self._backoff.next())
+        await listen_forever(
+            self.client,
+            self.keys.workers_channel,
+            self._on_message,
+            self._load_snapshot,
+            self._outage,
+            self._backoff,
+        )
+
+    @property
+    def degraded(self) -> bool:
+        return self._outage.degraded
+
+    async def _on_message(self, raw: str) -> None:
+        change = MembershipChange.decode(raw)
+        if change is None:
+            log.warning("replica %s: ignoring malformed membership message", self.replica_id)
+        elif change.origin != self.replica_id:
+            await self._apply(change)
 
     async def _load_snapshot(self) -> None:
         """Load the shared set and apply the differences from what we knew.

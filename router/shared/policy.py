@@ -9,7 +9,6 @@ shared policy stored keeps its `--policy`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -19,7 +18,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait
+from router.shared.common import (
+    REDIS_ERRORS,
+    Backoff,
+    Keys,
+    Outage,
+    ReplicaConfig,
+    cancel_and_wait,
+    listen_forever,
+)
 
 log = logging.getLogger("kvroute.replicas")
 
@@ -73,7 +80,7 @@ class SharedPolicy:
         self.apply = apply
         self.replica_id = replica_id
         self.keys = Keys(config.key_prefix)
-        self.degraded = False
+        self._outage = Outage(replica_id, "policy channel")
         self.ready = asyncio.Event()  # set once the stored policy (if any) has been read and applied
         # the setting last applied or published here
         self.current = PolicyChange(*initial).setting if initial is not None else None
@@ -112,37 +119,27 @@ class SharedPolicy:
         task.add_done_callback(self._pending.discard)
 
     async def _run(self) -> None:
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.policy_channel)
-                stored = await self.client.get(self.keys.policy)  # after subscribing: no change is missed
-                if stored is not None:
-                    self._receive(stored, at_start=not self.ready.is_set())
-                self.ready.set()
-                self._backoff.reset()
-                if self.degraded:
-                    self.degraded = False
-                    log.info("replica %s: policy channel reconnected", self.replica_id)
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self._receive(msg["data"], at_start=False)
-            except Exception as exc:  # Redis errors expected; anything else logged, and retried all the same
-                if not isinstance(exc, REDIS_ERRORS):
-                    log.exception("replica %s: policy loop failed", self.replica_id)
-                if not self.degraded:
-                    self.degraded = True
-                    log.warning(
-                        "replica %s: policy channel lost (%s: %s); retrying with backoff",
-                        self.replica_id,
-                        type(exc).__name__,
-                        exc,
-                    )
-            finally:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(self._backoff.next())
+        await listen_forever(
+            self.client,
+            self.keys.policy_channel,
+            self._on_message,
+            self._read_stored,
+            self._outage,
+            self._backoff,
+        )
+
+    @property
+    def degraded(self) -> bool:
+        return self._outage.degraded
+
+    async def _read_stored(self) -> None:
+        stored = await self.client.get(self.keys.policy)
+        if stored is not None:
+            self._receive(stored, at_start=not self.ready.is_set())
+        self.ready.set()
+
+    async def _on_message(self, raw: str) -> None:
+        self._receive(raw, at_start=False)
 
     def _receive(self, raw: str | bytes, at_start: bool) -> None:
         change = PolicyChange.decode(raw)
