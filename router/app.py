@@ -47,9 +47,26 @@ ADMIN = web.AppKey("admin", AdminApi)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def load_tokenizer(path: str) -> Tokenizer:
+    """The `--tokenizer`; a ConfigError saying what is wrong (missing path, missing `hf` extra, bad file),
+    never a traceback nor an error taken for a listening failure."""
+    try:
+        return HFTokenizer(path)
+    except ImportError as exc:  # jinja2, for the chat template
+        raise ConfigError(
+            f"--tokenizer needs the 'hf' extra ({exc.name} is not installed): pip install 'kvroute[hf]'"
+        ) from exc
+    except RuntimeError as exc:  # the tokenizers package is missing (HFTokenizer says which extra)
+        raise ConfigError(str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--tokenizer {path}: {exc}") from exc
+    except Exception as exc:  # tokenizers and json raise their own types for a malformed file
+        raise ConfigError(f"--tokenizer {path}: cannot load ({type(exc).__name__}: {exc})") from exc
+
+
 def build_router(config: RouterConfig) -> Router:
-    """ConfigError for an unknown policy or bad policy parameters."""
-    tokenizer: Tokenizer | None = HFTokenizer(config.tokenizer) if config.tokenizer else None
+    """ConfigError for an unknown policy, bad policy parameters or an unusable tokenizer."""
+    tokenizer: Tokenizer | None = load_tokenizer(config.tokenizer) if config.tokenizer else None
     try:
         return Router(
             block_size=config.block_size,

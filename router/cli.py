@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -16,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from router.config import ConfigError, RouterConfig, build_config
+from router._version import __version__
+from router.config import ConfigError, RouterConfig, build_config, unknown_env
 
 log = logging.getLogger("kvroute")
 
@@ -226,6 +228,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    for warning in unknown_env(os.environ):
+        log.warning("%s", warning)
     if config.processes > 1:
         from router.supervisor import ServeSupervisor
 
@@ -236,7 +240,10 @@ def cmd_serve(argv: Sequence[str]) -> int:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -253,7 +260,21 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return demo_main(list(argv))
 
 
+def missing_extra(extra: str, modules: Sequence[str]) -> str | None:
+    """One line naming what to install when an optional extra's modules are absent, else None."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return f"needs the '{extra}' extra ({', '.join(missing)} not installed): pip install 'kvroute[{extra}]'"
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
+    """The load generator needs tqdm (the `bench` extra); plots (matplotlib) and SGLang's router are
+    skipped with a note when absent."""
+    problem = missing_extra("bench", ("tqdm",))
+    if problem and not {"-h", "--help"} & set(argv):
+        print(f"kvroute bench: {problem}", file=sys.stderr)
+        return 2
     from bench.compare import main as bench_main
 
     return int(bench_main(list(argv)) or 0)
@@ -299,7 +320,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 def usage() -> str:
     lines = ["usage: kvroute COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines.append("\n`kvroute COMMAND --help` for a command's flags.")
+    lines.append("\n`kvroute COMMAND --help` for a command's flags; `kvroute --version`.")
     return "\n".join(lines)
 
 
@@ -308,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version", "version"):
+        print(f"kvroute {__version__}")
+        return 0
     entry = COMMANDS.get(argv[0])
     if entry is None:
         print(f"kvroute: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)

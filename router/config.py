@@ -8,6 +8,7 @@ dashes (`max_body_bytes` <-> `--max-body-bytes`) and the environment names upper
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tomllib
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "KVROUTE_"
+CONFIG_ENV = "KVROUTE_CONFIG"  # the config file's path, when no --config is given
+# KVROUTE_* variables that are not settings of the router (read by tests and scripts).
+OTHER_ENV = frozenset({"KVROUTE_SGLANG_CACHE"})
 _BOOL_WORDS = {
     "1": True,
     "true": True,
@@ -246,7 +250,7 @@ def _coerce(name: str, raw: Any) -> Any:
     """Convert a file/env/CLI value to the field's type (the dataclass annotations are strings)."""
     f = {f.name: f for f in fields(RouterConfig)}.get(name)
     if f is None:
-        raise ConfigError(f"unknown configuration key: {name!r}")
+        raise ConfigError(f"unknown configuration key: {name!r}{_did_you_mean(name)}")
     t = str(f.type)
     if name in ("worker_urls", "decode_urls"):
         return _url_list(raw)
@@ -312,7 +316,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    names = {f.name for f in fields(RouterConfig)}
+    """Settings from `KVROUTE_<FIELD>` variables, plus `config` from `KVROUTE_CONFIG`; others are left
+    to `unknown_env` (a misspelt variable must be reported, not silently ignored)."""
+    names = {f.name for f in fields(RouterConfig)} | {"config"}
     out: dict[str, Any] = {}
     for key, value in environ.items():
         if key.startswith(ENV_PREFIX):
@@ -320,6 +326,32 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             if name in names:
                 out[name] = value
     return out
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """One message per `KVROUTE_*` variable that names no setting (logged as a warning at start: the
+    environment is shared with other tools, so it warns where a misspelt file key is an error)."""
+    names = {f.name for f in fields(RouterConfig)} | {"config"}
+    out = []
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX) or key in OTHER_ENV:
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in names:
+            close = _closest_field(name)
+            hint = f" (did you mean {ENV_PREFIX}{close.upper()}?)" if close else ""
+            out.append(f"unknown environment variable {key} ignored{hint}")
+    return out
+
+
+def _closest_field(name: str) -> str | None:
+    close = difflib.get_close_matches(name, [f.name for f in fields(RouterConfig)], n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str) -> str:
+    close = _closest_field(name)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def build_config(
@@ -330,8 +362,8 @@ def build_config(
     """Merge the sources: CLI > environment > file > defaults. CLI values of None mean 'not given'."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     env = from_env(os.environ if environ is None else environ)
-    path = config_file or cli.pop("config", None) or env.pop("config", None)
-    cli.pop("config", None)
+    cli_path, env_path = cli.pop("config", None), env.pop("config", None)  # KVROUTE_CONFIG
+    path = config_file or cli_path or env_path
     merged: dict[str, Any] = load_file(path) if path else {}
     merged.update(env)
     merged.update(cli)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import platform
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -27,6 +28,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from router._version import __version__
 from router.types import Worker, WorkerState
 
 # Latency buckets in seconds: sub-millisecond (router overhead, cached prefills) up to long generations.
@@ -217,6 +219,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.build_info = Gauge(
+            "kvroute_build_info",
+            "Always 1; the labels say which kvroute (version) runs on which Python.",
+            ["version", "python"],
+            registry=r,
+            multiprocess_mode=LATEST,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
 
     def observe_request(
         self,

@@ -261,7 +261,10 @@ def serve_process(config: RouterConfig, ready: Connection, supervisor_pid: int) 
         print(f"kvroute serve: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
-        print(f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"kvroute serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
