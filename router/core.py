@@ -82,7 +82,9 @@ class Router:
         self.index = RadixIndex()
         self._applier = KvEventApplier(self.index, block_size=block_size, seed=self.seed)
         self.load = LoadTracker(self._workers, clock)
-        self._context = PolicyContext(kv_index=self.index, inflight=self.load.inflight, clock=clock)
+        self._context = PolicyContext(
+            kv_index=self.index, inflight=self.load.inflight, clock=clock, block_counts=self.index.block_count
+        )
         self._policy_name = policy
         self._policy: Policy = make_policy(policy, policy_params, self._context)
         self._subscriber: KvEventSubscriber | None = None

@@ -25,7 +25,12 @@ class PDSelector:
 
     def __init__(self, router: Router, config: PDConfig) -> None:
         self.router = router
-        ctx = PolicyContext(kv_index=router.index, inflight=router.load.inflight, clock=router.clock)
+        ctx = PolicyContext(
+            kv_index=router.index,
+            inflight=router.load.inflight,
+            clock=router.clock,
+            block_counts=router.index.block_count,
+        )
         p_params = dict(config.prefill_policy_params)
         if config.prefill_policy == "kv_aware":
             p_params.setdefault("decode_weight", 0.0)  # nothing decodes on a prefill server

@@ -50,12 +50,14 @@ class PolicyContext:
     """The router's shared state a policy may read (never write): given to `make_policy`.
 
     `kv_index`: the event-fed index (kv_aware). `inflight`: prompts routed and not finished, per worker
-    (kv_aware's prediction for blocks not yet confirmed by events). `clock`: seconds, monotonic.
+    (kv_aware's prediction for blocks not yet confirmed by events). `block_counts`: blocks the index
+    holds for a worker (how full its cache is: kv_aware's placement term). `clock`: seconds, monotonic.
     """
 
     kv_index: OverlapSource | None = None
     inflight: OverlapSource | None = None
     clock: Callable[[], float] = time.monotonic
+    block_counts: Callable[[str], int] | None = None
 
 
 class PolicyBase:

@@ -4,7 +4,7 @@ The cost estimates TTFT in blocks of prefill work (a block = block_size tokens t
 linear layers; finite, lower is better), for worker w and a prompt of P blocks:
 
     cost(w) = own_prefill(w) + queue_weight * pending_prefill_blocks(w) + decode_weight * decode_load(w)
-              + reuse_weight * (P - indexed(w))                        (+ guard_penalty if w is hot)
+              + reuse_weight * (P - indexed(w)) + fill_weight * n * fill(w)   (+ guard_penalty if hot)
     own_prefill(w) = n * (1 + (overlap(w) + n / 2) * block_size / attention_tokens),  n = P - overlap(w)
 
 - own_prefill: the request's own uncached prefill. Attention makes a new token cost more the longer
@@ -32,7 +32,11 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
   * active blocks) exceeds `guard_factor * fleet_mean + guard_margin_blocks` (off by default: the cost
   already prices queued prefill, and on long prompts that test fired on most requests and drove them
   off their cache). Hot workers rank after every cool one. `guard_factor = 0` disables the guard.
-- temperature T: 0 picks the argmin (ties: more cached blocks, then candidate order). T > 0 samples a
+- fill_weight * n * fill(w): placement. Each new block evicts one once w's cache is full (fill =
+  blocks held / KV capacity, or / the fullest worker's): new prefixes go to the emptiest caches, so
+  an idle fleet's ties no longer all land on the first worker.
+- temperature T: 0 picks the argmin (ties: more cached blocks, fewer requests in flight, fewer recent
+  placements, fewer blocks held, then candidate order; the reason names the deciding term). T > 0 samples a
   cool worker with probability softmax(-cost / T) (T in blocks), from a seeded RNG when `seed` is set.
 """
 
@@ -40,7 +44,8 @@ from __future__ import annotations
 
 import math
 import random as _random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -49,21 +54,35 @@ from router.policies.common import DECISION_SCORES, config_from_params, require
 from router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 # A candidate's row, built per worker per request (a plain tuple: cheapest to build in a hot loop):
-# (cost, -overlap, candidate order, url, overlap, indexed, inflight, new_prefill, pending, decode,
-#  block load, requests in flight, guard penalty, reuse penalty). Sorting on the first three gives the
-# ranking: lower cost, then more cached blocks, then candidate order.
-_Row = tuple[float, int, int, str, int, int, int, float, float, float, float, int, float, float]
+# (cost, -overlap, requests in flight, recent placements, held blocks, candidate order, url, overlap,
+#  indexed, inflight, new_prefill, pending, decode, block load, guard penalty, reuse penalty,
+#  placement penalty). Sorting on the first six gives the ranking: lower cost, then more cached blocks,
+#  then fewer requests in flight, fewer recent placements, fewer blocks held, and candidate order last.
+_Row = tuple[
+    float, int, int, float, float, int, str, int, int, int, float, float, float, float, float, float, float
+]
 _COST: Final = 0
-_URL: Final = 3
-_OVERLAP: Final = 4
-_LOAD: Final = 10
-_REQS: Final = 11
-_PENALTY: Final = 12
-_REUSE: Final = 13
+_REQS: Final = 2
+_RECENT: Final = 3
+_HELD: Final = 4
+_ORDER: Final = 5
+_URL: Final = 6
+_OVERLAP: Final = 7
+_LOAD: Final = 13
+_PENALTY: Final = 14
+_REUSE: Final = 15
+_PLACE: Final = 16
+_TIE_KEYS: Final = (
+    (1, "more cached blocks"),
+    (_REQS, "fewer requests in flight"),
+    (_RECENT, "fewer recent placements"),
+    (_HELD, "fewer blocks held"),
+    (_ORDER, "candidate order"),
+)
 
 
-def _key(r: _Row) -> tuple[float, int, int]:
-    return (r[0], r[1], r[2])
+def _key(r: _Row) -> tuple[float, int, int, float, float, int]:
+    return (r[0], r[1], r[2], r[3], r[4], r[5])
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,16 @@ class KvAwareConfig:
     # flight there, and recomputes their unprefilled prefix (SGLang and the sim both do): in-flight
     # blocks count as held only behind a queue of at least this many tokens. 0: always (bursts pile up).
     step_tokens: int = 8192
+    # Cost of placing one new block on a worker whose cache is full, relative to one block of prefill:
+    # each new block evicts one, whose later reuse is lost (`fill_weight * new blocks * fill(w)`, fill =
+    # blocks held / KV capacity, or / the fullest worker's when capacities are unknown). It spreads new
+    # prefixes over the fleet's empty caches instead of tying on worker 0; 0 disables it. 0.5: an LRU
+    # victim is less likely to be reused than a fresh prefix; a full-cache placement then costs as much
+    # as half the prompt queued elsewhere.
+    fill_weight: float = 0.5
+    # Half-life (s) of the count of requests recently placed on each worker, the last tie-breaker
+    # before candidate order (a quiet fleet's short prompts, events not yet in); 0: count forever.
+    placement_half_life_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -111,6 +140,8 @@ class KvAwareConfig:
             "attention_tokens",
             "reuse_weight",
             "step_tokens",
+            "fill_weight",
+            "placement_half_life_s",
         ):
             v = getattr(self, name)
             require(math.isfinite(v) and v >= 0, "kv_aware", f"{name} must be finite and >= 0, got {v}")
@@ -119,18 +150,42 @@ class KvAwareConfig:
 class KvAwarePolicy(PolicyBase):
     """Scores on the event-fed RadixIndex (+ in-flight prompts); see the module docstring for the cost.
 
-    Mutable state: the sampling RNG only, advanced by `select` when temperature > 0.
+    Mutable state: the sampling RNG, advanced by `select` when temperature > 0, and the decayed count
+    of recent placements per worker, advanced by `on_routed` (read, never written, by `select`).
     """
 
     name = "kv_aware"
 
     def __init__(
-        self, config: KvAwareConfig, kv_index: OverlapSource, inflight: OverlapSource | None
+        self,
+        config: KvAwareConfig,
+        kv_index: OverlapSource,
+        inflight: OverlapSource | None,
+        block_counts: Callable[[str], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._index = kv_index
         self._inflight = inflight if config.predict_inflight else None
+        self._block_counts = block_counts
+        self._clock = clock
         self._rng = _random.Random(config.seed)
+        self._placed: dict[str, tuple[float, float]] = {}  # url -> (decayed count, at)
+
+    def on_routed(self, request: RoutingRequest, worker: Worker) -> None:
+        now = self._clock()
+        self._placed[worker.url] = (self._recent(worker.url, now) + 1.0, now)
+
+    def on_worker_removed(self, url: str) -> None:
+        self._placed.pop(url, None)
+
+    def _recent(self, url: str, now: float) -> float:
+        entry = self._placed.get(url)
+        if entry is None:
+            return 0.0
+        count, at = entry
+        half = self.config.placement_half_life_s
+        return count * 0.5 ** ((now - at) / half) if half > 0 and now > at else count
 
     def _rows(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[_Row]:
         """Every candidate's cost and its ingredients, best first. One tight pass: this runs per request
@@ -146,6 +201,10 @@ class KvAwarePolicy(PolicyBase):
         normalize = c.normalize_by_capacity
         caps = [w.max_total_tokens / bs for w in candidates if w.max_total_tokens] if normalize else []
         mean_cap = sum(caps) / len(caps) if caps else 0.0
+        counts = self._block_counts
+        fill_w = c.fill_weight
+        now = self._clock()
+        placed = self._placed
         rows: list[_Row] = []
         for i, w in enumerate(candidates):
             ld = w.load
@@ -157,21 +216,29 @@ class KvAwarePolicy(PolicyBase):
             pending = ld.pending_prefill_tokens / bs
             decode = float(ld.active_blocks)
             cap = w.max_total_tokens / bs if w.max_total_tokens else 0.0
+            held = float(counts(url)) if counts is not None else 0.0
             if cap and ld.engine_token_usage is not None:
-                decode = max(decode, ld.engine_token_usage * cap)  # engine poll as a floor
+                used = ld.engine_token_usage * cap
+                decode = max(decode, used)  # engine poll as a floor
+                held = max(held, used)
             load = pending + c.decode_weight * decode
             reqs = max(ld.in_flight, (ld.engine_running or 0) + (ld.engine_queued or 0))
             if normalize and cap and mean_cap:
                 decode *= mean_cap / cap
-            new_prefill = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
-            if attn:
-                new_prefill *= 1.0 + (overlap + 0.5 * new_prefill) * attn
+            raw_new = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
+            new_prefill = raw_new * (1.0 + (overlap + 0.5 * raw_new) * attn) if attn else raw_new
             reuse = c.reuse_weight * (prompt_blocks - ov_i) if prompt_blocks > ov_i else 0.0
+            # fill: blocks held / capacity; relative to the fullest worker below when capacity is unknown
+            place = raw_new * min(1.0, held / cap) if cap else -raw_new * held
             cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode + reuse
+            recent = placed.get(url)
             rows.append(
                 (
                     cost,
                     -overlap,
+                    reqs,
+                    self._recent(url, now) if recent is not None else 0.0,
+                    held,
                     i,
                     url,
                     overlap,
@@ -181,33 +248,55 @@ class KvAwarePolicy(PolicyBase):
                     pending,
                     decode,
                     load,
-                    reqs,
                     0.0,
                     reuse,
+                    place,
                 )
             )
+        if fill_w > 0:
+            rows = self._add_placement(rows, fill_w)
         if c.guard_factor > 0 and len(rows) > 1:
-            n = len(rows)
-            lim_b = (
-                c.guard_factor * sum(r[_LOAD] for r in rows) / n + c.guard_margin_blocks
-                if c.guard_margin_blocks > 0
-                else math.inf
-            )
-            lim_r = c.guard_factor * sum(r[_REQS] for r in rows) / n + c.guard_margin_requests
-            hot = [j for j, r in enumerate(rows) if r[_LOAD] > lim_b or r[_REQS] > lim_r]
-            if hot and len(hot) < n:
-                hot_set = set(hot)
-                cool_max = max(r[_COST] for j, r in enumerate(rows) if j not in hot_set)
-                # Lift the cheapest hot worker just above the dearest cool one: hot ones rank last.
-                penalty = max(0.0, cool_max - min(rows[j][_COST] for j in hot)) + 1.0
-                for j in hot:
-                    r = rows[j]
-                    rows[j] = (r[_COST] + penalty, *r[1:_PENALTY], penalty, r[_REUSE])
+            rows = self._guard(rows)
         rows.sort(key=_key)
         return rows
 
+    @staticmethod
+    def _add_placement(rows: list[_Row], fill_w: float) -> list[_Row]:
+        """cost += fill_weight * new blocks * fill. A row's `place` slot holds new blocks x fill when the
+        capacity is known, else -(new blocks x held), normalised here by the fullest worker's hold."""
+        top = max(r[_HELD] for r in rows)
+        out: list[_Row] = []
+        for r in rows:
+            place = r[_PLACE]
+            if place < 0:
+                place = -place / top if top > 0 else 0.0
+            place *= fill_w
+            out.append((r[_COST] + place, *r[1:_PLACE], place) if place else r)
+        return out
+
+    def _guard(self, rows: list[_Row]) -> list[_Row]:
+        c = self.config
+        n = len(rows)
+        lim_b = (
+            c.guard_factor * sum(r[_LOAD] for r in rows) / n + c.guard_margin_blocks
+            if c.guard_margin_blocks > 0
+            else math.inf
+        )
+        lim_r = c.guard_factor * sum(r[_REQS] for r in rows) / n + c.guard_margin_requests
+        hot = [j for j, r in enumerate(rows) if r[_LOAD] > lim_b or r[_REQS] > lim_r]
+        if hot and len(hot) < n:
+            hot_set = set(hot)
+            cool_max = max(r[_COST] for j, r in enumerate(rows) if j not in hot_set)
+            # Lift the cheapest hot worker just above the dearest cool one: hot ones rank last.
+            penalty = max(0.0, cool_max - min(rows[j][_COST] for j in hot)) + 1.0
+            for j in hot:
+                r = rows[j]
+                rows[j] = (r[_COST] + penalty, *r[1:_PENALTY], penalty, r[_REUSE], r[_PLACE])
+        return rows
+
     def _score(self, r: _Row, prompt_blocks: float) -> WorkerScore:
-        cost, _, _, url, overlap, indexed, inflight, new_prefill, pending, decode, _, reqs, penalty, reuse = r
+        (cost, _, reqs, recent, held, _, url, overlap, indexed, inflight, new_prefill, pending, decode, _,
+         penalty, reuse, place) = r  # fmt: skip
         terms = {
             "prompt_blocks": prompt_blocks,
             "indexed_blocks": float(indexed),
@@ -216,12 +305,37 @@ class KvAwarePolicy(PolicyBase):
             "pending_prefill_blocks": pending,
             "decode_load": decode,
             "reuse_penalty": reuse,
+            "placement_penalty": place,
+            "held_blocks": held,
+            "recent_placements": recent,
             "in_flight": float(reqs),
             "hot": 1.0 if penalty else 0.0,
         }
         if penalty:
             terms["guard_penalty"] = penalty
         return WorkerScore(url=url, cost=cost, cached_blocks=overlap, terms=terms)
+
+    def _decided_by(self, pick: _Row, rows: Sequence[_Row]) -> str:
+        """The term that put `pick` ahead of the best other worker: for the explain and the logs."""
+        other = next((r for r in rows if r is not pick), None)
+        if other is None:
+            return "only candidate"
+        c = self.config
+        if other[_COST] != pick[_COST]:
+            gaps = {
+                "own prefill": other[10] - pick[10],
+                "queued prefill": c.queue_weight * (other[11] - pick[11]),
+                "decode load": c.decode_weight * (other[12] - pick[12]),
+                "guard": other[_PENALTY] - pick[_PENALTY],
+                "reuse": other[_REUSE] - pick[_REUSE],
+                "placement": other[_PLACE] - pick[_PLACE],
+            }
+            term = max(gaps, key=lambda k: gaps[k])
+            return f"{term} (vs {other[_URL]})"
+        for idx, what in _TIE_KEYS:
+            if other[idx] != pick[idx]:
+                return f"tie on cost, then {what} (vs {other[_URL]})"
+        return f"tie (vs {other[_URL]})"
 
     def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
         pb = request.prompt_tokens / request.block_size
@@ -231,14 +345,16 @@ class KvAwarePolicy(PolicyBase):
         rows = self._rows(request, candidates)
         pick = rows[0]
         n_hot = sum(1 for r in rows if r[_PENALTY])
-        reason = f"min cost {pick[_COST]:.1f} (cached {pick[_OVERLAP]} blocks)"
-        reason += f", {n_hot} hot" if n_hot else ""
         T = self.config.temperature
         cool = [r for r in rows if not r[_PENALTY]]
         if T > 0 and len(cool) > 1:
             lo = cool[0][_COST]
             pick = self._rng.choices(cool, weights=[math.exp(-(r[_COST] - lo) / T) for r in cool])[0]
             reason = f"softmax T={T:g}: cost {pick[_COST]:.1f} (cached {pick[_OVERLAP]} blocks)"
+        else:
+            reason = f"min cost {pick[_COST]:.1f} (cached {pick[_OVERLAP]} blocks)"
+            reason += f", {n_hot} hot" if n_hot else ""
+            reason += "; decided by " + self._decided_by(pick, rows)
         ordered = rows if pick is rows[0] else [pick, *(r for r in rows if r is not pick)]
         # The decision carries the scores of the first few ranked workers (what logs and retries
         # use); `explain` gives the whole table.
@@ -257,4 +373,4 @@ def make(params: Mapping[str, Any] | None, context: PolicyContext | None = None)
     config = config_from_params(KvAwareConfig, params, "kv_aware")
     if context is None or context.kv_index is None:
         raise ValueError("policy 'kv_aware' needs the router's KV index (make_policy(..., context=...))")
-    return KvAwarePolicy(config, context.kv_index, context.inflight)
+    return KvAwarePolicy(config, context.kv_index, context.inflight, context.block_counts, context.clock)

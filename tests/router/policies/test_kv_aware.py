@@ -12,14 +12,16 @@ from tests.router.policies.util import BS, FakeOverlap, request, worker
 
 # The term-by-term tables switch off the terms they do not test, for round numbers: decode_weight 1
 # (default 0.01), reuse_weight 0 (default 2.5), attention_tokens 0 (default 8192) and the block test
-# of the guard at its former margin of 256 blocks (default 0: off), and in-flight blocks credited
-# whatever the queue (step_tokens 0; default 8192). The defaults have their own tests.
+# of the guard at its former margin of 256 blocks (default 0: off), in-flight blocks credited
+# whatever the queue (step_tokens 0; default 8192) and no placement term (fill_weight 0; default 0.5).
+# The defaults have their own tests.
 TABLE_PARAMS: dict[str, object] = {
     "decode_weight": 1.0,
     "reuse_weight": 0.0,
     "attention_tokens": 0.0,
     "guard_margin_blocks": 256.0,
     "step_tokens": 0,
+    "fill_weight": 0.0,
 }
 
 
