@@ -27,13 +27,15 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamHTTPError(UpstreamError):
-    """The engine answered with an error status. 5xx and 429 are retryable; other 4xx are the client's."""
+    """The engine answered with an error status. 5xx (but 508) and 429 are retryable; other 4xx are the
+    client's."""
 
     def __init__(self, url: str, status: int, body: bytes = b"") -> None:
         super().__init__(url, f"HTTP {status}")
         self.status = status
         self.body = body
-        self.retryable = status >= 500 or status == 429
+        # 508 Loop Detected: another worker would loop the same way.
+        self.retryable = (status >= 500 and status != 508) or status == 429
 
 
 class UpstreamProtocolError(UpstreamError):

@@ -371,6 +371,7 @@ class Http1Pool:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._all: set[_Conn] = set()
         self.connects = 0  # connections opened (observability and tests)
+        self._reaper: asyncio.TimerHandle | None = None  # armed while idle connections exist
 
     def _forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
@@ -393,8 +394,45 @@ class Http1Pool:
     def _release(self, conn: _Conn) -> None:
         conn._reset()
         conn.reused = True
-        conn.idle_since = (conn._loop or asyncio.get_running_loop()).time()
+        loop = conn._loop or asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.setdefault(conn.key, []).append(conn)
+        if self._reaper is None and self.max_idle_s is not None:
+            self._reaper = loop.call_later(self.max_idle_s, self._reap, loop)
+
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close connections idle past `max_idle_s` (they would never be reused: without this, a burst
+        leaves its descriptors open until the engine closes them, or forever if it never does)."""
+        self._reaper = None
+        assert self.max_idle_s is not None
+        cutoff = loop.time() - self.max_idle_s
+        for key in list(self._idle):
+            idle = self._idle[key]
+            keep = [c for c in idle if c.idle_since is not None and c.idle_since > cutoff and not c.lost]
+            for c in list(idle):
+                if c not in keep:
+                    c.idle_since = None
+                    c.abort()
+                    self._all.discard(c)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._reaper = loop.call_later(self.max_idle_s / 2, self._reap, loop)
+
+    def idle_count(self, key: tuple[str, int] | None = None) -> int:
+        if key is not None:
+            return len(self._idle.get(key, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    def close_host(self, key: tuple[str, int]) -> None:
+        """Close the idle connections to one engine (it left the fleet). Busy ones finish their exchange;
+        if pooled again then, the reaper closes them after `max_idle_s`."""
+        for conn in self._idle.pop(key, []):
+            conn.idle_since = None
+            conn.abort()
+            self._all.discard(conn)
 
     async def _connect(self, key: tuple[str, int], url: str, timeout: float | None) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -461,6 +499,9 @@ class Http1Pool:
         raise UpstreamConnectError(url, "no usable connection")
 
     def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for conn in list(self._all):
             conn.abort()
         self._all.clear()

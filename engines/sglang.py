@@ -84,17 +84,28 @@ class SGLangClient:
         self._timeout = aiohttp.ClientTimeout(total=control_timeout_s or None)
         self._load_path: str | None = None  # learned: /get_load (<=0.5.10) or /v1/loads (newer)
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """(host, port): this engine's connections in the pool."""
+        return self._key
+
     async def _request(self, method: str, path: str, *, json_body: Any = None) -> bytes:
+        return (await self._exchange(method, path, json_body=json_body))[0]
+
+    async def _exchange(
+        self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None
+    ) -> tuple[bytes, Mapping[str, str]]:
         data = orjson.dumps(json_body) if json_body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else None
+        t = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout or None)
         try:
             async with self.session.request(
-                method, self.url + path, data=data, headers=headers, timeout=self._timeout
+                method, self.url + path, data=data, headers=headers, timeout=t
             ) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
                     raise UpstreamHTTPError(self.url, resp.status, body[:2048])
-                return body
+                return body, resp.headers
         except UpstreamError:
             raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -112,8 +123,14 @@ class SGLangClient:
         except orjson.JSONDecodeError as exc:
             raise UpstreamProtocolError(self.url, f"{path}: not JSON") from exc
 
-    async def health(self) -> None:
-        await self._request("GET", "/health")
+    async def health(self) -> Mapping[str, str]:
+        """Raises when unhealthy; returns the response headers (a kvroute router names itself there)."""
+        return (await self._exchange("GET", "/health"))[1]
+
+    async def health_generate(self, timeout: float | None = None) -> None:
+        """`/health_generate`: the engine runs a one-token generation, so a wedged scheduler fails it
+        (its `/health` may still answer 200)."""
+        await self._exchange("GET", "/health_generate", timeout=timeout)
 
     async def server_info(self) -> dict[str, Any]:
         info = await self._get_json("/server_info", "/get_server_info")

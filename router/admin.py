@@ -16,6 +16,7 @@ from aiohttp import web
 
 from router.errors import ApiError, bad_request, json_object
 from router.policies.base import NoWorkerAvailable
+from router.selfcheck import points_at_self
 from router.types import WorkerRole
 from router.workers import RegistryError, WorkerRegistry
 
@@ -157,6 +158,13 @@ class AdminApi:
         ):
             raise bad_request(
                 "'bootstrap_port' must be an integer, for a prefill worker", "invalid_bootstrap_port"
+            )
+        sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        if isinstance(sock, tuple) and await points_at_self(url, sock[:2]):
+            raise bad_request(
+                f"{url} is this router's own address: a worker must be an engine (routing to itself "
+                "would loop)",
+                "self_url",
             )
         try:
             worker = self.registry.add(url, role=role, kv_events=kv, bootstrap_port=bp)

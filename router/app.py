@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from router.pd_metrics import PDMetrics
 from router.proxy import CHAT, COMPLETIONS, GENERATE, RID_KEY, Proxy, RouteSpec
 from router.shared import replica_context
 from router.types import WorkerRole
-from router.workers import WorkerRegistry
+from router.workers import INSTANCE_HEADER, WorkerRegistry
 
 log = logging.getLogger("kvroute.app")
 
@@ -125,6 +126,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     core = router if router is not None else build_router(config)
     metrics = Metrics()
     registry = WorkerRegistry(core, config, metrics)
+    registry.instance_id = os.urandom(8).hex()  # named on /health and in the hop header (loop detection)
     admin = AdminApi(core, registry, config.admin_token)
     app = web.Application(
         middlewares=[error_middleware],
@@ -223,7 +225,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 async def liveness(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    resp = _json({"status": "ok"})
+    resp.headers[INSTANCE_HEADER] = request.app[REGISTRY].instance_id  # lets a registry spot itself
+    return resp
 
 
 async def readiness(request: web.Request) -> web.Response:
@@ -254,6 +258,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     core = app[ROUTER]
     stats = core.index_stats()
     app[METRICS].refresh(core.workers(), stats.get("workers", {}), stats.get("blind_workers", []))
+    app[METRICS].refresh_circuits(app[REGISTRY].circuit_states())
     app[REGISTRY].check_blind()
     replicas = app[ADMIN].replicas
     app[METRICS].refresh_replicas(replicas.status() if replicas is not None else None)

@@ -67,6 +67,19 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         "half-open successes closing the breaker",
     ),
     (("--cb-timeout-duration-secs",), "circuit_cooldown_s", float, "seconds a breaker stays open"),
+    (("--cb-half-open-probes",), "circuit_half_open_probes", int, "requests a half-open breaker admits"),
+    (
+        ("--cb-max-ejection-percent",),
+        "circuit_max_ejection_percent",
+        float,
+        "most of the fleet breakers may hold open, in % (default 50; 100 = no cap)",
+    ),
+    (
+        ("--cb-min-in-rotation",),
+        "circuit_min_in_rotation",
+        int,
+        "routable workers a breaker never takes the fleet below (default 1)",
+    ),
     (
         ("--load-poll-interval-secs",),
         "load_poll_interval_s",

@@ -77,6 +77,9 @@ class RouterConfig:
     circuit_failure_threshold: int = 5  # consecutive request failures that open the breaker; 0 = no breaker
     circuit_cooldown_s: float = 30.0  # seconds an open breaker waits before a half-open probe
     circuit_success_threshold: int = 2  # successes in half-open that close the breaker
+    circuit_half_open_probes: int = 1  # requests a half-open breaker admits at once (>= 1)
+    circuit_max_ejection_percent: float = 50.0  # most of the fleet breakers may hold open, in %; 100 = no cap
+    circuit_min_in_rotation: int = 1  # routable workers a breaker never takes the fleet below; 0 = none
     load_poll_interval_s: float = 5.0  # seconds between /get_load polls per worker; 0 = disabled
     blind_check_interval_s: float = 30.0  # seconds between checks for workers serving with no events; 0 = off
     # --- replicas sharing load and membership through Redis (router/shared, docs/replicas.md)
@@ -104,6 +107,7 @@ class RouterConfig:
             "health_failure_threshold",
             "circuit_failure_threshold",
             "circuit_success_threshold",
+            "circuit_min_in_rotation",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
@@ -115,6 +119,10 @@ class RouterConfig:
         for _, port in self.prefill_urls:
             if port is not None and not 0 < port < 65536:
                 raise ConfigError(f"prefill bootstrap port out of range: {port}")
+        if self.circuit_half_open_probes < 1:
+            raise ConfigError("circuit_half_open_probes must be >= 1")
+        if not 0 <= self.circuit_max_ejection_percent <= 100:
+            raise ConfigError("circuit_max_ejection_percent must be in [0, 100]")
         if self.processes < 1:
             raise ConfigError(f"processes must be >= 1, got {self.processes}")
         if self.processes > 1 and self.redis_url is None:

@@ -24,13 +24,19 @@ class ApiError(Exception):
     """An error to show the client as is: status, message, machine-readable type."""
 
     def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error", code: str = ""
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str = "",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.code = code or type_
+        self.headers = headers  # extra response headers (Retry-After, Allow)
 
 
 def bad_request(message: str, code: str = "invalid_request") -> ApiError:
@@ -54,6 +60,8 @@ def from_upstream(exc: UpstreamError) -> ApiError:
     if isinstance(exc, UpstreamTimeout):
         return ApiError(504, f"upstream engine timed out: {exc.message}", up, "upstream_timeout")
     if isinstance(exc, UpstreamHTTPError):
+        if exc.status == 508:  # a router behind us found the request looping
+            return ApiError(508, "request loop detected downstream", "invalid_request_error", "loop_detected")
         if exc.status == 429:
             return ApiError(429, "every engine tried is overloaded (429)", "rate_limit_error", "upstream_429")
         return ApiError(502, f"upstream engine failed with HTTP {exc.status}", up, f"upstream_{exc.status}")
@@ -72,6 +80,8 @@ def error_body(err: ApiError, *, openai: bool) -> bytes:
 
 
 def error_response(err: ApiError, *, openai: bool, headers: dict[str, str] | None = None) -> web.Response:
+    if err.headers:
+        headers = {**err.headers, **(headers or {})}
     return web.Response(
         status=err.status,
         body=error_body(err, openai=openai),

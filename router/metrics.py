@@ -8,7 +8,8 @@ Labels (bounded: routes and policies are fixed sets, workers are the registered 
 - `kind`: error class (`upstream_unreachable`, `upstream_timeout`, `upstream_5xx`, `upstream_429`,
   `stream_broken`, `client_disconnect`, `no_worker`, `bad_request`).
 - `reason`: why a retry happened (same values as `kind`).
-- `state`: worker state (`pending`, `healthy`, `unhealthy`, `draining`, `rejected`).
+- `state`: worker state (`pending`, `healthy`, `unhealthy`, `draining`, `rejected`); on
+  `kvroute_worker_circuit_state`, the breaker's (`closed`, `half_open`, `open`).
 
 Under `kvroute serve --processes N` (router/supervisor.py) prometheus_client runs in multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR set): counters and histograms are summed over the processes; a gauge takes the
@@ -39,6 +40,7 @@ LATENCY_BUCKETS = (
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATEST: Final = "livemostrecent"  # gauges under multiprocess mode (see the module docstring)
+CIRCUIT_STATES = ("closed", "half_open", "open")
 _RATIO = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -204,6 +206,27 @@ class Metrics:
         self.circuit_opened = Counter(
             "kvroute_circuit_opened", "Times a worker's circuit breaker opened.", ["worker"], registry=r
         )
+        self.circuit_state = Gauge(
+            "kvroute_worker_circuit_state",
+            "1 for the state this worker's circuit breaker is in (closed, half_open, open).",
+            ["worker", "state"],
+            registry=r,
+            multiprocess_mode=LATEST,
+        )
+        self.stalls = Counter(
+            "kvroute_worker_stalls",
+            "Times a worker with requests in flight made no progress for --stall-timeout-secs and was taken "
+            "out of routing.",
+            ["worker"],
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "kvroute_protocol_errors",
+            "Client connections refused or closed for a protocol reason (kind: bad_request, header_timeout, "
+            "too_many_connections).",
+            ["kind"],
+            registry=r,
+        )
         self.health_check_failures = Counter(
             "kvroute_health_check_failures", "Failed health checks.", ["worker"], registry=r
         )
@@ -308,6 +331,12 @@ class Metrics:
                     _set(self.events, u, stream, "events")
         self.blind_workers.set(len(blind_set))
 
+    def refresh_circuits(self, states: Mapping[str, str]) -> None:
+        """Breaker states from the registry (scrape time)."""
+        for url, state in states.items():
+            for s in CIRCUIT_STATES:
+                self.circuit_state.labels(url, s).set(1 if s == state else 0)
+
     def forget_worker(self, url: str) -> None:
         """Drop a removed worker's gauge series (counters keep their history). In multiprocess mode a
         series cannot be deleted from the shared files: it is set to 0 first, and stays at 0."""
@@ -328,6 +357,8 @@ class Metrics:
             self._drop(g, url)
         for s in WorkerState:
             self._drop(self.worker_state, url, s.value)
+        for c in CIRCUIT_STATES:
+            self._drop(self.circuit_state, url, c)
 
     def _drop(self, gauge: Gauge, *labels: str) -> None:
         if self.multiprocess_dir is not None:  # prometheus_client cannot remove a series there

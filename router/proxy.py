@@ -70,6 +70,10 @@ __all__ = [
 log = logging.getLogger("kvroute.proxy")
 
 WORKER_HEADER = "X-Kvroute-Worker"
+# Loop detection: each router appends its instance id to this header on the requests it forwards; a
+# request already carrying our id (or past MAX_HOPS routers) came back to us through a misconfiguration.
+VIA_HEADER = "X-Kvroute-Via"
+MAX_HOPS = 8
 # (header name, value) of the request id the response must carry (PD mode: set as the response starts).
 RID_KEY: web.RequestKey[tuple[str, str]] = web.RequestKey("kvroute_request_id", tuple)
 CACHED_BLOCKS_HEADER = "X-Kvroute-Cached-Blocks"
@@ -175,9 +179,27 @@ class Proxy:
                 "body_too_large",
             ) from exc
 
+    def _via(self, request: web.Request) -> str:
+        """The hop header to forward; 508 when this request already passed through this router."""
+        instance = self.registry.instance_id
+        via = request.headers.get(VIA_HEADER)
+        if via is None:
+            return instance
+        hops = [h.strip() for h in via.split(",")]
+        if instance in hops or len(hops) >= MAX_HOPS:
+            raise ApiError(
+                508,
+                f"request loop detected: it already passed through this router ({VIA_HEADER}: {via[:200]}); "
+                "check that no worker URL points back at a router",
+                "invalid_request_error",
+                "loop_detected",
+            )
+        return f"{via}, {instance}"
+
     async def _handle(
         self, request: web.Request, spec: RouteSpec, rid_header: str, t0: float
     ) -> web.StreamResponse:
+        via = self._via(request)
         body = await self._read_body(request)
         if not body:
             raise bad_request("empty request body; expected a JSON object", "empty_body")
@@ -208,14 +230,23 @@ class Proxy:
                 "no_worker",
             ) from exc
         headers = forward_headers(request.headers, self.config.request_id_header, rid_header)
-        attempts = [u for u in decision.ranked if self.registry.breaker_allows(u)] or [decision.worker]
-        attempts = attempts[: 1 + self.config.max_retries]
+        headers[VIA_HEADER] = via
+        # Workers whose breaker admits a request, best first; if none does, the policy's pick anyway.
+        candidates = [u for u in decision.ranked if self.registry.breaker_allows(u)]
+        forced = not candidates
         last: UpstreamError | None = None
-        for i, url in enumerate(attempts):
-            if i:
+        tried = 0
+        for url in candidates or [decision.worker]:
+            if tried > self.config.max_retries:
+                break
+            admission = self.registry.begin_attempt(url)  # a half-open breaker's probe slots are few
+            if admission == "no" and not forced:
+                continue
+            if tried:
                 assert last is not None
                 self.metrics.retries.labels(spec.path, _kind(last)).inc()
                 log.info("retrying %s on %s after %s", rid_header, url, last)
+            tried += 1
             try:
                 return await self._attempt(
                     request, spec, body, headers, url, rr, decision, rid_header, f.rid, t0
@@ -226,7 +257,17 @@ class Proxy:
                 self.registry.record_failure(url, exc.message)
                 if not exc.retryable:
                     break
-        assert last is not None
+            finally:
+                if admission == "probe":
+                    self.registry.end_probe(url)
+        if last is None:
+            raise ApiError(
+                503,
+                "no worker available: every candidate's circuit is open",
+                "service_unavailable",
+                "no_worker",
+                headers={"Retry-After": "1"},
+            )
         raise from_upstream(last) from last
 
     async def _handle_pd(

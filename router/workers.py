@@ -23,7 +23,7 @@ import aiohttp
 from engines.errors import UpstreamError, UpstreamHTTPError
 from engines.http1 import Http1Pool
 from engines.sglang import SGLangClient
-from router.breaker import CircuitBreaker
+from router.breaker import Admission, CircuitBreaker, EjectionCap
 from router.config import RouterConfig, normalize_url
 from router.discovery import apply_server_info, discover_kv_events, page_size_problem
 from router.metrics import Metrics
@@ -33,6 +33,8 @@ log = logging.getLogger("kvroute.workers")
 
 # Re-exported: these lived here before `router/breaker.py` and `router/discovery.py`.
 __all__ = ["CircuitBreaker", "RegistryError", "WorkerRegistry", "blind_workers", "discover_kv_events"]
+
+INSTANCE_HEADER = "X-Kvroute-Instance"  # on the router's /health: its instance id (self-URL detection)
 
 
 class RegistryError(ValueError):
@@ -73,6 +75,8 @@ class WorkerRegistry:
         self._pool = Http1Pool()
         self._blind_task: asyncio.Task[None] | None = None
         self.ready_event = asyncio.Event()
+        self.instance_id = ""  # this router's id (app sets it); a worker answering /health with it is us
+        self.ejection_cap = EjectionCap(config.circuit_max_ejection_percent, config.circuit_min_in_rotation)
 
     # ---- lifecycle
 
@@ -132,6 +136,7 @@ class WorkerRegistry:
                 self.config.circuit_failure_threshold,
                 self.config.circuit_cooldown_s,
                 self.config.circuit_success_threshold,
+                max_probes=self.config.circuit_half_open_probes,
             ),
             kv_override=kv_events or self.config.kv_events_dict.get(url),
             bootstrap_override=bootstrap_port,
@@ -157,6 +162,7 @@ class WorkerRegistry:
             with contextlib.suppress(Exception):
                 await self.router.unsubscribe(url)
         self.router.remove_worker(url)
+        self._pool.close_host(entry.client.key)  # idle keep-alive connections go with the worker
         self.metrics.forget_worker(url)
         self._update_ready()
         log.info("worker %s removed", url)
@@ -228,6 +234,8 @@ class WorkerRegistry:
             "kv_events_error": e.subscribe_error,
             "circuit": e.breaker.poll(),
             "consecutive_failures": e.breaker.failures,
+            "circuit_probes_in_flight": e.breaker.probes,
+            "circuit_openings_vetoed": e.breaker.vetoed,
             "last_health_error": e.last_health_error,
             "load": {
                 "in_flight": w.load.in_flight,
@@ -245,17 +253,59 @@ class WorkerRegistry:
     # ---- request outcomes (from the proxy)
 
     def breaker_allows(self, url: str) -> bool:
+        """Whether a request could go to `url` now (closed, or half-open with a probe slot free)."""
         e = self._entries.get(url)
-        return e is not None and e.breaker.poll() != "open"
+        return e is not None and e.breaker.allows()
+
+    def begin_attempt(self, url: str) -> Admission:
+        """Admit one attempt on `url`: "probe" takes a half-open probe slot (`end_probe` returns it)."""
+        e = self._entries.get(url)
+        return "no" if e is None else e.breaker.begin()
+
+    def end_probe(self, url: str) -> None:
+        e = self._entries.get(url)
+        if e is not None:
+            e.breaker.end()
+
+    def circuit_states(self) -> dict[str, str]:
+        return {u: e.breaker.poll() for u, e in self._entries.items()}
 
     def record_success(self, url: str) -> None:
         e = self._entries.get(url)
         if e is not None and e.breaker.record_success():
             log.info("worker %s circuit closed", url)
 
+    def _may_eject(self) -> bool:
+        """The fleet-wide cap: how many breakers are out already, how many workers still route."""
+        ejected = in_rotation = 0
+        for e in self._entries.values():
+            state = e.breaker.poll()
+            if state != "closed":
+                ejected += 1
+            elif e.worker.state is WorkerState.HEALTHY:
+                in_rotation += 1
+        return self.ejection_cap.may_eject(ejected, in_rotation)
+
     def record_failure(self, url: str, why: str) -> None:
         e = self._entries.get(url)
-        if e is None or not e.breaker.record_failure():
+        if e is None:
+            return
+        b = e.breaker
+        at_threshold = b.poll() == "closed" and b.failures + 1 >= b.failure_threshold > 0
+        may_open = not at_threshold or self._may_eject()  # the fleet count only when it matters
+        if not b.record_failure(may_open):
+            n = b.vetoed
+            if not may_open and _power_of_ten(n):  # rate-limited: 1st, 10th, 100th... veto
+                log.warning(
+                    "worker %s: circuit kept closed after %d failures in a row (last: %s): the fleet cap "
+                    "(max %.0f%% ejected, min %d in rotation) is reached; %d openings refused so far",
+                    url,
+                    e.breaker.failures,
+                    why,
+                    self.config.circuit_max_ejection_percent,
+                    self.config.circuit_min_in_rotation,
+                    n,
+                )
             return
         self.metrics.circuit_opened.labels(url).inc()
         log.warning(
@@ -316,7 +366,7 @@ class WorkerRegistry:
         attempts = 0
         while True:
             try:
-                await e.client.health()
+                headers = await e.client.health()
                 break
             except UpstreamError as exc:
                 attempts += 1
@@ -324,6 +374,11 @@ class WorkerRegistry:
                 if attempts == 1 or attempts % 30 == 0:
                     log.info("worker %s not up yet (%s)", w.url, exc.message)
                 await asyncio.sleep(self.config.registration_retry_s)
+        if self.instance_id and headers.get(INSTANCE_HEADER) == self.instance_id:
+            why = "this URL reaches the router itself (a worker must be an engine, not this router)"
+            self._set_state(e, WorkerState.REJECTED, why)
+            log.error("worker %s REJECTED: %s", w.url, why)
+            return False
         info: dict[str, Any] = {}
         try:
             info = await e.client.server_info()
@@ -438,6 +493,12 @@ class WorkerRegistry:
                 )
             e.reported_blind = url in blind
         return blind
+
+
+def _power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 def blind_workers(router: Any) -> list[str]:

@@ -118,7 +118,11 @@ async def test_load_poll_corrects_engine_load(engines, start_router) -> None:
 async def test_circuit_opens_after_request_failures(engines, start_router) -> None:
     eng = await engines(mode="error500")
     r = await start_router(
-        worker_urls=(eng.url,), circuit_failure_threshold=2, circuit_cooldown_s=60, max_retries=0
+        worker_urls=(eng.url,),
+        circuit_failure_threshold=2,
+        circuit_cooldown_s=60,
+        max_retries=0,
+        circuit_min_in_rotation=0,  # the default keeps the last worker in rotation (next test)
     )
     await r.wait_healthy(1)
     for _ in range(2):
@@ -131,6 +135,21 @@ async def test_circuit_opens_after_request_failures(engines, start_router) -> No
     assert len(eng.seen) == 2
     text = await (await r.session.get(r.url + "/metrics")).text()
     assert f'kvroute_circuit_opened_total{{worker="{eng.url}"}} 1.0' in text
+
+
+async def test_circuit_never_takes_the_last_worker_out(engines, start_router) -> None:
+    """Default `circuit_min_in_rotation=1`: a lone failing worker keeps getting attempts (502s, the
+    engine's own answer) instead of every client getting 503 no_worker; the veto is visible."""
+    eng = await engines(mode="error500")
+    r = await start_router(worker_urls=(eng.url,), circuit_failure_threshold=2, max_retries=0)
+    await r.wait_healthy(1)
+    for _ in range(4):
+        async with r.session.post(r.url + "/generate", json={"text": "abc"}) as resp:
+            assert resp.status == 502
+    assert len(eng.seen) == 4
+    async with r.session.get(r.url + "/admin/workers") as resp:
+        (desc,) = (await resp.json())["workers"]
+    assert desc["circuit"] == "closed" and desc["circuit_openings_vetoed"] == 3 and desc["state"] == "healthy"
 
 
 async def test_worker_serving_without_events_is_reported_blind(engines, start_router, caplog) -> None:
