@@ -72,6 +72,9 @@ class TokenChunk:
     finish_reason: dict[str, Any] | None = None
     e2e_latency: float | None = None
     """Seconds from arrival to the last token on the engine's own clock (simulated time for the sim)."""
+    time_stats: dict[str, float] | None = None
+    """SGLang's scheduler timings for `meta_info` (`queue_time`, `prefill_waiting_latency`,
+    `prefill_launch_latency`, `forward_entry_time`, `prefill_finished_time`), once known."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,8 @@ from router.config import ConfigError, RouterConfig
 from router.core import Router
 from router.errors import ApiError, error_response
 from router.metrics import Metrics
+from router.observability import Observability
+from router.observability.http import ObservabilityApi
 from router.pd import PDConfig, PDContext, PDSelector
 from router.pd_metrics import PDMetrics
 from router.proxy import CHAT, COMPLETIONS, GENERATE, RID_KEY, Proxy, RouteSpec
@@ -44,6 +46,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 PD_SELECTOR = web.AppKey("pd_selector", PDSelector)
 PD_METRICS = web.AppKey("pd_metrics", PDMetrics)
 ADMIN = web.AppKey("admin", AdminApi)
+OBSERVABILITY = web.AppKey("observability", Observability)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,6 +141,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     app[METRICS] = metrics
     app[REGISTRY] = registry
     app[ADMIN] = admin
+    app[OBSERVABILITY] = Observability(metrics, recent=config.recent_requests)
     if config.pd_disaggregation:
         try:
             app[PD_SELECTOR] = PDSelector(core, pd_config(config))
@@ -170,12 +174,15 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     for path in ("/server_info", "/get_server_info"):
         r.add_get(path, worker_info)
     admin.add_routes(app)
+    ObservabilityApi(app[OBSERVABILITY], admin).add_routes(app)
     return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """One shared client session (pool without a per-host cap), the registry, then teardown in reverse."""
     config = app[CONFIG]
+    obs = app[OBSERVABILITY]  # first: a missing tracing extra fails start-up before anything opens
+    obs.open(config.access_log, config.otlp_traces_endpoint, config.trace_sample_ratio)
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=False
     )
@@ -202,7 +209,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 sock_read=config.stream_idle_timeout_s or None,
             ),
         )
-    app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session, pd=pd)
+    app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session, pd=pd, obs=obs)
     await app[REGISTRY].start(session, pool)
     try:
         # Replicas (redis_url set): load sync, shared membership; never waits on Redis to start.
@@ -215,6 +222,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[REGISTRY].close()
         await app[PROXY].close()
+        obs.close()
         await app[ROUTER].close()
         pool.close()
         await session.close()

@@ -105,6 +105,20 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--replica-ttl-s",), "replica_ttl_s", float, "replicas: seconds a silent replica counts (default 2)"),
     (("--redis-key-prefix",), "redis_key_prefix", str, "replicas: Redis key namespace (default kvroute)"),
     (("--log-level",), "log_level", str, "debug | info | warning | error"),
+    (("--access-log",), "access_log", str, "JSON-lines access log file, one line per request ('-' = stdout)"),
+    (
+        ("--recent-requests",),
+        "recent_requests",
+        int,
+        "finished requests kept for /admin/requests/recent (default 1000; 0 = off)",
+    ),
+    (
+        ("--otlp-traces-endpoint",),
+        "otlp_traces_endpoint",
+        str,
+        "OpenTelemetry: OTLP/HTTP traces URL (needs kvroute[tracing]); off by default",
+    ),
+    (("--trace-sample-ratio",), "trace_sample_ratio", float, "fraction of requests traced (default 1.0)"),
 ]
 
 

@@ -91,6 +91,12 @@ class RouterConfig:
     redis_share_records: bool = False  # share cache_aware's routing records through a capped stream
     redis_share_inflight: bool = True  # publish routed prompts so the others predict bursts (kv_aware)
     redis_inflight_ttl_s: float = 10.0  # seconds another replica's routed prompt counts as in flight
+    # --- observability (router/observability, docs/observability.md)
+    access_log: str | None = None  # JSON-lines access log, one line per request; "-" = stdout; None = off
+    recent_requests: int = 1000  # requests kept for /admin/requests/recent and /admin/status; 0 = off
+    otlp_traces_endpoint: str | None = None  # OTLP/HTTP traces URL (http://host:4318/v1/traces); None = off
+    trace_sample_ratio: float = 1.0  # fraction of requests traced when tracing is on (a client's sampled
+    # traceparent is always followed)
     # --- admin
     admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
     log_level: str = "info"  # debug | info | warning | error
@@ -123,6 +129,10 @@ class RouterConfig:
             raise ConfigError("circuit_half_open_probes must be >= 1")
         if not 0 <= self.circuit_max_ejection_percent <= 100:
             raise ConfigError("circuit_max_ejection_percent must be in [0, 100]")
+        if self.recent_requests < 0:
+            raise ConfigError(f"recent_requests must be >= 0, got {self.recent_requests}")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
         if self.processes < 1:
             raise ConfigError(f"processes must be >= 1, got {self.processes}")
         if self.processes > 1 and self.redis_url is None:

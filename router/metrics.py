@@ -10,6 +10,10 @@ Labels (bounded: routes and policies are fixed sets, workers are the registered 
 - `reason`: why a retry happened (same values as `kind`).
 - `state`: worker state (`pending`, `healthy`, `unhealthy`, `draining`, `rejected`); on
   `kvroute_worker_circuit_state`, the breaker's (`closed`, `half_open`, `open`).
+- `phase`: a part of TTFT (`router.observability.phases.TTFT_PHASES`: admission, route, connect,
+  engine_queue, engine_prefill, other).
+- `reason`: on `kvroute_route_decisions`, the class of the policy's choice (`prefix_hit`, `load`,
+  `imbalance`, `explore`).
 
 Under `kvroute serve --processes N` (router/supervisor.py) prometheus_client runs in multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR set): counters and histograms are summed over the processes; a gauge takes the
@@ -38,6 +42,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 # Gaps between tokens in seconds (TPOT, ITL; also `router.pd_metrics`).
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+# TTFT phases in seconds: from tens of microseconds (the routing decision) to minutes (a long queue).
+PHASE_BUCKETS = (0.0001, 0.00025, 0.0005) + LATENCY_BUCKETS
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATEST: Final = "livemostrecent"  # gauges under multiprocess mode (see the module docstring)
 CIRCUIT_STATES = ("closed", "half_open", "open")
@@ -229,6 +235,20 @@ class Metrics:
         )
         self.health_check_failures = Counter(
             "kvroute_health_check_failures", "Failed health checks.", ["worker"], registry=r
+        )
+        self.ttft_phase = Histogram(
+            "kvroute_ttft_phase_seconds",
+            "Per request: the part of its TTFT spent in each phase (the phases add up to the TTFT; "
+            "docs/observability.md).",
+            ["worker", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.route_decisions = Counter(
+            "kvroute_route_decisions",
+            "Routing decisions by policy and class of reason.",
+            ["policy", "reason"],
+            registry=r,
         )
         self.replica_peers = Gauge(
             "kvroute_replica_peers",

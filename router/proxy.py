@@ -36,6 +36,7 @@ from router.errors import (
     sse_error_event,
 )
 from router.metrics import Metrics
+from router.observability import PHASES, Observability
 from router.pd import PDContext, forward_pd
 from router.policies.base import NoWorkerAvailable
 from router.types import Decision
@@ -117,14 +118,17 @@ class Proxy:
         config: RouterConfig,
         session: aiohttp.ClientSession,
         pd: PDContext | None = None,
+        obs: Observability | None = None,
     ) -> None:
-        """`pd`: PD disaggregation is on; generation requests go through `router.pd.forward_pd`."""
+        """`pd`: PD disaggregation is on; generation requests go through `router.pd.forward_pd`.
+        `obs`: where each request's phases go when it ends (router.observability)."""
         self.router = router
         self.pd = pd
         self.registry = registry
         self.metrics = metrics
         self.config = config
         self.session = session
+        self.obs = obs if obs is not None else Observability(metrics)
         # Request ids we create: a random prefix per process and a counter. Unique across processes and
         # replicas like a random id, without a getrandom() syscall per request (~4% of the proxy's CPU).
         self._rid_prefix = os.urandom(8).hex()
@@ -147,15 +151,22 @@ class Proxy:
         rid_header = (
             request.headers.get(cfg.request_id_header) or f"{self._rid_prefix}{next(self._rid_seq):016x}"
         )
+        ph = self.obs.start(request, spec.path, rid_header, t0)
         try:
             return await self._handle(request, spec, rid_header, t0)
+        except asyncio.CancelledError:
+            ph.status = ph.status or 499
+            raise
         except ApiError as err:
+            ph.status, ph.error = err.status, err.code
             if err.status >= 500 or err.status == 429:
                 self.metrics.errors.labels(spec.path, "none", err.code).inc()
             else:
                 self.metrics.errors.labels(spec.path, "none", "bad_request").inc()
             self.metrics.requests.labels(spec.path, self._policy_name(), "none", str(err.status)).inc()
             return error_response(err, openai=spec.openai, headers={cfg.request_id_header: rid_header})
+        finally:
+            self.obs.finish(ph)
 
     def _policy_name(self) -> str:
         return str(getattr(self.router.policy, "name", self.config.policy))
@@ -229,6 +240,7 @@ class Proxy:
                 "service_unavailable",
                 "no_worker",
             ) from exc
+        self.obs.routed(request, decision)
         headers = forward_headers(request.headers, self.config.request_id_header, rid_header)
         headers[VIA_HEADER] = via
         # Workers whose breaker admits a request, best first; if none does, the policy's pick anyway.
@@ -290,6 +302,9 @@ class Proxy:
         )
         worker = resp.headers.get(WORKER_HEADER, "none")
         status = resp.status
+        ph = request.get(PHASES)
+        if ph is not None:
+            ph.worker, ph.status, ph.policy = worker, status, "pd"
         if status >= 500 or status == 429:
             kind = {503: "no_worker", 429: "upstream_429"}.get(status, "upstream_5xx")
             self.metrics.errors.labels(spec.path, worker, kind).inc()
@@ -326,8 +341,10 @@ class Proxy:
         usage = Usage(rid=rid)
         first_at: float | None = None
         status = 0
+        headers = self.obs.before_send(request, url, headers, cached_blocks)
         try:
             resp = await self.registry.client(url).open(spec.path, body, headers, self.timeout)
+            self.obs.head(request, resp.content_type == "text/event-stream")
             try:
                 status = resp.status
                 if status >= 500 or status == 429:
@@ -358,6 +375,7 @@ class Proxy:
                         u.cached_tokens,
                         u.output_tokens,
                     )
+                    usage.engine_meta = u.engine_meta
                 first_at = time.perf_counter()
                 self.router.on_first_token(ticket)
                 return web.Response(body=payload, status=status, headers=out_headers)
@@ -372,6 +390,7 @@ class Proxy:
             self.router.on_finished(
                 ticket, cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens
             )
+            self.obs.answered(request, status, first_at, usage)
             if status and status < 500 and status != 429:
                 self._record(spec, policy, url, status, t0, first_at, usage, cached_blocks)
 
@@ -432,6 +451,7 @@ class Proxy:
         usage.prompt_tokens = u.prompt_tokens
         usage.cached_tokens = u.cached_tokens
         usage.output_tokens = u.output_tokens if u.output_tokens is not None else obs.events or None
+        usage.engine_meta = u.engine_meta
 
     def _abort_upstream(self, url: str, rid: str | None) -> None:
         """Tell the engine to stop a request whose client left (closing the connection alone may not)."""

@@ -234,6 +234,7 @@ class Usage:
     output_tokens: int | None = None
     rid: str | None = None
     itl_gaps: list[tuple[float, int]] = field(default_factory=list)  # SseObserver.gaps of a stream
+    engine_meta: dict[str, Any] | None = None  # native `meta_info` (engine timings; router.observability)
 
 
 def usage_of(obj: Any) -> Usage:
@@ -247,6 +248,7 @@ def usage_of(obj: Any) -> Usage:
                 if v is not None:
                     setattr(total, f, (getattr(total, f) or 0) + v)
             total.rid = total.rid or u.rid
+            total.engine_meta = total.engine_meta or u.engine_meta
         return total
     if not isinstance(obj, dict):
         return Usage()
@@ -257,6 +259,7 @@ def usage_of(obj: Any) -> Usage:
             _int(meta.get("cached_tokens")),
             _int(meta.get("completion_tokens")),
             _str(meta.get("id")),
+            engine_meta=meta,
         )
     usage = obj.get("usage")
     rid = _str(obj.get("id"))

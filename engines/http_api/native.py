@@ -42,6 +42,8 @@ def _meta(rid: str, c: TokenChunk, completion_tokens: int) -> dict[str, Any]:
         "completion_tokens": completion_tokens,
         "cached_tokens": c.cached_tokens,
     }
+    if c.time_stats is not None:
+        m.update(c.time_stats)
     if c.finish_reason is not None and c.e2e_latency is not None:
         m["e2e_latency"] = c.e2e_latency
     return m

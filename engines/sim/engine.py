@@ -88,6 +88,8 @@ class _Req:
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     sent: int = 0
+    forward_entry: float | None = None  # left the waiting queue (SGLang's forward_entry_time)
+    prefill_start: float | None = None  # its first prefill step began
     first_token_at: float | None = None
     finished_at: float | None = None
     finish: dict[str, object] | None = None
@@ -158,6 +160,7 @@ class SimEngine:
         self._unstall = asyncio.Event()
         self._started_wall = 0.0
         self._t0_wall = 0.0
+        self._t0_epoch = 0.0
         self.sim_now = 0.0
         self._busy = False
         self._wake_at: float | None = None
@@ -195,6 +198,7 @@ class SimEngine:
         # time.monotonic, not loop.time(): uvloop's loop clock moves in 1 ms steps (100 ms of simulated
         # time at time_scale 0.01); both are CLOCK_MONOTONIC, so sleeps computed from it agree.
         self._started_wall = self._t0_wall = time.monotonic()
+        self._t0_epoch = time.time()
         if self.config.kv_events:
             from engines.kv_publisher import KvEventPublisher
 
@@ -371,6 +375,7 @@ class SimEngine:
                     completion_tokens=len(r.output),
                     finish_reason=dict(r.finish) if done else None,  # type: ignore[arg-type]
                     e2e_latency=(r.finished_at - r.arrival) if done and r.finished_at is not None else None,
+                    time_stats=self._time_stats(r),
                 )
                 if done:
                     return
@@ -378,6 +383,33 @@ class SimEngine:
             if r.finish is None:
                 self.abort(req.rid)
             self.by_rid.pop(req.rid, None)
+
+    def _step_start(self) -> float:
+        """When the step being built starts: the current boundary while busy, else (as `_run` sets it)
+        the arrival that woke the engine."""
+        if self._busy:
+            return self.sim_now
+        wake = self._wake_at if self._wake_at is not None else self._wall_to_sim(time.monotonic())
+        return max(self.sim_now, wake)
+
+    def _time_stats(self, r: _Req) -> dict[str, float] | None:
+        """SGLang 0.5.10's scheduler timings in `meta_info` (`observability/req_time_stats.py`), on the
+        simulated clock: durations in simulated seconds, `*_time` stamps as wall-clock epoch seconds."""
+        if r.forward_entry is None:
+            return None
+        out = {
+            "forward_entry_time": self._epoch(r.forward_entry),
+            "queue_time": r.forward_entry - r.arrival,
+        }
+        if r.prefill_start is not None:
+            out["prefill_waiting_latency"] = r.prefill_start - r.forward_entry
+            if r.first_token_at is not None:
+                out["prefill_launch_latency"] = r.first_token_at - r.prefill_start
+                out["prefill_finished_time"] = self._epoch(r.first_token_at)
+        return out
+
+    def _epoch(self, sim_t: float) -> float:
+        return self._t0_epoch + sim_t * self.config.time_scale
 
     # ---- abort / flush ------------------------------------------------------------------------
     def abort(self, rid: str | None = None, abort_all: bool = False) -> int:
@@ -488,6 +520,7 @@ class SimEngine:
                 if not self.cache.alloc(need):
                     break
                 self.waiting.popleft()
+                r.forward_entry = self._step_start()
                 r.private = need
                 r.prefilled = r.prompt_len
                 if r.transferred.first_token is not None:
@@ -512,6 +545,7 @@ class SimEngine:
                 self.cache.unlock(m.nodes)
                 break
             self.waiting.popleft()
+            r.forward_entry = self._step_start()
             r.page_keys, r.sort_node = None, None
             r.locked, r.cached, r.prefilled, r.private = m.nodes, m.cached_tokens, m.cached_tokens, need
             assert r.cached % ps == 0
@@ -592,6 +626,8 @@ class SimEngine:
                 if budget <= 0:
                     break
                 n = min(r.prompt_len - r.prefilled, budget)
+                if r.prefill_start is None:
+                    r.prefill_start = self.sim_now
                 chunks.append((r, n))
                 budget -= n
             dec = self.decoding

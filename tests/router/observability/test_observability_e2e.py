@@ -1,0 +1,108 @@
+"""Phases end to end over loopback: the simulated engine's SGLang timings, the recent-requests ring,
+the phase metrics and the access log of a router in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+
+from engines.sim.fleet import SimFleet
+from router.observability.phases import TTFT_PHASES
+from tests.router.conftest import wait_until
+
+SGLANG_TIMING_FIELDS = ("queue_time", "prefill_waiting_latency", "prefill_launch_latency",
+                        "forward_entry_time", "prefill_finished_time", "e2e_latency")  # fmt: skip
+
+
+def _body(i: int, stream: bool = False, n: int = 4) -> dict[str, object]:
+    return {
+        "text": f"request {i} " + "lorem ipsum " * 40,
+        "sampling_params": {"max_new_tokens": n, "ignore_eos": True},
+        "stream": stream,
+    }
+
+
+async def test_sim_engine_reports_sglang_timing_fields_on_its_own_clock() -> None:
+    async with SimFleet(workers=1, time_scale=0.02) as fleet, aiohttp.ClientSession() as s:
+        fleet.engines[0].max_running = 1  # the second request queues behind the first
+        url = fleet.urls[0] + "/generate"
+
+        async def one(i: int) -> dict[str, object]:
+            async with s.post(url, json=_body(i, n=32)) as resp:
+                assert resp.status == 200
+                meta = (await resp.json())["meta_info"]
+                assert isinstance(meta, dict)
+                return meta
+
+        first, second = await asyncio.gather(one(0), one(1))
+        for meta in (first, second):
+            assert set(SGLANG_TIMING_FIELDS) <= set(meta), meta
+            assert meta["prefill_launch_latency"] > 0 and meta["prefill_waiting_latency"] >= 0
+            assert meta["prefill_finished_time"] >= meta["forward_entry_time"]
+        queued = max(first["queue_time"], second["queue_time"])  # type: ignore[type-var]
+        # One slot: the later one waited for the other's 32 tokens of decoding (simulated seconds).
+        assert queued > first["prefill_launch_latency"]  # type: ignore[operator]
+        # Streamed: the last chunk carries them too.
+        body = orjson.dumps(_body(2, stream=True))
+        async with s.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            raw = await resp.read()
+        events = [ln[5:].strip() for ln in raw.split(b"\n") if ln.startswith(b"data:")]
+        last = orjson.loads(events[-2])["meta_info"]
+        assert set(SGLANG_TIMING_FIELDS) <= set(last)
+
+
+async def test_phases_reach_ring_metrics_and_access_log(start_router, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log_path = tmp_path / "access.jsonl"
+    async with SimFleet(workers=2, time_scale=0.02) as fleet:
+        r = await start_router(worker_urls=tuple(fleet.urls), access_log=str(log_path))
+        await r.wait_healthy(2, timeout=10)
+        for i in range(6):
+            async with r.session.post(r.url + "/generate", json=_body(i, stream=i % 2 == 1)) as resp:
+                assert resp.status == 200
+                await resp.read()
+        async with r.session.post(r.url + "/generate", data=b"{not json") as resp:
+            assert resp.status == 400
+
+        async with r.session.get(r.url + "/admin/requests/recent", params={"limit": "50"}) as resp:
+            assert resp.status == 200
+            recent = await resp.json()
+        assert recent["count"] == 7 and recent["held"] == 7
+        bad, *good = recent["requests"]  # newest first
+        assert bad["status"] == 400 and bad["error"] == "invalid_json" and bad["phases"] is None
+        assert {g["worker"] for g in good} == set(fleet.urls)
+        for g in good:
+            assert g["status"] == 200 and g["policy"] == "round_robin"
+            assert set(g["phases"]) == set(TTFT_PHASES)
+            assert sum(g["phases"].values()) == pytest.approx(g["ttft_s"], abs=1e-5)
+            assert g["engine_queue_s"] is not None and g["engine_prefill_s"] > 0  # from the sim's meta_info
+            assert g["prompt_tokens"] > 0 and g["output_tokens"] == 4
+            assert g["first_byte_s"] <= g["ttft_s"]
+        assert {g["stream"] for g in good} == {True, False}
+
+        w0 = fleet.urls[0]
+        async with r.session.get(r.url + "/admin/requests/recent", params={"worker": w0}) as resp:
+            only = (await resp.json())["requests"]
+        assert only and {g["worker"] for g in only} == {w0}
+        slowest = max(g["ttft_s"] for g in good) - 1e-5  # below the rounding of the JSON
+        async with r.session.get(
+            r.url + "/admin/requests/recent", params={"min_ttft_s": str(slowest)}
+        ) as resp:
+            slow = (await resp.json())["requests"]
+        assert [g["rid"] for g in slow] == [g["rid"] for g in good if g["ttft_s"] >= slowest]
+        async with r.session.get(r.url + "/admin/requests/recent", params={"limit": "zero"}) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_limit"
+
+        async with r.session.get(r.url + "/metrics") as resp:
+            text = await resp.text()
+        for phase in TTFT_PHASES:
+            assert f'kvroute_ttft_phase_seconds_count{{phase="{phase}",worker="{w0}"}} 3.0' in text
+        assert 'kvroute_route_decisions_total{policy="round_robin",reason="load"} 6.0' in text
+        assert f'kvroute_worker_circuit_state{{state="closed",worker="{w0}"}} 1.0' in text
+
+    # Lines are flushed within 0.5 s of being written.
+    await wait_until(lambda: len(log_path.read_bytes().splitlines()) == 7, what="access log flushed")
+    lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines()]
+    assert [x["rid"] for x in lines] == [x["rid"] for x in reversed(recent["requests"])]
