@@ -333,6 +333,12 @@ def cmd_engine(argv: Sequence[str]) -> int:
         return 2
 
 
+def cmd_diagnose(argv: Sequence[str]) -> int:
+    from router.observability.diagnose import main as diagnose_main
+
+    return diagnose_main(argv)
+
+
 # Subcommand -> (handler, one-line help). Handlers import their module lazily (fast start, optional deps).
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (cmd_serve, "run the router (flags as SGLang's router)"),
@@ -340,6 +346,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (cmd_demo, "simulated fleet + router: round_robin vs kv_aware on a shared-prefix load"),
     "bench": (cmd_bench, "benchmark routers/policies side by side (bench/compare.py)"),
     "plan": (cmd_plan, "recommend prefill/decode worker counts for a load (PD planner)"),
+    "diagnose": (cmd_diagnose, "why is TTFT high right now, and on which worker (reads a running router)"),
     "engine": (cmd_engine, "run the GPU engine (needs PyTorch and a CUDA GPU)"),
 }
 

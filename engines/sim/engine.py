@@ -399,7 +399,9 @@ class SimEngine:
             return None
         out = {
             "forward_entry_time": self._epoch(r.forward_entry),
-            "queue_time": r.forward_entry - r.arrival,
+            # An idle engine's step starts at the arrival that woke it; a later arrival admitted into
+            # that same step waited 0 (never negative).
+            "queue_time": max(r.forward_entry - r.arrival, 0.0),
         }
         if r.prefill_start is not None:
             out["prefill_waiting_latency"] = r.prefill_start - r.forward_entry

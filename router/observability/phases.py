@@ -9,8 +9,8 @@ recent-requests ring, the status page, the trace and `kvroute diagnose`:
 - admission: waiting in the router's admission queue (tenants); 0 where there is none.
 - route: reading the body, tokenizing/hashing the prompt and the policy's choice.
 - connect: from sending the request to the engine's response head (a new or pooled connection,
-  the request bytes, the engine accepting it). A non-streamed answer sends its head at the end, so
-  the engine's own phases are taken out of it first.
+  the request bytes, the engine accepting it); streamed answers only: a non-streamed answer sends
+  its head with the body, so there it is not separable and counts in `other`.
 - engine_queue / engine_prefill: what the engine reports in `meta_info` (SGLang 0.5.10
   `observability/req_time_stats.py`): `queue_time` (+ `prefill_waiting_latency`, waiting for a
   prefill batch after leaving the queue) and `prefill_launch_latency` (the prefill forward). Engines
@@ -107,7 +107,8 @@ class RequestPhases:
         upstream = ttft - admission - route  # from routed to first token: sending, the engine, relay
         eq = min(max(self.engine_queue_s or 0.0, 0.0), upstream)
         ep = min(max(self.engine_prefill_s or 0.0, 0.0), upstream - eq)
-        connect = min(max(self.connect_s or 0.0, 0.0), upstream - eq - ep)
+        # A non-streamed answer's head comes with its body: its "connect" is the whole exchange, unknown.
+        connect = min(max(self.connect_s or 0.0, 0.0), upstream - eq - ep) if self.stream else 0.0
         other = max(upstream - eq - ep - connect, 0.0)
         return {
             "admission": admission,

@@ -31,6 +31,7 @@ def _req(
     ph.end_at = 100.0 + ttft + 1.0
     ph.engine_queue_s, ph.engine_prefill_s = queue, prefill
     ph.status = status
+    ph.stream = True
     ph.prompt_tokens, ph.cached_tokens, ph.output_tokens = 100, 40, 11
     return ph
 
@@ -42,8 +43,8 @@ def _req(
         (1.0, 0.5, 0.2, 0.01, {"engine_queue": 0.5, "engine_prefill": 0.2, "connect": 0.01}),
         # no engine timings (OpenAI route, engine without metrics): the engine's time is "other"
         (1.0, None, None, 0.01, {"engine_queue": 0.0, "engine_prefill": 0.0, "connect": 0.01}),
-        # non-streamed: the head came at the end (connect ~ ttft); engine phases are taken out first
-        (1.0, 0.6, 0.3, 0.998, {"engine_queue": 0.6, "engine_prefill": 0.3}),
+        # the head came late (connect ~ ttft): the engine's own phases are taken out of it first
+        (1.0, 0.6, 0.3, 0.998, {"engine_queue": 0.6, "engine_prefill": 0.3, "connect": 0.099}),
         # engine clock longer than what the router saw (sim time scale): clamped to the TTFT
         (0.1, 5.0, 1.0, 0.01, {"engine_queue": 0.099, "engine_prefill": 0.0}),
     ],
@@ -57,6 +58,14 @@ def test_ttft_breakdown_adds_up_to_the_ttft(ttft, queue, prefill, connect, expec
     for k, v in expect.items():
         assert parts[k] == pytest.approx(v, abs=1e-9), k
     assert parts["route"] == pytest.approx(0.001)
+
+
+def test_non_streamed_answers_have_no_connect_phase() -> None:
+    ph = _req(ttft=1.0, queue=0.2, prefill=0.1, connect=0.99)
+    ph.stream = False  # the head arrived with the whole body
+    parts = ph.ttft_breakdown()
+    assert parts is not None and parts["connect"] == 0.0
+    assert parts["other"] == pytest.approx(1.0 - 0.001 - 0.3)
 
 
 def test_no_first_token_means_no_breakdown() -> None:
