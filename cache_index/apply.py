@@ -17,7 +17,29 @@ from cache_index.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, Block
 from cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
 from cache_index.radix import StoredBlock
 
-__all__ = ["ApplyStats", "KvEventApplier", "KvIndex"]
+__all__ = ["ApplyStats", "KvEventApplier", "KvIndex", "page_size_problem"]
+
+
+def page_size_problem(page_size: int, block_size: int) -> str | None:
+    """Why engine pages of `page_size` tokens cannot be folded into router blocks of `block_size`, or
+    None: a router block is a whole run of pages, so the block size must be a multiple of the page size
+    (SGLang's default --page-size 1 always fits)."""
+    if page_size <= 0:
+        return f"engine page_size {page_size} is not a positive number of tokens"
+    if block_size % page_size:
+        return (
+            f"engine page_size {page_size} does not divide the router's --block-size {block_size}: a "
+            f"router block must be a whole number of engine pages; run the router with a --block-size "
+            f"that is a multiple of every engine's page size (e.g. {page_size * -(-block_size // page_size)})"
+        )
+    return None
+
+
+# A page of a router block that it does not end (engine pages smaller than router blocks): the router
+# block before its block (None: the root), the tokens of its block as far as known, and how many of them
+# are up to and including this page. Kept so that a chain continued or split after this page (its
+# engine hash as a parent) can be folded; the block's own index entry hangs on its last page.
+_Partial = tuple["BlockHash | None", tuple[int, ...], int]
 
 
 class KvIndex(Protocol):
@@ -43,7 +65,7 @@ class ApplyStats:
     orphan: int = 0
     """Pages skipped: their parent's engine hash is unknown (typically events after a gap/reset)."""
     mismatch: int = 0
-    """Pages skipped: page size != the router's block size, or tokens not a whole number of pages."""
+    """Pages skipped: page size does not divide the router's block size, or tokens not whole pages."""
     other_medium: int = 0
     """Pages of a tier other than GPU, ignored (no `cpu_index`)."""
     namespaced: int = 0
@@ -61,6 +83,11 @@ class KvEventApplier:
     counted in `other_medium` and dropped; a `BlockRemoved` goes to the index of its own medium.
     LoRA: pages with a `lora_id`/`lora_name` are hashed with `lora_seeds[lora_id or lora_name]`, and
     skipped (counted) when no seed is known, so they never match base-model prompts.
+    Page sizes: an engine whose page size divides the block size (SGLang's default 1, or 16 under
+    block 64) has its pages folded into router blocks: a block enters the index once its last page is
+    stored, keyed in the engine-hash map by that last page (SGLang evicts leaves first, so a block's
+    last page goes first, and with it the block); the other pages are kept per worker as partial
+    blocks (`_Partial`) so a chain continued or split mid-block still folds. One fleet may mix sizes.
     Never raises on event content: what cannot be placed is counted and skipped.
     """
 
@@ -81,6 +108,7 @@ class KvEventApplier:
         self.seed = seed
         self.lora_seeds: Mapping[int | str, int] = lora_seeds or {}
         self.stats = ApplyStats()
+        self._partials: dict[str, dict[int, _Partial]] = {}  # worker -> engine hash -> partial block
 
     def _target(self, medium: str | None) -> KvIndex | None:
         return self.index if medium is None or medium == MEDIUM_GPU else self.cpu_index
@@ -116,13 +144,16 @@ class KvEventApplier:
                 target = self._target(ev.medium)
                 if target is None:
                     st.other_medium += len(ev.block_hashes)
-                else:
-                    st.removed += target.remove(worker, cast("tuple[EngineBlockHash, ...]", ev.block_hashes))
+                    continue
+                removed = cast("tuple[EngineBlockHash, ...]", ev.block_hashes)
+                partials = self._partials.get(worker)
+                if partials and target is self.index:
+                    # a page that ends no router block is not in the index: forget it here
+                    removed = tuple(h for h in removed if partials.pop(h, None) is None)
+                st.removed += target.remove(worker, removed)
             elif type(ev) is AllBlocksCleared:
                 st.clears += 1
-                self.index.clear(worker)
-                if self.cpu_index is not None:
-                    self.cpu_index.clear(worker)
+                self.forget(worker)
 
     def _store(self, worker: str, ev: BlockStored, hashes: Sequence[int], tokens: Sequence[int]) -> None:
         """Store the chain `hashes`/`tokens` (ev's own, or a merged run starting at ev) for worker."""
@@ -133,7 +164,8 @@ class KvEventApplier:
             st.other_medium += n
             return
         bs = self.block_size
-        if ev.block_size != bs or len(tokens) != n * bs:
+        ps = ev.block_size
+        if ps <= 0 or bs % ps or len(tokens) != n * ps:
             st.mismatch += n
             return
         seed = self.seed
@@ -147,6 +179,12 @@ class KvEventApplier:
                 st.namespaced += n
                 return
             seed = lora_seed
+        if ps != bs:
+            if target is not self.index:  # folding tracks GPU pages only
+                st.other_medium += n
+                return
+            self._store_folded(worker, ev.parent_block_hash, hashes, tokens, ps, seed)
+            return
         parent: BlockHash | None = None
         if ev.parent_block_hash is not None:
             parent = target.our_hash(worker, EngineBlockHash(ev.parent_block_hash))
@@ -160,11 +198,68 @@ class KvEventApplier:
         target.store(worker, parent, pairs)
         st.stored += n
 
+    def _store_folded(
+        self,
+        worker: str,
+        engine_parent: int | None,
+        hashes: Sequence[int],
+        tokens: Sequence[int],
+        ps: int,
+        seed: int,
+    ) -> None:
+        """Fold a chain of engine pages of `ps` tokens (ps divides the block size) into router blocks."""
+        st = self.stats
+        n = len(hashes)
+        bs = self.block_size
+        per = bs // ps  # pages per router block
+        partials = self._partials.setdefault(worker, {})
+        prev: BlockHash | None = None
+        carry: tuple[int, ...] = ()
+        if engine_parent is not None:
+            prev = self.index.our_hash(worker, EngineBlockHash(engine_parent))
+            if prev is None:
+                part = partials.get(engine_parent)
+                if part is None:
+                    st.orphan += n
+                    return
+                prev, block_tokens, k = part
+                carry = block_tokens[:k]
+        run = (*carry, *tokens)
+        ours = hash_blocks(run, bs, seed, prev if prev is not None else 0)
+        skip = len(carry) // ps  # pages of the first block stored before this chain
+        if ours:
+            # each block is known to the engine-hash map by its last page
+            ends = [hashes[(j + 1) * per - skip - 1] for j in range(len(ours))]
+            self.index.store(worker, prev, cast("list[StoredBlock]", list(zip(ours, ends, strict=True))))
+        block_j = -1
+        block: tuple[int, ...] = ()
+        block_prev = prev
+        for i in range(n):
+            j, k = divmod(skip + i + 1, per)  # page i ends k pages into block j (counted from `prev`)
+            if k == 0:
+                continue  # it ends block j - 1: in the index
+            if j != block_j:  # one token tuple per block, shared by its pages
+                block_j, block = j, tuple(run[j * bs : (j + 1) * bs])
+                block_prev = prev if j == 0 else ours[j - 1]
+            partials[hashes[i]] = (block_prev, block, k * ps)
+        st.stored += n
+
     def forget(self, worker: str) -> None:
         """Drop everything known about `worker` (after an unrecoverable gap in its stream)."""
+        self._partials.pop(worker, None)
         self.index.clear(worker)
         if self.cpu_index is not None:
             self.cpu_index.clear(worker)
+
+    def remove_worker(self, worker: str) -> None:
+        """Forget the partial blocks of a worker that left (the index forgets its own entries)."""
+        self._partials.pop(worker, None)
+
+    def partial_pages(self, worker: str | None = None) -> int:
+        """Engine pages held as partial router blocks (memory: one small tuple each)."""
+        if worker is not None:
+            return len(self._partials.get(worker, {}))
+        return sum(len(p) for p in self._partials.values())
 
 
 def _whole(ev: BlockStored) -> bool:

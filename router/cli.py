@@ -33,7 +33,7 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         int,
         "serving processes on the port (SO_REUSEPORT), sharing state through --redis-url (default 1)",
     ),
-    (("--block-size",), "block_size", int, "tokens per KV block = the engines' --page-size (default 16)"),
+    (("--block-size",), "block_size", int, "tokens per KV block, a multiple of every engine's --page-size (default 16)"),
     (
         ("--tokenizer", "--tokenizer-path"),
         "tokenizer",

@@ -50,7 +50,7 @@ class RouterConfig:
     # --- fleet
     worker_urls: tuple[str, ...] = ()  # engines registered at start-up (more via the admin API)
     kv_events: tuple[tuple[str, str], ...] = ()  # (worker url, zmq endpoint) overrides of /server_info
-    block_size: int = 16  # tokens per KV block; must equal every engine's --page-size (checked)
+    block_size: int = 16  # tokens per KV block; a multiple of every engine's --page-size (checked)
     tokenizer: str | None = None  # local Hugging Face tokenizer dir/file; None = built-in byte tokenizer
     model_seed: str = ""  # namespace of block hashes (model identity); "" = one shared namespace
     # --- routing

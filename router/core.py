@@ -23,7 +23,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from cache_index.apply import KvEventApplier
+from cache_index.apply import KvEventApplier, page_size_problem
 from cache_index.events import KvEventBatch
 from cache_index.hashing import (
     BlockHash,
@@ -97,7 +97,7 @@ class Router:
 
     def add_worker(self, worker: Worker) -> Worker:
         """Register `worker` (its state decides whether it is routable). ValueError on a duplicate url
-        or a page size that differs from the block size (a silent mismatch breaks KV routing)."""
+        or a page size that does not divide the block size (a silent mismatch breaks KV routing)."""
         if worker.url in self._workers:
             raise ValueError(f"worker {worker.url} is already registered")
         err = self.page_size_error(worker)
@@ -108,14 +108,12 @@ class Router:
         return worker
 
     def page_size_error(self, worker: Worker) -> str | None:
-        """Why `worker` cannot be routed with this block size, or None (also for an unknown page size)."""
-        if worker.page_size is not None and worker.page_size != self.block_size:
-            return (
-                f"worker {worker.url} has page_size {worker.page_size} but the router's block size is "
-                f"{self.block_size}: run the engine with --page-size {self.block_size} or the router "
-                f"with --block-size {worker.page_size}"
-            )
-        return None
+        """Why `worker` cannot be routed with this block size, or None (also for an unknown page size).
+        Router blocks are whole runs of engine pages: any page size dividing the block size fits."""
+        if worker.page_size is None:
+            return None
+        problem = page_size_problem(worker.page_size, self.block_size)
+        return f"worker {worker.url}: {problem}" if problem else None
 
     def remove_worker(self, url: str) -> Worker | None:
         """Forget `url`: its index entries, in-flight prompts, policy state and event subscription."""
@@ -124,6 +122,7 @@ class Router:
             return None
         self._stats.pop(url, None)
         self.index.remove_worker(url)
+        self._applier.remove_worker(url)
         self.load.remove_worker(url)
         self._policy.on_worker_removed(url)
         if self._subscriber is not None and url in self._subscriber.workers:

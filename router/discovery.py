@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from cache_index.apply import page_size_problem as fold_problem
 from router.types import Worker, WorkerRole
 
 _WILDCARD_HOSTS = {"", "*", "0.0.0.0", "::", "[::]"}
@@ -52,17 +53,13 @@ def apply_server_info(
 
 
 def page_size_problem(w: Worker, info: dict[str, Any], block_size: int) -> str | None:
-    """Why `w` must be rejected for this router's block size (a silent mismatch breaks KV routing)."""
-    bs = block_size
-    if w.page_size is not None and w.page_size != bs:
-        return (
-            f"engine page_size {w.page_size} != router --block-size {bs}: KV-aware routing would "
-            f"match nothing; start the engine with --page-size {bs} or the router with "
-            f"--block-size {w.page_size}"
-        )
+    """Why `w` must be rejected for this router's block size (a silent mismatch breaks KV routing):
+    its pages must fold into router blocks (the block size a multiple of the page size)."""
+    if w.page_size is not None and (problem := fold_problem(w.page_size, block_size)):
+        return problem
     kv = info.get("kv_events")
-    if isinstance(kv, dict) and isinstance(kv.get("block_size"), int) and kv["block_size"] != bs:
-        return f"engine KV-event block_size {kv['block_size']} != router --block-size {bs}"
+    if isinstance(kv, dict) and isinstance(kv.get("block_size"), int):
+        return fold_problem(kv["block_size"], block_size)
     return None
 
 

@@ -80,7 +80,7 @@ def test_size_mismatch_counted_and_skipped() -> None:
     ap.apply("w0", batch(
         BlockStored((1,), None, tuple(range(8)), 8),  # engine page 8 != router block 4
         BlockStored((2, 3), None, tuple(range(6)), BS),  # tokens not 2 whole pages
-        BlockStored((4,), None, (1, 2), 2),  # partial page
+        BlockStored((4,), None, (1, 2, 3), 3),  # page 3 does not divide block 4
     ))  # fmt: skip
     assert len(index) == 0 and ap.stats.mismatch == 4
     ap.apply("w0", batch(*per_page_events()))  # a good event after bad ones still applies

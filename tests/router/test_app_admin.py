@@ -68,13 +68,15 @@ async def test_admin_worker_lifecycle_and_policy(engines, start_router) -> None:
         assert resp.status == 404
 
 
-async def test_page_size_mismatch_rejected(engines, start_router) -> None:
-    eng = await engines(page_size=1)
+async def test_page_size_that_cannot_fold_is_rejected(engines, start_router) -> None:
+    """Pages of 24 tokens cannot make whole 16-token router blocks (page size 1 or 8 could)."""
+    eng = await engines(page_size=24)
     r = await start_router(worker_urls=(eng.url,), block_size=16)
     await wait_until(lambda: r.core.get_worker(eng.url).state.value == "rejected", what="rejection")
     async with r.session.get(r.url + "/admin/workers") as resp:
         (w,) = (await resp.json())["workers"]
-    assert w["state"] == "rejected" and "page_size 1" in w["reason"] and "--block-size 16" in w["reason"]
+    assert w["state"] == "rejected" and "page_size 24" in w["reason"] and "--block-size 16" in w["reason"]
+    assert "multiple of every engine's page size" in w["reason"]
     async with r.session.get(r.url + "/readiness") as resp:
         assert resp.status == 503
 

@@ -303,7 +303,7 @@ def test_remove_worker_forgets_its_blocks_and_in_flight_prompts() -> None:
 
 def test_page_size_mismatch_and_duplicates_are_refused() -> None:
     r = make_router(1)
-    with pytest.raises(ValueError, match="page_size 64 but the router's block size is 16"):
+    with pytest.raises(ValueError, match="page_size 64 does not divide the router's --block-size 16"):
         r.add_worker(healthy("http://big", page_size=64))
     with pytest.raises(ValueError, match="already registered"):
         r.add_worker(healthy("http://w0"))
