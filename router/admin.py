@@ -86,6 +86,7 @@ class AdminApi:
         self.token = token
         self.pd_metrics: Any = None  # router.pd_metrics.PDMetrics in PD mode (GET /admin/plan)
         self.replicas: Any = None  # router.shared.ReplicaRuntime while sharing through Redis, else None
+        self.tenants: Any = None  # router.tenants.runtime.TenantRuntime when admission is on
 
     def add_routes(self, app: web.Application) -> None:
         """Every admin route, each behind the access check (no middleware on the serving hot path)."""
@@ -105,6 +106,9 @@ class AdminApi:
         r.add_get("/admin/counters", g(self.counters))
         r.add_get("/admin/plan", g(self.plan))
         r.add_get("/admin/replicas", g(self.replicas_status))
+        from router.tenants.admin import TenantsAdmin
+
+        TenantsAdmin(self.tenants).add_routes(app, g)
 
     def _guarded(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:

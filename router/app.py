@@ -8,6 +8,7 @@ through `cleanup_ctx`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ from router.pd import PDConfig, PDContext, PDSelector
 from router.pd_metrics import PDMetrics
 from router.proxy import CHAT, COMPLETIONS, GENERATE, RID_KEY, Proxy, RouteSpec
 from router.shared import replica_context
+from router.tenants.runtime import TenantRuntime
 from router.types import WorkerRole
 from router.workers import INSTANCE_HEADER, WorkerRegistry
 
@@ -106,7 +108,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err, openai=openai)
+        return error_response(err, openai=openai, headers=err.headers or None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -131,6 +133,8 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     registry = WorkerRegistry(core, config, metrics)
     registry.instance_id = os.urandom(8).hex()  # named on /health and in the hop header (loop detection)
     admin = AdminApi(core, registry, config.admin_token)
+    if config.admission_enabled and not config.pd_disaggregation:
+        admin.tenants = TenantRuntime(core, config, metrics)
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=config.max_body_bytes or 2**62,
@@ -213,7 +217,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[REGISTRY].start(session, pool)
     try:
         # Replicas (redis_url set): load sync, shared membership; never waits on Redis to start.
-        async with replica_context(config, app[ROUTER], app[REGISTRY]) as replicas:
+        async with (
+            replica_context(config, app[ROUTER], app[REGISTRY]) as replicas,
+            _tenants(app[ADMIN].tenants, app[PROXY], replicas, config),
+        ):
             app[ADMIN].replicas = replicas
             try:
                 yield
@@ -226,6 +233,24 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[ROUTER].close()
         pool.close()
         await session.close()
+
+
+@contextlib.asynccontextmanager
+async def _tenants(
+    rt: TenantRuntime | None, proxy: Proxy, replicas: Any, config: RouterConfig
+) -> AsyncIterator[None]:
+    """Admission on the proxy while the app runs; quotas and tenants shared through the replicas' Redis."""
+    if rt is None:
+        yield
+        return
+    client = replicas.client if replicas is not None else None
+    rid = replicas.replica_id if replicas is not None else ""
+    async with rt.running(client, config.redis_key_prefix, rid):
+        proxy.tenants = rt
+        try:
+            yield
+        finally:
+            proxy.tenants = None
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

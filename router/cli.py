@@ -104,6 +104,30 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--sync-interval-s",), "sync_interval_s", float, "replicas: seconds between load syncs (default 0.2)"),
     (("--replica-ttl-s",), "replica_ttl_s", float, "replicas: seconds a silent replica counts (default 2)"),
     (("--redis-key-prefix",), "redis_key_prefix", str, "replicas: Redis key namespace (default kvroute)"),
+    (
+        ("--tenant-header",),
+        "tenant_header",
+        str,
+        "tenants: header naming the tenant, set by a trusted gateway (default: API keys only)",
+    ),
+    (
+        ("--admission-max-queue",),
+        "admission_max_queue",
+        int,
+        "tenants: requests waiting in the router queue at most (429 past it; default 4096)",
+    ),
+    (
+        ("--admission-prefill-tokens-per-s",),
+        "admission_prefill_tokens_per_s",
+        float,
+        "tenants: one engine's prefill rate, tokens/s, to turn queued prefill into a wait (default 35000)",
+    ),
+    (
+        ("--admission-max-queued-prefill-tokens",),
+        "admission_max_queued_prefill_tokens",
+        int,
+        "tenants: prefill queued ahead on a worker before it counts as full (default 32768; 0 = none)",
+    ),
     (("--log-level",), "log_level", str, "debug | info | warning | error"),
     (("--access-log",), "access_log", str, "JSON-lines access log file, one line per request ('-' = stdout)"),
     (
@@ -163,6 +187,23 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
         default=None,
         help="replicas: share cache_aware routing records through Redis",
     )
+    t = p.add_argument_group("tenants and admission control (docs/tenants.md)")
+    t.add_argument(
+        "--require-api-key",
+        action="store_true",
+        default=None,
+        help="401 for requests whose key (or tenant header) matches no tenant",
+    )
+    t.add_argument(
+        "--admission", action="store_true", default=None, help="admission control with no tenants configured"
+    )
+    t.add_argument(
+        "--no-engine-priority",
+        dest="engine_priority",
+        action="store_false",
+        default=None,
+        help="do not forward the class priority as SGLang's `priority` field",
+    )
     p.add_argument("--disable-retries", action="store_true", help="same as --max-retries 0")
     p.add_argument("--disable-circuit-breaker", action="store_true", help="same as --cb-failure-threshold 0")
     p.add_argument(
@@ -181,6 +222,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cli["prefill_urls"] = args.prefill
     cli["decode_urls"] = args.decode
     cli["redis_share_records"] = args.redis_share_records
+    cli["require_api_key"] = args.require_api_key
+    cli["admission"] = args.admission
+    cli["engine_priority"] = args.engine_priority
     if args.disable_retries:
         cli["max_retries"] = 0
     if args.disable_circuit_breaker:

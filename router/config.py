@@ -13,7 +13,7 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,18 @@ class RouterConfig:
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP traces URL (http://host:4318/v1/traces); None = off
     trace_sample_ratio: float = 1.0  # fraction of requests traced when tracing is on (a client's sampled
     # traceparent is always followed)
+    # --- tenants, SLA classes and admission control (router/tenants, router/admission.py, docs/tenants.md)
+    tenants: Mapping[str, Any] = field(default_factory=dict)  # [tenants.NAME] tables; {} = no tenants
+    classes: Mapping[str, Any] = field(default_factory=dict)  # [classes.NAME] tables: override/add classes
+    tenant_header: str | None = None  # header naming the tenant, set by a trusted gateway; None = keys only
+    require_api_key: bool = False  # 401 for a request no tenant matches (else it is tenant `default`)
+    admission: bool = False  # admission control with no tenants configured too (always on with tenants)
+    admission_prefill_tokens_per_s: float = 35000.0  # one engine's prefill rate, tokens/s (queue -> wait)
+    admission_max_queued_prefill_tokens: int = 32768  # prefill queued ahead on a worker; 0 = no bound
+    admission_max_queue: int = 4096  # requests waiting in the router queue; 429 past it; 0 = never queue
+    engine_priority: bool = True  # forward the class priority as SGLang's `priority` (higher first)
+    tenant_metrics_limit: int = 20  # tenants with their own metric label; the rest are `other`
+    quota_redis_timeout_s: float = 0.1  # longest wait on Redis for a quota check (then per-process)
     # --- admin
     admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
     log_level: str = "info"  # debug | info | warning | error
@@ -150,6 +162,12 @@ class RouterConfig:
             )
         if not self.redis_key_prefix:
             raise ConfigError("redis_key_prefix must not be empty")
+        if self.admission_prefill_tokens_per_s <= 0:
+            raise ConfigError("admission_prefill_tokens_per_s must be > 0")
+        for name in ("admission_max_queued_prefill_tokens", "admission_max_queue", "tenant_metrics_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        self.tenant_table()  # a bad tenant or class fails at start, with the offending table named
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"redis_url must start with redis://, rediss:// or unix://: {self.redis_url!r}")
         for url in (*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls):
@@ -168,6 +186,20 @@ class RouterConfig:
             except ValueError:
                 out[k] = v
         return out
+
+    @property
+    def admission_enabled(self) -> bool:
+        return self.admission or bool(self.tenants)
+
+    def tenant_table(self) -> Any:
+        """The `TenantTable` of `tenants` and `classes`; ConfigError naming what is wrong."""
+        from router.tenants.classes import TenantConfigError
+        from router.tenants.table import TenantTable
+
+        try:
+            return TenantTable.from_config(self.tenants, self.classes)
+        except TenantConfigError as exc:
+            raise ConfigError(f"tenants/classes config: {exc}") from exc
 
     @property
     def kv_events_dict(self) -> dict[str, str]:
@@ -258,6 +290,20 @@ def _url_list(raw: Any) -> tuple[str, ...]:
     return tuple(normalize_url(str(u)) for u in raw)
 
 
+def _tables(name: str, raw: Any) -> dict[str, Any]:
+    """`[tenants.NAME]`/`[classes.NAME]` tables from a file, or JSON from the environment/CLI."""
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: expected a JSON object of tables, got {raw[:80]!r}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a table of tables ([{name}.NAME]), got {type(raw).__name__}")
+    return dict(raw)
+
+
 def _scalar_str(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -278,6 +324,8 @@ def _coerce(name: str, raw: Any) -> Any:
         return parse_kv_events(raw)
     if name == "policy_params":
         return parse_pairs(raw, "policy_params")
+    if name in ("tenants", "classes"):
+        return _tables(name, raw)
     if raw is None:
         if "None" in t:
             return None

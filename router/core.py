@@ -92,6 +92,9 @@ class Router:
         self.dropped_batches = 0  # batches for workers not (or no longer) registered
         # Called after every send, retries included (router/shared shares cache_aware records through it).
         self.routed_hooks: list[Callable[[RoutingRequest, Worker], None]] = []
+        # Called when a ticket frees capacity (first token, finish): the admission queue's wake-up.
+        self.released_hooks: list[Callable[[Ticket], None]] = []
+        self.admission: Any = None  # router.admission.Admission once `enable_admission` ran
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -238,7 +241,11 @@ class Router:
     # --- request lifecycle -----------------------------------------------------------------------
 
     def on_routed(
-        self, decision_or_url: Decision | str, request: RoutingRequest, cached_blocks: int | None = None
+        self,
+        decision_or_url: Decision | str,
+        request: RoutingRequest,
+        cached_blocks: int | None = None,
+        priority: int = 0,
     ) -> Ticket:
         """The request is being sent: reserve its load on the worker and let the policy learn.
 
@@ -264,6 +271,7 @@ class Router:
             self.block_size,
             block_hashes=request.block_hashes,
             cached_blocks_predicted=cached,
+            priority=priority,
         )
         self._policy.on_routed(request, worker)
         for hook in self.routed_hooks:
@@ -273,6 +281,8 @@ class Router:
 
     def on_first_token(self, ticket: Ticket) -> None:
         self.load.on_first_token(ticket)
+        for hook in self.released_hooks:
+            hook(ticket)
 
     def on_tokens(self, ticket: Ticket, n: int) -> None:
         self.load.on_tokens(ticket, n)
@@ -285,6 +295,8 @@ class Router:
             return
         reached_first_token = ticket.state is TicketState.RUNNING
         self.load.on_finished(ticket)
+        for hook in self.released_hooks:
+            hook(ticket)
         st = self._stats.get(ticket.url)
         if st is None:  # worker removed meanwhile
             return

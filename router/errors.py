@@ -39,6 +39,11 @@ class ApiError(Exception):
         self.headers = headers  # extra response headers (Retry-After, Allow)
 
 
+def too_many_requests(message: str, code: str, retry_after_s: int) -> ApiError:
+    """429 in the API's format with `Retry-After` (whole seconds): admission and quotas."""
+    return ApiError(429, message, "rate_limit_error", code, headers={"Retry-After": str(retry_after_s)})
+
+
 def bad_request(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 

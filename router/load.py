@@ -45,6 +45,8 @@ class Ticket:
     block_size: int
     block_hashes: tuple[BlockHash, ...] = ()
     cached_blocks_predicted: int = 0  # what routing believed the worker held (for accuracy metrics)
+    priority: int = 0  # the request's class priority (router/admission.py), higher first
+    queue_wait_s: float = 0.0  # seconds it waited in the admission queue before routing (0: not queued)
     state: TicketState = TicketState.ROUTED
     output_tokens: int = 0
     # What this ticket has added to `_load` (subtracted exactly on release).
@@ -56,6 +58,15 @@ class Ticket:
     @property
     def finished(self) -> bool:
         return self.state is TicketState.FINISHED
+
+
+def _take_pending_by_priority(ticket: Ticket) -> None:
+    by_prio = ticket._load.pending_prefill_by_priority
+    left = by_prio.get(ticket.priority, 0) - ticket._pending_added
+    if left > 0:
+        by_prio[ticket.priority] = left
+    else:
+        by_prio.pop(ticket.priority, None)
 
 
 def _blocks(tokens: int, block_size: int) -> int:
@@ -180,6 +191,7 @@ class LoadTracker:
         *,
         block_hashes: Sequence[BlockHash] = (),
         cached_blocks_predicted: int = 0,
+        priority: int = 0,
     ) -> Ticket:
         """Reserve load on `url` for one request; returns the ticket to report progress and release on."""
         worker = self._workers.get(url)
@@ -197,10 +209,13 @@ class LoadTracker:
             block_size=block_size,
             block_hashes=tuple(block_hashes),
             cached_blocks_predicted=cached_blocks_predicted,
+            priority=priority,
             _load=worker.load,
         )
         t._load.in_flight += 1
         t._load.pending_prefill_tokens += uncached
+        by_prio = t._load.pending_prefill_by_priority
+        by_prio[priority] = by_prio.get(priority, 0) + uncached
         t._pending_added = uncached
         if t.block_hashes:
             self.inflight.add(url, t.block_hashes)
@@ -214,6 +229,7 @@ class LoadTracker:
             return
         load = ticket._load
         load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - ticket._pending_added)
+        _take_pending_by_priority(ticket)
         ticket._pending_added = 0
         ticket.state = TicketState.RUNNING
         self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
@@ -237,6 +253,7 @@ class LoadTracker:
         load = ticket._load
         load.in_flight = max(0, load.in_flight - 1)
         load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - ticket._pending_added)
+        _take_pending_by_priority(ticket)
         load.active_blocks = max(0, load.active_blocks - ticket._active_added)
         ticket._pending_added = ticket._active_added = 0
         ticket.state = TicketState.FINISHED

@@ -14,6 +14,10 @@ Labels (bounded: routes and policies are fixed sets, workers are the registered 
   engine_queue, engine_prefill, other).
 - `reason`: on `kvroute_route_decisions`, the class of the policy's choice (`prefix_hit`, `load`,
   `imbalance`, `explore`).
+- `tenant`: the tenant (router/tenants), its first `--tenant-metrics-limit` names, later ones `other`.
+- `class`: the SLA class (the configured set). `outcome`: admitted | rejected | disconnected |
+  unauthorized; `reason`: why a rejection (quota_concurrency, quota_tokens, queue_full, queue_timeout,
+  no_queue), "" otherwise. `result`: met | missed (TTFT SLO). `kind`: prompt | output (tokens).
 
 Under `kvroute serve --processes N` (router/supervisor.py) prometheus_client runs in multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR set): counters and histograms are summed over the processes; a gauge takes the
@@ -270,6 +274,92 @@ class Metrics:
             multiprocess_mode=LATEST,
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+
+        tc = ["tenant", "class"]
+        self.tenant_requests = Counter(
+            "kvroute_tenant_requests",
+            "Admission outcomes by tenant, class, outcome and rejection reason.",
+            [*tc, "outcome", "reason"],
+            registry=r,
+        )
+        self.tenant_queue_wait = Histogram(
+            "kvroute_tenant_queue_wait_seconds",
+            "Time admitted requests waited in the router's admission queue.",
+            tc,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_ttft = Histogram(
+            "kvroute_tenant_ttft_seconds",
+            "TTFT by tenant and class.",
+            tc,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_itl = Histogram(
+            "kvroute_tenant_itl_seconds",
+            "Inter-token latency by tenant and class.",
+            tc,
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.tenant_slo = Counter(
+            "kvroute_tenant_ttft_slo",
+            "Requests judged against their class's TTFT SLO, by result (met | missed).",
+            [*tc, "result"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "kvroute_tenant_tokens", "Tokens served by tenant, class and kind.", [*tc, "kind"], registry=r
+        )
+        self.tenant_ended = Counter(
+            "kvroute_tenant_finished",
+            "Admitted requests that ended, by tenant, class and result (ok | failed).",
+            [*tc, "result"],
+            registry=r,
+        )
+        self.quota_degraded = Gauge(
+            "kvroute_quota_degraded",
+            "1 while Redis is unreachable and tenant quotas are enforced per process.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.quota_redis_outages = Counter(
+            "kvroute_quota_redis_outages", "Times the quotas fell back to per-process.", registry=r
+        )
+
+    # --- tenants (router.tenants.usage.TenantSink) ---------------------------------------------
+
+    def tenant_outcome(self, tenant: str, sla_class: str, outcome: str, reason: str) -> None:
+        self.tenant_requests.labels(tenant, sla_class, outcome, reason).inc()
+
+    def tenant_finished(
+        self,
+        tenant: str,
+        sla_class: str,
+        *,
+        queue_wait_s: float,
+        ttft_s: float | None,
+        itl_gaps: list[tuple[float, int]],
+        slo_met: bool | None,
+        prompt_tokens: int,
+        output_tokens: int,
+        ok: bool,
+    ) -> None:
+        self.tenant_ended.labels(tenant, sla_class, "ok" if ok else "failed").inc()
+        self.tenant_queue_wait.labels(tenant, sla_class).observe(queue_wait_s)
+        if ttft_s is not None:
+            self.tenant_ttft.labels(tenant, sla_class).observe(ttft_s)
+        if itl_gaps:
+            child = self.tenant_itl.labels(tenant, sla_class)
+            for gap, n in itl_gaps:
+                observe_n(child, gap, n)
+        if slo_met is not None:
+            self.tenant_slo.labels(tenant, sla_class, "met" if slo_met else "missed").inc()
+        if prompt_tokens:
+            self.tenant_tokens.labels(tenant, sla_class, "prompt").inc(prompt_tokens)
+        if output_tokens:
+            self.tenant_tokens.labels(tenant, sla_class, "output").inc(output_tokens)
 
     def observe_request(
         self,

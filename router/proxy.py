@@ -139,6 +139,7 @@ class Proxy:
             total=config.request_timeout_s or None,
         )
         self._background: set[asyncio.Task[None]] = set()
+        self.tenants: Any = None  # router.tenants.runtime.TenantRuntime when admission is on
 
     async def close(self) -> None:
         """Wait for the abort notices still being sent."""
@@ -164,7 +165,9 @@ class Proxy:
             else:
                 self.metrics.errors.labels(spec.path, "none", "bad_request").inc()
             self.metrics.requests.labels(spec.path, self._policy_name(), "none", str(err.status)).inc()
-            return error_response(err, openai=spec.openai, headers={cfg.request_id_header: rid_header})
+            return error_response(
+                err, openai=spec.openai, headers={cfg.request_id_header: rid_header, **(err.headers or {})}
+            )
         finally:
             self.obs.finish(ph)
 
@@ -231,6 +234,12 @@ class Proxy:
             raise bad_request(f"cannot route this prompt: {exc}", "invalid_prompt") from exc
         if self.pd is not None:
             return await self._handle_pd(request, spec, body, data, rr, rid_header, t0)
+        if self.tenants is not None:  # admission: identify, quota, maybe queue; 401/429 as ApiError
+            async with self.tenants.admit(request.headers, rr, rid_header) as grant:
+                body = self.tenants.with_priority(body, data, grant)
+                return await self._forward(
+                    request, spec, body, rr, grant.decision, rid_header, f.rid, t0, via, grant
+                )
         try:
             decision = self.router.select(rr)
         except NoWorkerAvailable as exc:
@@ -240,6 +249,26 @@ class Proxy:
                 "service_unavailable",
                 "no_worker",
             ) from exc
+        return await self._forward(request, spec, body, rr, decision, rid_header, f.rid, t0, via)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        spec: RouteSpec,
+        body: bytes,
+        rr: Any,
+        decision: Decision,
+        rid_header: str,
+        rid: str | None,
+        t0: float,
+        via: str,
+        grant: Any = None,
+    ) -> web.StreamResponse:
+        """Send to `decision.worker`, then down `decision.ranked` while nothing reached the client."""
+        if grant is not None:
+            ph = request.get(PHASES)
+            if ph is not None:
+                ph.admission_s = grant.queue_wait_s
         self.obs.routed(request, decision)
         headers = forward_headers(request.headers, self.config.request_id_header, rid_header)
         headers[VIA_HEADER] = via
@@ -261,7 +290,7 @@ class Proxy:
             tried += 1
             try:
                 return await self._attempt(
-                    request, spec, body, headers, url, rr, decision, rid_header, f.rid, t0
+                    request, spec, body, headers, url, rr, decision, rid_header, rid, t0, grant
                 )
             except UpstreamError as exc:  # raised only while nothing reached the client
                 last = exc
@@ -334,9 +363,13 @@ class Proxy:
         rid_header: str,
         rid: str | None,
         t0: float,
+        grant: Any = None,
     ) -> web.StreamResponse:
         policy = decision.policy
-        ticket = self.router.on_routed(decision if url == decision.worker else url, rr)
+        prio = grant.priority if grant is not None else 0
+        ticket = self.router.on_routed(decision if url == decision.worker else url, rr, priority=prio)
+        if grant is not None:
+            ticket.queue_wait_s = grant.queue_wait_s
         cached_blocks = ticket.cached_blocks_predicted
         usage = Usage(rid=rid)
         first_at: float | None = None
@@ -393,6 +426,14 @@ class Proxy:
             self.obs.answered(request, status, first_at, usage)
             if status and status < 500 and status != 429:
                 self._record(spec, policy, url, status, t0, first_at, usage, cached_blocks)
+                if grant is not None:
+                    grant.observe(
+                        status,
+                        None if first_at is None else first_at - t0,
+                        usage.itl_gaps,
+                        usage.prompt_tokens,
+                        usage.output_tokens,
+                    )
 
     async def _relay_stream(
         self,

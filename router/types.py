@@ -36,6 +36,9 @@ class WorkerLoad:
     engine_running: int | None = None  # from the engine's /get_load, when polled
     engine_queued: int | None = None
     engine_token_usage: float | None = None  # fraction of KV capacity in use, from the engine
+    # This replica's share of pending_prefill_tokens by request priority (router/admission.py: with
+    # engine priority scheduling, only prefill of equal or higher priority delays a request).
+    pending_prefill_by_priority: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
