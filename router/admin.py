@@ -87,6 +87,7 @@ class AdminApi:
         self.pd_metrics: Any = None  # router.pd_metrics.PDMetrics in PD mode (GET /admin/plan)
         self.replicas: Any = None  # router.shared.ReplicaRuntime while sharing through Redis, else None
         self.tenants: Any = None  # router.tenants.runtime.TenantRuntime when admission is on
+        self.autoscale: Any = None  # router.autoscale.runtime.AutoscaleRuntime in PD mode
 
     def add_routes(self, app: web.Application) -> None:
         """Every admin route, each behind the access check (no middleware on the serving hot path)."""
@@ -130,9 +131,13 @@ class AdminApi:
         n_decode = sum(1 for w in healthy if w.role is WorkerRole.DECODE)
         load = self.pd_metrics.window.summary(n_prefill, n_decode).load
         try:
-            return _json(plan_from_query(load, request.query))
+            out = plan_from_query(load, request.query)
         except PlanError as exc:
             raise bad_request(str(exc), "invalid_plan_query") from exc
+        if self.autoscale is not None:  # the autoscaler's state and decisions, and the cost so far
+            out["autoscale"] = self.autoscale.status()
+            out["cost"] = self.autoscale.cost(self.router.workers())
+        return _json(out)
 
     async def replicas_status(self, request: web.Request) -> web.Response:
         """Replica sharing: this replica's id, the live peers, whether Redis is reachable."""

@@ -23,6 +23,7 @@ from cache_index.hashing import HFTokenizer, Tokenizer
 from engines.errors import UpstreamError
 from engines.http1 import Http1Pool
 from router.admin import AdminApi
+from router.autoscale.runtime import autoscale_context
 from router.config import ConfigError, RouterConfig
 from router.core import Router
 from router.errors import ApiError, error_response
@@ -223,9 +224,25 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ):
             app[ADMIN].replicas = replicas
             try:
-                yield
+                # PD: the cost meter, and the autoscaler with --autoscale (router/autoscale)
+                async with (
+                    autoscale_context(
+                        config,
+                        app,
+                        app[ROUTER],
+                        app[REGISTRY],
+                        app[PD_METRICS],
+                        app[METRICS].registry,
+                        lambda: app[ADMIN].replicas,
+                    )
+                    if config.pd_disaggregation
+                    else contextlib.nullcontext()
+                ) as autoscale:
+                    app[ADMIN].autoscale = autoscale
+                    yield
             finally:
                 app[ADMIN].replicas = None
+                app[ADMIN].autoscale = None
     finally:
         await app[REGISTRY].close()
         await app[PROXY].close()

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from router._version import __version__
+from router.autoscale.flags import add_flags as add_autoscale_flags
+from router.autoscale.flags import from_args as autoscale_flags
 from router.config import ConfigError, RouterConfig, build_config, unknown_env
 
 log = logging.getLogger("kvroute")
@@ -181,6 +183,7 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
     pd.add_argument(
         "--decode", action="append", default=None, metavar="URL", help="a decode server (repeatable)"
     )
+    add_autoscale_flags(p)
     p.add_argument(
         "--redis-share-records",
         action="store_true",
@@ -225,6 +228,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cli["require_api_key"] = args.require_api_key
     cli["admission"] = args.admission
     cli["engine_priority"] = args.engine_priority
+    cli.update(autoscale_flags(args))
     if args.disable_retries:
         cli["max_retries"] = 0
     if args.disable_circuit_breaker:

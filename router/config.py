@@ -109,6 +109,34 @@ class RouterConfig:
     engine_priority: bool = True  # forward the class priority as SGLang's `priority` (higher first)
     tenant_metrics_limit: int = 20  # tenants with their own metric label; the rest are `other`
     quota_redis_timeout_s: float = 0.1  # longest wait on Redis for a quota check (then per-process)
+    # --- autoscaling of the PD pools (router/autoscale, docs/autoscale.md) and cost reports
+    autoscale: bool = False  # run the autoscaler loop (PD mode); off by default
+    autoscale_scaler: str = "sim"  # sim (in-process simulated engines) | command | kubernetes
+    autoscale_interval_s: float = 10.0  # seconds between decisions; must be > 0
+    autoscale_window_s: float = 30.0  # seconds of traffic each decision reads; must be > 0
+    autoscale_min_prefill: int = 1  # prefill workers kept at least
+    autoscale_max_prefill: int = 8  # prefill workers at most
+    autoscale_min_decode: int = 1
+    autoscale_max_decode: int = 8
+    autoscale_up_cooldown_s: float = 30.0  # seconds after a pool changed before it grows again; 0 = none
+    autoscale_down_cooldown_s: float = 120.0  # seconds after a pool changed before it shrinks; 0 = none
+    autoscale_hysteresis: float = 0.2  # shrink only if the plan for rate x (1 + this) needs fewer; 0 = none
+    autoscale_down_intervals: int = 3  # decisions in a row that must want fewer before one worker goes
+    autoscale_profile: str = "h100-llama3-8b"  # GPU cost profile the planner models the engines with
+    autoscale_max_utilization: float = 0.8  # prefill utilisation planned for, (0, 1)
+    autoscale_command: str | None = None  # scaler=command: the hook (JSON on stdin; docs/autoscale.md)
+    autoscale_command_timeout_s: float = 60.0  # seconds the hook may run before it is killed (a failure)
+    autoscale_k8s_namespace: str = "default"  # scaler=kubernetes: the Deployments' namespace
+    autoscale_k8s_prefill_deployment: str = ""  # scaler=kubernetes: Deployment of the prefill engines
+    autoscale_k8s_decode_deployment: str = ""  # scaler=kubernetes: Deployment of the decode engines
+    autoscale_sim_startup_s: float = 0.0  # scaler=sim: seconds a new engine answers 503 (model load)
+    autoscale_sim_time_scale: float = 1.0  # scaler=sim: wall seconds per engine second
+    slo_ttft_s: float = 1.0  # TTFT target (s): planner target and the "within SLA" test of cost reports
+    slo_itl_s: float = 0.05  # mean inter-token latency target (s), likewise
+    gpu_hour_cost: float = 0.0  # price of one GPU-hour for cost reports; 0 = unknown (GPU-seconds only)
+    gpus_per_prefill_worker: int = 1  # GPUs one prefill engine holds (its TP x DP)
+    gpus_per_decode_worker: int = 1  # GPUs one decode engine holds
+    gpus_per_worker: int = 1  # GPUs one regular (aggregated) engine holds
     # --- admin
     admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
     log_level: str = "info"  # debug | info | warning | error
@@ -170,6 +198,7 @@ class RouterConfig:
         self.tenant_table()  # a bad tenant or class fails at start, with the offending table named
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"redis_url must start with redis://, rediss:// or unix://: {self.redis_url!r}")
+        _check_autoscale(self)
         for url in (*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls):
             if not url.startswith("http://"):
                 raise ConfigError(
@@ -204,6 +233,39 @@ class RouterConfig:
     @property
     def kv_events_dict(self) -> dict[str, str]:
         return {normalize_url(u): e for u, e in self.kv_events}
+
+
+def _check_autoscale(c: RouterConfig) -> None:
+    """The autoscaling and cost fields' bounds (router/autoscale)."""
+    for name in ("autoscale_interval_s", "autoscale_window_s", "slo_ttft_s", "slo_itl_s"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"{name} must be > 0")
+    for pool in ("prefill", "decode"):
+        lo, hi = getattr(c, f"autoscale_min_{pool}"), getattr(c, f"autoscale_max_{pool}")
+        if lo < 0 or hi < max(lo, 1):
+            raise ConfigError(f"autoscale {pool}: need 0 <= min ({lo}) <= max ({hi}) and max >= 1")
+    for name in ("gpus_per_prefill_worker", "gpus_per_decode_worker", "gpus_per_worker"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be >= 1")
+    if c.gpu_hour_cost < 0 or c.autoscale_hysteresis < 0 or c.autoscale_down_intervals < 1:
+        raise ConfigError("gpu_hour_cost and autoscale_hysteresis must be >= 0, autoscale_down_intervals >= 1")
+    if not 0.0 < c.autoscale_max_utilization < 1.0:
+        raise ConfigError("autoscale_max_utilization must be in (0, 1)")
+    if c.autoscale_scaler not in ("sim", "command", "kubernetes"):
+        raise ConfigError(f"autoscale_scaler must be sim, command or kubernetes, not {c.autoscale_scaler!r}")
+    if not c.autoscale:
+        return
+    if not c.pd_disaggregation:
+        raise ConfigError("autoscale scales prefill and decode pools: it needs --pd-disaggregation")
+    if c.autoscale_scaler == "command" and not c.autoscale_command:
+        raise ConfigError("autoscale_scaler=command needs --autoscale-command")
+    if c.autoscale_scaler == "kubernetes" and not (
+        c.autoscale_k8s_prefill_deployment and c.autoscale_k8s_decode_deployment
+    ):
+        raise ConfigError(
+            "autoscale_scaler=kubernetes needs --autoscale-k8s-prefill-deployment and "
+            "--autoscale-k8s-decode-deployment"
+        )
 
 
 def normalize_url(url: str) -> str:

@@ -58,26 +58,50 @@ class PDWindow:
         self.horizon_s = horizon_s
         self.clock = clock
         self._records: deque[PDRecord] = deque(maxlen=max_records)
+        self._arrivals: deque[float] = deque(maxlen=max_records)
+        self._started = clock()
 
     def add(self, record: PDRecord) -> None:
         self._records.append(record)
 
-    def _live(self) -> list[PDRecord]:
-        cutoff = self.clock() - self.horizon_s
-        while self._records and self._records[0].finished_at < cutoff:
+    def arrive(self) -> None:
+        """A request entered the decode (or local) pool: counted as demand before it finishes, so the rate
+        the planner reads is what arrives, not what an overloaded fleet manages to finish."""
+        self._arrivals.append(self.clock())
+
+    def _live(self, horizon_s: float) -> list[PDRecord]:
+        now = self.clock()
+        keep = now - self.horizon_s
+        while self._records and self._records[0].finished_at < keep:
             self._records.popleft()
+        while self._arrivals and self._arrivals[0] < keep:
+            self._arrivals.popleft()
+        cutoff = now - horizon_s
         return [r for r in self._records if r.outcome == "ok" and r.finished_at >= cutoff]
 
-    def summary(self, current_prefill: int | None = None, current_decode: int | None = None) -> WindowSummary:
-        recs = self._live()
+    def summary(
+        self,
+        current_prefill: int | None = None,
+        current_decode: int | None = None,
+        horizon_s: float | None = None,
+    ) -> WindowSummary:
+        """The window's load over the last `horizon_s` seconds (default and at most: the whole window).
+        The request rate counts arrivals when any were recorded (`arrive`), else finished requests."""
+        horizon = min(self.horizon_s, horizon_s) if horizon_s else self.horizon_s
+        recs = self._live(horizon)
         n = len(recs)
-        span = min(self.horizon_s, max(1e-9, self.clock() - recs[0].finished_at)) if recs else self.horizon_s
+        span = min(horizon, max(1e-9, self.clock() - recs[0].finished_at)) if recs else horizon
+        rate = n / span if n else 0.0
+        if self._arrivals:
+            now = self.clock()
+            arrived = sum(1 for t in self._arrivals if t >= now - horizon)
+            rate = arrived / max(1e-9, min(horizon, now - self._started))
         prompt = sum(r.prompt_tokens for r in recs)
         cached = sum(min(r.cached_tokens, r.prompt_tokens) for r in recs)
         itls = [x for r in recs for x in r.itls]
         ttfts = [r.ttft_s for r in recs if r.ttft_s is not None]
         load = ObservedLoad(
-            request_rate=n / span if n else 0.0,
+            request_rate=rate,
             prompt_tokens=prompt / n if n else 0.0,
             output_tokens=sum(r.output_tokens for r in recs) / n if n else 0.0,
             cache_hit_ratio=cached / prompt if prompt else 0.0,
@@ -98,6 +122,7 @@ class PDMetrics:
     def __init__(self, registry: CollectorRegistry, window: PDWindow | None = None) -> None:
         r = registry
         self.window = window if window is not None else PDWindow()
+        self.listeners: list[Callable[[PDRecord], None]] = []  # e.g. the cost meter (router.autoscale)
         self.requests = Counter(
             "kvroute_pd_requests", "PD requests by mode and outcome.", ["mode", "outcome"], registry=r
         )
@@ -136,6 +161,8 @@ class PDMetrics:
 
     def pool_enter(self, pool: str) -> None:
         self.queue_depth.labels(pool).inc()
+        if pool != "prefill":  # one decode/local entry per attempt: the demand the planner reads
+            self.window.arrive()
 
     def pool_leave(self, pool: str) -> None:
         self.queue_depth.labels(pool).dec()
@@ -148,6 +175,8 @@ class PDMetrics:
 
     def observe(self, record: PDRecord) -> None:
         self.requests.labels(record.mode, record.outcome).inc()
+        for listener in self.listeners:
+            listener(record)
         if record.outcome != "ok":
             return
         for phase, value in (

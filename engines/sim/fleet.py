@@ -57,6 +57,7 @@ class SimFleet:
     Ports: `base_port` 0 gives each server a free port; else server i listens on base_port + i.
     Event endpoints: a free port each unless `event_base_port` is given (then +2i PUB, +2i+1 replay).
     PD engines share one `BootstrapRegistry`, so prefill/decode pairing works inside this fleet.
+    `add` and `remove` grow and shrink it while it runs (`empty_ok`: it may start with no engine).
     """
 
     def __init__(
@@ -82,48 +83,85 @@ class SimFleet:
         max_running_requests: int | None = None,
         chunked_prefill_size: int | None = None,
         schedule_policy: SchedulePolicyName = "fcfs",
+        empty_ok: bool = False,
     ) -> None:
-        if workers < 0 or prefill < 0 or decode < 0 or workers + prefill + decode == 0:
+        if workers < 0 or prefill < 0 or decode < 0 or (workers + prefill + decode == 0 and not empty_ok):
             raise ValueError("a fleet needs at least one engine")
-        if (prefill == 0) != (decode == 0):
+        if (prefill == 0) != (decode == 0) and not empty_ok:
             raise ValueError("a PD fleet needs both --prefill and --decode engines")
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.host = host
+        self.base_port = base_port
+        self.event_base_port = event_base_port
         self.registry = BootstrapRegistry()
+        self._knobs: dict[str, Any] = dict(
+            model_path=model_path,
+            page_size=page_size,
+            kv_capacity_tokens=kv_capacity_tokens,
+            max_running_requests=max_running_requests,
+            chunked_prefill_size=chunked_prefill_size,
+            schedule_policy=schedule_policy,
+            time_scale=time_scale,
+            bootstrap_timeout_s=bootstrap_timeout_s,
+            kv_events=kv_events,
+            event_topic=event_topic,
+            event_form=event_form,
+        )
+        self._faults = faults
+        self._seed = seed
+        self._created = 0  # servers ever built: seeds and fixed ports are never reused
         roles: list[DisaggMode] = []
         roles += ["null"] * workers
         roles += ["prefill"] * prefill
         roles += ["decode"] * decode
-        self.roles = roles
+        self.roles: list[DisaggMode] = []
         self.servers: list[SimServer] = []
-        for i, role in enumerate(self.roles):
-            ev, rep = f"tcp://{host}:*", f"tcp://{host}:*"
-            if event_base_port is not None:
-                ev, rep = (
-                    f"tcp://{host}:{event_base_port + 2 * i}",
-                    f"tcp://{host}:{event_base_port + 2 * i + 1}",
-                )
-            cfg = SimConfig(
-                model_path=model_path,
-                page_size=page_size,
-                kv_capacity_tokens=kv_capacity_tokens,
-                max_running_requests=max_running_requests,
-                chunked_prefill_size=chunked_prefill_size,
-                schedule_policy=schedule_policy,
-                time_scale=time_scale,
-                seed=seed + i,
-                disaggregation_mode=role,
-                bootstrap_port=free_port(host) if role == "prefill" else None,
-                bootstrap_timeout_s=bootstrap_timeout_s,
-                kv_events=kv_events,
-                event_endpoint=ev,
-                replay_endpoint=rep,
-                event_topic=event_topic,
-                event_form=event_form,
-                faults=dataclasses.replace(faults) if faults is not None else FaultConfig(),
+        for role in roles:
+            self.servers.append(self._build(role))
+            self.roles.append(role)
+
+    def _build(self, role: DisaggMode, faults: FaultConfig | None = None) -> SimServer:
+        """A new (not started) server of `role`; the i-th one built gets seed + i and the fixed ports' i."""
+        i = self._created
+        self._created += 1
+        host = self.host
+        ev, rep = f"tcp://{host}:*", f"tcp://{host}:*"
+        if self.event_base_port is not None:
+            ev, rep = (
+                f"tcp://{host}:{self.event_base_port + 2 * i}",
+                f"tcp://{host}:{self.event_base_port + 2 * i + 1}",
             )
-            engine = SimEngine(cfg, self.profile, registry=self.registry if role != "null" else None)
-            self.servers.append(SimServer(engine, host, base_port + i if base_port else 0))
+        base = faults if faults is not None else self._faults
+        cfg = SimConfig(
+            **self._knobs,
+            seed=self._seed + i,
+            disaggregation_mode=role,
+            bootstrap_port=free_port(host) if role == "prefill" else None,
+            event_endpoint=ev,
+            replay_endpoint=rep,
+            faults=dataclasses.replace(base) if base is not None else FaultConfig(),
+        )
+        engine = SimEngine(cfg, self.profile, registry=self.registry if role != "null" else None)
+        return SimServer(engine, host, self.base_port + i if self.base_port else 0)
+
+    async def add(self, role: DisaggMode, faults: FaultConfig | None = None) -> WorkerInfo:
+        """Start one more engine of `role` while the fleet runs (the autoscaler's sim scaler); `faults`
+        e.g. `slow_start_s` to model an engine's start-up time."""
+        server = self._build(role, faults)
+        await server.start()
+        self.servers.append(server)
+        self.roles.append(role)
+        return self.workers()[-1]
+
+    async def remove(self, url: str) -> None:
+        """Stop the engine at `url` (requests still running on it are aborted: drain it first)."""
+        for i, s in enumerate(self.servers):
+            if s.url == url:
+                del self.servers[i]
+                del self.roles[i]
+                await s.close()
+                return
+        raise ValueError(f"no engine at {url} in this fleet")
 
     async def start(self) -> None:
         try:
