@@ -139,6 +139,8 @@ class EngineConfig:
     ``num_pages``: KV pool size in pages; 0 means size it from ``kv_memory_fraction`` of free device memory.
     ``max_batch_tokens``: tokens per forward step (decodes plus prefill chunk), the chunked-prefill budget.
     ``max_running``: requests decoding at once; 0 disables the limit (pages still bound it).
+    ``disaggregation_mode``: "prefill" engines lend a finished prompt's pages to the decode engine named by
+    the request's bootstrap room; "decode" engines copy them in and decode (``engines.gpu.bootstrap``).
     """
 
     page_size: int = 16
@@ -152,3 +154,10 @@ class EngineConfig:
     attention: str = "auto"  # "auto" | "torch" | "triton"
     model_path: str | None = None
     served_model_name: str = "kvroute-gpu"
+    disaggregation_mode: str = "null"  # "null" | "prefill" | "decode" (SGLang's --disaggregation-mode)
+    bootstrap_timeout_s: float = 30.0  # PD: how long a decode waits for its room; a prefill holds lent pages
+
+    def __post_init__(self) -> None:
+        if self.disaggregation_mode not in ("null", "prefill", "decode"):
+            mode = self.disaggregation_mode
+            raise ValueError(f"disaggregation_mode must be null, prefill or decode, not {mode}")

@@ -537,3 +537,61 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
         gu, out, n, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4
     )
     return out
+
+
+# ---- KV transfer (PD disaggregation) ---------------------------------------------------------------
+@triton.jit
+def _copy_pages_kernel(
+    src_ptr,
+    dst_ptr,
+    src_pages_ptr,
+    dst_pages_ptr,
+    src_layer_stride,
+    dst_layer_stride,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: one page of one layer, ``CHUNK`` contiguous elements (page_size x Hkv x D)."""
+    i = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    sp = tl.load(src_pages_ptr + i).to(tl.int64)
+    dp = tl.load(dst_pages_ptr + i).to(tl.int64)
+    src = src_ptr + layer * src_layer_stride + sp * CHUNK
+    dst = dst_ptr + layer * dst_layer_stride + dp * CHUNK
+    for off in range(0, CHUNK, BLOCK):
+        o = off + tl.arange(0, BLOCK)
+        if CHUNK % BLOCK == 0:
+            tl.store(dst + o, tl.load(src + o))
+        else:
+            m = o < CHUNK
+            tl.store(dst + o, tl.load(src + o, mask=m), mask=m)
+
+
+def copy_kv_pages(
+    src: torch.Tensor, dst: torch.Tensor, src_pages: torch.Tensor, dst_pages: torch.Tensor, page_size: int
+) -> None:
+    """Gather pages ``src_pages`` of ``src`` and scatter them to ``dst_pages`` of ``dst``, every layer.
+
+    ``src``/``dst``: one pool's K (or V), ``[layers, pages * page_size, Hkv, D]``, same dtype and row shape;
+    ``src_pages``/``dst_pages``: int32 ``[n]`` on the device. Rows of a page are contiguous within a layer.
+    """
+    n = src_pages.shape[0]
+    if n == 0:
+        return
+    if src.dtype != dst.dtype or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
+        raise ValueError(f"pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
+    if not (src.is_contiguous() and dst.is_contiguous()):
+        raise ValueError("KV pools must be contiguous")
+    chunk = page_size * src.shape[2] * src.shape[3]
+    block = min(triton.next_power_of_2(chunk), 8192)
+    _copy_pages_kernel[(n, src.shape[0])](
+        src,
+        dst,
+        src_pages,
+        dst_pages,
+        src.stride(0),
+        dst.stride(0),
+        CHUNK=chunk,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+    )

@@ -5,7 +5,12 @@ SGLang's HTTP API on its own port and publishing KV events on its own ZeroMQ end
 
 Engine i listens on ``port + i`` and publishes on ``tcp://HOST:(events_port + i)`` (``--events-port 0``:
 ephemeral ports, reported in /server_info and on stdout). Once every engine serves, one JSON line
-``{"engines": [{"url": ..., "kv_events": ...}, ...]}`` is printed to stdout.
+``{"engines": [{"url": ..., "kv_events": ..., "role": ..., "bootstrap_port": ...}, ...]}`` is printed.
+
+PD disaggregation: ``--roles prefill,prefill,decode,decode`` gives engine i its SGLang
+``--disaggregation-mode``; prefill engine i serves its bootstrap port on ``bootstrap_port + i`` (0:
+ephemeral). Engines of one process copy KV device to device; a decode engine in another process on the
+same GPU opens the prefill pool's CUDA IPC handles (``engines.gpu.transfer``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -32,6 +38,11 @@ class LaunchArgs:
     events_port: int | None
     events_form: str
     replay: bool
+    roles: tuple[str, ...] = ()
+    bootstrap_port: int = 0
+
+    def role(self, i: int) -> str:
+        return self.roles[i] if self.roles else self.engine.disaggregation_mode
 
 
 def parse_args(argv: Sequence[str] | None) -> LaunchArgs:
@@ -66,7 +77,20 @@ def parse_args(argv: Sequence[str] | None) -> LaunchArgs:
     ap.add_argument("--events-form", default="array", choices=["array", "map"])
     ap.add_argument("--replay", action="store_true", help="also serve a replay ROUTER socket per engine")
     ap.add_argument("--served-model-name", default="kvroute-gpu")
+    ap.add_argument(
+        "--roles",
+        default="",
+        help="comma-separated disaggregation mode per engine (null, prefill, decode); sets --num-engines",
+    )
+    ap.add_argument("--bootstrap-port", type=int, default=0, help="prefill engine i: +i; 0 = ephemeral")
+    ap.add_argument("--bootstrap-timeout", type=float, default=30.0, help="PD decode wait for its room (s)")
     a = ap.parse_args(argv)
+    roles = tuple(r.strip() for r in a.roles.split(",") if r.strip())
+    if roles:
+        bad = sorted(set(roles) - {"null", "prefill", "decode"})
+        if bad:
+            ap.error(f"--roles: unknown modes {bad} (null, prefill, decode)")
+        a.num_engines = len(roles)
     model = load_model_config(a.model_config)
     if a.dtype:
         model = model.with_dtype(a.dtype)
@@ -83,8 +107,20 @@ def parse_args(argv: Sequence[str] | None) -> LaunchArgs:
         attention=a.attention,
         model_path=a.model_path,
         served_model_name=a.served_model_name,
+        bootstrap_timeout_s=a.bootstrap_timeout,
     )
-    return LaunchArgs(model, eng, a.host, a.port, a.num_engines, a.events_port, a.events_form, a.replay)
+    return LaunchArgs(
+        model,
+        eng,
+        a.host,
+        a.port,
+        a.num_engines,
+        a.events_port,
+        a.events_form,
+        a.replay,
+        roles,
+        a.bootstrap_port,
+    )
 
 
 def pages_per_engine(args: LaunchArgs) -> int:
@@ -120,6 +156,7 @@ async def serve(
 
     from engines.gpu.engine import GpuEngine
     from engines.gpu.model import LlamaWeights
+    from engines.gpu.transfer import PoolDirectory
     from engines.http_api import create_app
 
     dev = args.engine.device
@@ -129,6 +166,7 @@ async def serve(
     else:
         weights = await asyncio.to_thread(LlamaWeights.random, args.model, dev, ec.seed)
     pages = await asyncio.to_thread(pages_per_engine, args)
+    pools = PoolDirectory()  # engines of this process copy KV from each other's pools directly
     runners: list[web.AppRunner] = []
     engines: list[GpuEngine] = []
     info: list[dict[str, str]] = []
@@ -141,15 +179,20 @@ async def serve(
                 ev = f"tcp://{args.host}:{p}"
                 if args.replay:
                     replay = f"tcp://{args.host}:{0 if args.events_port == 0 else args.events_port + 100 + i}"
+            role = args.role(i)
+            bport = 0 if args.bootstrap_port == 0 else args.bootstrap_port + i
             eng = GpuEngine(
                 args.model,
-                ec,
+                dataclasses.replace(ec, disaggregation_mode=role),
                 weights=weights,
                 kv_events_endpoint=ev,
                 kv_events_replay=replay,
                 kv_events_form=args.events_form,
                 num_pages=pages,
                 name=f"e{i}",
+                pools=pools,
+                bootstrap_host=args.host,
+                bootstrap_port=bport,
             )
             engines.append(eng)
             await eng.start()
@@ -166,6 +209,8 @@ async def serve(
                     "url": f"http://{args.host}:{port}",
                     "kv_events": kv.endpoint if kv else "",
                     "pages": str(pages),
+                    "role": role,
+                    "bootstrap_port": str(eng.facts.disaggregation_bootstrap_port or ""),
                 }
             )
         print(json.dumps({"engines": info}), flush=True)

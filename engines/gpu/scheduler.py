@@ -39,6 +39,7 @@ class Req:
     aborted: bool = False
     finished: bool = False
     arrival: float = 0.0
+    room: int | None = None  # PD: the bootstrap room
 
     @property
     def prefilling(self) -> bool:
@@ -88,6 +89,7 @@ class Scheduler:
         max_batch_tokens: int,
         max_running: int,
         context_length: int,
+        lend_finished: bool = False,
     ) -> None:
         if cache.page_size != pool.page_size:
             raise ValueError("cache and pool page sizes differ")
@@ -99,6 +101,8 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.context_length = context_length
+        self.lend_finished = lend_finished  # PD prefill: a finished request keeps its pages until released
+        self.lent: dict[int, Req] = {}  # id(req) -> finished request whose pages a decode side copies
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted: prefilling or decoding
         self.page_of: dict[int, int] = {}  # cache page event hash -> pool page id
@@ -252,15 +256,61 @@ class Scheduler:
         self.generation_tokens_total += 1
         if len(r.output) >= r.max_new_tokens:
             self._cache_tokens(r, r.all_tokens()[:-1])  # the last token's K/V was never computed
-            self._release(r)
+            if self.lend_finished:
+                self.lent[id(r)] = r  # pages and locks stay until `release_lent`
+            else:
+                self._release(r)
             r.finished = True
             self.running.remove(r)
             return r, tok, True
         return r, tok, False
 
+    # ---- PD disaggregation ----------------------------------------------------------------------
+    def prompt_pages(self, r: Req) -> list[int]:
+        """Pool pages holding the prompt's K/V (the last one may be partly filled)."""
+        return r.pages[: -(-len(r.prompt) // self.ps)]
+
+    def release_lent(self, r: Req) -> bool:
+        """The decode side copied a lent request's pages: unlock them (they stay cached) and free the rest."""
+        if self.lent.pop(id(r), None) is None:
+            return False
+        self._release(r)
+        return True
+
+    def admit_transferred(self, r: Req) -> bool:
+        """PD decode: reserve private pages for a request whose prompt K/V arrives by transfer.
+
+        False when the pool (after evicting unlocked cache pages) or the running limit cannot take it now.
+        """
+        if self.max_running and len(self.running) >= self.max_running:
+            return False
+        total_pages = -(-(len(r.prompt) + r.max_new_tokens) // self.ps)
+        if not self.cache.alloc(total_pages * self.ps):
+            return False
+        self._drain()
+        r.pages = self.pool.alloc(total_pages)
+        r.locked = ()
+        r.n_tree = 0
+        r.computed = 0
+        self.prompt_tokens_total += len(r.prompt)
+        self.cached_tokens_total += r.cached_tokens
+        return True
+
+    def start_decoding(self, r: Req, first_token: int) -> tuple[Req, int | None, bool]:
+        """The transferred prompt K/V is in ``r.pages``: cache the prompt, emit the prefill's first token."""
+        r.computed = len(r.prompt)
+        self._cache_tokens(r, r.prompt)
+        self.running.append(r)
+        return self._emit(r, first_token)
+
+    def drop_transferred(self, r: Req) -> None:
+        """Give back the pages of an admitted transfer that failed before it started decoding."""
+        self._release(r)
+        r.finished = True
+
     def flush(self) -> bool:
         """Drop every cached page; refused (False) while requests wait or run, as SGLang does."""
-        if self.waiting or self.running:
+        if self.waiting or self.running or self.lent:
             return False
         self.cache.reset()
         self._drain()
@@ -272,7 +322,7 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Pool and cache agree page for page (tests call this after every step)."""
-        private = sum(len(r.pages) - r.n_tree for r in self.running)
+        private = sum(len(r.pages) - r.n_tree for r in (*self.running, *self.lent.values()))
         assert self.cache.private_tokens == private * self.ps, (self.cache.private_tokens, private)
         tree = len(self.page_of)
         assert self.cache.tree_tokens == tree * self.ps, (self.cache.tree_tokens, tree)
