@@ -20,7 +20,7 @@ from router.admin import AdminApi, check_access
 from router.errors import bad_request
 from router.observability.recorder import Observability
 from router.observability.ring import RecentQuery
-from router.observability.status import build_status
+from router.observability.status import build_status, tenant_rows
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATIC_FILES = {
@@ -82,8 +82,6 @@ class ObservabilityApi:
     def __init__(self, obs: Observability, admin: AdminApi) -> None:
         self.obs = obs
         self.admin = admin
-        # Tenants' SLO attainment for the status page, once tenants exist (a callable returning JSON).
-        self.tenants: Callable[[], Any] | None = None
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -117,6 +115,7 @@ class ObservabilityApi:
         assert window is not None
         core = self.admin.router
         replicas = self.admin.replicas
+        tenants = self.admin.tenants  # router.tenants.runtime.TenantRuntime when admission is on
         return _json(
             build_status(
                 ring=self.obs.ring,
@@ -126,7 +125,7 @@ class ObservabilityApi:
                 ready=self.admin.registry.ready(),
                 replicas=replicas.status() if replicas is not None else None,
                 window_s=window,
-                tenants=self.tenants() if self.tenants is not None else None,
+                tenants=tenant_rows(tenants.usage.by_tenant()) if tenants is not None else None,
             )
         )
 

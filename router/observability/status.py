@@ -24,7 +24,8 @@ def build_status(
     tenants: Any = None,
 ) -> dict[str, Any]:
     """`workers`: the registry's `describe_all()`; `index_stats`: `Router.index_stats()`;
-    `replicas`: the replica runtime's status (None: a single replica)."""
+    `replicas`: the replica runtime's status (None: a single replica); `tenants`: `tenant_rows`
+    (None: admission off)."""
     now = time.time()
     recent = ring.window(now - window_s)
     by_worker: dict[str, list[Any]] = {}
@@ -87,3 +88,25 @@ def build_status(
         "replicas": {"enabled": False} if replicas is None else {"enabled": True, **replicas},
         "tenants": tenants,
     }
+
+
+def tenant_rows(by_tenant: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per (tenant, class): admitted, queued, in flight, rejected, SLO attainment and mean queue wait
+    (from the tenants' usage book, `{tenant: {class: usage}}`)."""
+    rows = []
+    for tenant, classes in sorted(by_tenant.items()):
+        for cls, u in sorted(classes.items()):
+            rejected = u.get("rejected") or {}
+            rows.append(
+                {
+                    "tenant": tenant,
+                    "class": cls,
+                    "admitted": u.get("admitted"),
+                    "queued": u.get("queued"),
+                    "in_flight": u.get("in_flight"),
+                    "rejected": sum(rejected.values()) if isinstance(rejected, Mapping) else rejected,
+                    "slo_attainment": u.get("slo_attainment"),
+                    "mean_queue_wait_s": u.get("mean_queue_wait_s"),
+                }
+            )
+    return rows

@@ -99,8 +99,21 @@ function render(s) {
     : [["sharing", "off (single replica)"]]);
   if (s.tenants) {
     const t = $("#tenants"); t.replaceChildren();
-    const pre = document.createElement("pre"); pre.textContent = JSON.stringify(s.tenants, null, 1);
-    t.appendChild(pre);
+    const table = document.createElement("table");
+    const head = document.createElement("tr");
+    for (const h of ["tenant", "class", "admitted", "queued", "rejected", "SLO met", "mean wait"]) {
+      const th = document.createElement("th"); th.textContent = h; head.appendChild(th);
+    }
+    table.appendChild(head);
+    for (const row of s.tenants) {
+      const tr = document.createElement("tr"); tr.dataset.tenant = row.tenant;
+      cell(tr, row.tenant); cell(tr, row.class); cell(tr, row.admitted); cell(tr, row.queued);
+      cell(tr, row.rejected, row.rejected > 0);
+      cell(tr, pct(row.slo_attainment), row.slo_attainment !== null && row.slo_attainment < 0.99);
+      cell(tr, fmtS(row.mean_queue_wait_s));
+      table.appendChild(tr);
+    }
+    t.appendChild(s.tenants.length ? table : document.createTextNode("no tenant traffic yet"));
   }
 }
 

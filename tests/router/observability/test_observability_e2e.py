@@ -106,3 +106,33 @@ async def test_phases_reach_ring_metrics_and_access_log(start_router, tmp_path) 
     await wait_until(lambda: len(log_path.read_bytes().splitlines()) == 7, what="access log flushed")
     lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines()]
     assert [x["rid"] for x in lines] == [x["rid"] for x in reversed(recent["requests"])]
+
+
+async def test_admission_wait_is_a_phase_and_tenants_reach_the_status(start_router) -> None:  # type: ignore[no-untyped-def]
+    """With admission on and a bound of one pending prefill token per worker, the second of two
+    simultaneous requests waits in the router's queue until the first one's first token."""
+    async with SimFleet(workers=1, time_scale=1.0, profile="h100-llama3-8b") as fleet:
+        r = await start_router(
+            worker_urls=tuple(fleet.urls),
+            tenants={"chat": {"class": "interactive", "api_keys": ["key-chat"]}},
+            admission_max_queued_prefill_tokens=1,
+        )
+        await r.wait_healthy(1, timeout=10)
+
+        async def one(i: int) -> None:
+            headers = {"Authorization": "Bearer key-chat"}
+            async with r.session.post(r.url + "/generate", json=_body(i, n=8), headers=headers) as resp:
+                assert resp.status == 200
+                await resp.read()
+
+        await asyncio.gather(one(0), one(1))
+        async with r.session.get(r.url + "/admin/requests/recent") as resp:
+            reqs = (await resp.json())["requests"]
+        waits = sorted(g["phases"]["admission"] for g in reqs)
+        assert waits[0] < 0.005 <= waits[1]  # the second waited for the first one's prefill (tens of ms)
+        for g in reqs:
+            assert sum(g["phases"].values()) == pytest.approx(g["ttft_s"], abs=1e-5)
+        async with r.session.get(r.url + "/admin/status") as resp:
+            st = await resp.json()
+        (row,) = st["tenants"]
+        assert row["tenant"] == "chat" and row["class"] == "interactive" and row["admitted"] == 2
