@@ -26,6 +26,9 @@ from router.admin import AdminApi
 from router.autoscale.runtime import autoscale_context
 from router.config import ConfigError, RouterConfig
 from router.core import Router
+from router.discovery.base import DiscoverySource
+from router.discovery.runner import build_source, discovery_context
+from router.discovery.sync import DiscoverySync
 from router.errors import ApiError, error_response
 from router.metrics import Metrics
 from router.observability import Observability
@@ -50,6 +53,8 @@ PD_SELECTOR = web.AppKey("pd_selector", PDSelector)
 PD_METRICS = web.AppKey("pd_metrics", PDMetrics)
 ADMIN = web.AppKey("admin", AdminApi)
 OBSERVABILITY = web.AppKey("observability", Observability)
+DISCOVERY_SOURCE = web.AppKey("discovery_source", DiscoverySource)  # set when discovery is configured
+DISCOVERY = web.AppKey("discovery", DiscoverySync)  # while the app runs with discovery
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -155,6 +160,9 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
         app[PD_METRICS] = PDMetrics(metrics.registry)
         admin.pd_metrics = app[PD_METRICS]
         app.on_response_prepare.append(_add_request_id)
+    source = build_source(config)  # ConfigError now (a missing extra), not after listening
+    if source is not None:
+        app[DISCOVERY_SOURCE] = source
     app.cleanup_ctx.append(_lifecycle)
 
     def gen(spec: RouteSpec) -> Handler:
@@ -218,10 +226,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[REGISTRY].start(session, pool)
     try:
         # Replicas (redis_url set): load sync, shared membership; never waits on Redis to start.
+        # Discovery (router/discovery/): adds and retires workers through the registry.
         async with (
             replica_context(config, app[ROUTER], app[REGISTRY]) as replicas,
             _tenants(app[ADMIN].tenants, app[PROXY], replicas, config),
+            discovery_context(app.get(DISCOVERY_SOURCE), app[REGISTRY], app[METRICS]) as discovery,
         ):
+            if discovery is not None:
+                app[DISCOVERY] = discovery
             app[ADMIN].replicas = replicas
             try:
                 # PD: the cost meter, and the autoscaler with --autoscale (router/autoscale)

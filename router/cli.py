@@ -207,6 +207,7 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
         default=None,
         help="do not forward the class priority as SGLang's `priority` field",
     )
+    add_discovery_flags(p)
     p.add_argument("--disable-retries", action="store_true", help="same as --max-retries 0")
     p.add_argument("--disable-circuit-breaker", action="store_true", help="same as --cb-failure-threshold 0")
     p.add_argument(
@@ -215,8 +216,70 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
     return p
 
 
+# Service discovery (docs/discovery.md): (flags, config field, type, nargs, help). Names as sglang-router's
+# and smg's `--service-discovery` flags; the DNS ones are kvroute's own (neither peer resolves DNS).
+_DISCOVERY_FLAGS: list[tuple[tuple[str, ...], str, Any, str | None, str]] = [
+    (("--discovery-provider",), "discovery_provider", str, None, "kubernetes | dns | file"),
+    (("--selector",), "selector", str, "+", "Kubernetes label selector of worker pods (key=value ...)"),
+    (("--prefill-selector",), "prefill_selector", str, "+", "PD: label selector of prefill pods"),
+    (("--decode-selector",), "decode_selector", str, "+", "PD: label selector of decode pods"),
+    (("--service-discovery-port",), "service_discovery_port", int, None, "engine port of discovered workers"),
+    (("--service-discovery-namespace",), "service_discovery_namespace", str, None, "namespace (default all)"),
+    (
+        ("--bootstrap-port-annotation",),
+        "bootstrap_port_annotation",
+        str,
+        None,
+        "prefill pods' bootstrap port",
+    ),
+    (("--discovery-file",), "discovery_file", str, None, "JSON/YAML worker list, re-read when replaced"),
+    (
+        ("--discovery-check-interval-secs",),
+        "discovery_check_interval_s",
+        float,
+        None,
+        "seconds between file re-reads and DNS re-resolves (default 30)",
+    ),
+    (
+        ("--discovery-dns-name",),
+        "discovery_dns_name",
+        str,
+        None,
+        "DNS name of the workers (headless service)",
+    ),
+    (("--discovery-dns-prefill-name",), "discovery_dns_prefill_name", str, None, "PD: DNS name of prefill"),
+    (("--discovery-dns-decode-name",), "discovery_dns_decode_name", str, None, "PD: DNS name of decode"),
+    (("--discovery-dns-record",), "discovery_dns_record", str, None, "A (A+AAAA) or SRV (default A)"),
+    (
+        ("--discovery-dns-server",),
+        "discovery_dns_server",
+        str,
+        None,
+        "nameserver HOST[:PORT] (default system)",
+    ),
+    (
+        ("--discovery-dns-grace-secs",),
+        "discovery_dns_grace_s",
+        float,
+        None,
+        "seconds a name that stops resolving keeps its workers (default 30)",
+    ),
+]
+
+
+def add_discovery_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("service discovery (flags as sglang-router / smg; docs/discovery.md)")
+    g.add_argument(
+        "--service-discovery", action="store_true", default=None, help="discover workers on Kubernetes"
+    )
+    for flags, dest, typ, nargs, help_ in _DISCOVERY_FLAGS:
+        g.add_argument(*flags, dest=dest, type=typ, nargs=nargs, default=None, help=help_)
+
+
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RouterConfig:
     cli: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS}
+    cli.update({dest: getattr(args, dest) for _, dest, _, _, _ in _DISCOVERY_FLAGS})
+    cli["service_discovery"] = args.service_discovery
     cli["config"] = args.config
     cli["worker_urls"] = args.worker_urls
     cli["kv_events"] = args.kv_events

@@ -137,6 +137,23 @@ class RouterConfig:
     gpus_per_prefill_worker: int = 1  # GPUs one prefill engine holds (its TP x DP)
     gpus_per_decode_worker: int = 1  # GPUs one decode engine holds
     gpus_per_worker: int = 1  # GPUs one regular (aggregated) engine holds
+    # --- discovery (router/discovery/, docs/discovery.md; flag names as sglang-router's and smg's)
+    discovery_provider: str | None = None  # kubernetes | dns | file; None = --worker-urls and admin only
+    service_discovery: bool = False  # sglang-router's switch: the same as discovery_provider "kubernetes"
+    selector: str = ""  # Kubernetes label selector of regular workers ("app=sglang,tier=gpu"); "" = none
+    prefill_selector: str = ""  # label selector of prefill pods; "" = none
+    decode_selector: str = ""  # label selector of decode pods; "" = none
+    service_discovery_port: int = 80  # engine port on discovered pods (sglang-router's default)
+    service_discovery_namespace: str | None = None  # namespace watched; None = all (needs a ClusterRole)
+    bootstrap_port_annotation: str = "sglang.ai/bootstrap-port"  # prefill pods' bootstrap port
+    discovery_file: str | None = None  # JSON/YAML worker list the operator's tooling writes (file provider)
+    discovery_check_interval_s: float = 30.0  # seconds between file re-reads / DNS re-resolves; > 0
+    discovery_dns_name: str | None = None  # DNS name of regular workers (a headless service)
+    discovery_dns_prefill_name: str | None = None  # DNS name of prefill workers
+    discovery_dns_decode_name: str | None = None  # DNS name of decode workers
+    discovery_dns_record: str = "A"  # A (A and AAAA, port = service_discovery_port) | SRV (port from SRV)
+    discovery_dns_server: str | None = None  # nameserver HOST[:PORT]; None = the system's resolv.conf
+    discovery_dns_grace_s: float = 30.0  # seconds a name that stops resolving keeps its workers; 0 = none
     # --- admin
     admin_token: str | None = None  # bearer token for /admin/*; None = admin from loopback clients only
     log_level: str = "info"  # debug | info | warning | error
@@ -199,11 +216,45 @@ class RouterConfig:
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"redis_url must start with redis://, rediss:// or unix://: {self.redis_url!r}")
         _check_autoscale(self)
+        self._check_discovery()
         for url in (*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls):
             if not url.startswith("http://"):
                 raise ConfigError(
                     f"worker url must start with http:// (https to engines is not supported): {url!r}"
                 )
+
+    @property
+    def discovery(self) -> str | None:
+        """The discovery provider in use (`--service-discovery` is sglang-router's `kubernetes`)."""
+        return self.discovery_provider or ("kubernetes" if self.service_discovery else None)
+
+    def _check_discovery(self) -> None:
+        provider = self.discovery
+        if provider not in (None, "kubernetes", "dns", "file"):
+            raise ConfigError(f"discovery_provider must be kubernetes, dns or file, got {provider!r}")
+        if self.service_discovery and self.discovery_provider not in (None, "kubernetes"):
+            raise ConfigError(
+                "--service-discovery is the kubernetes provider; give it or --discovery-provider"
+            )
+        if provider == "kubernetes" and not (self.selector or self.prefill_selector or self.decode_selector):
+            raise ConfigError(
+                "Kubernetes discovery needs --selector (or --prefill-selector / --decode-selector)"
+            )
+        if (self.prefill_selector or self.decode_selector) and not self.pd_disaggregation:
+            raise ConfigError("--prefill-selector / --decode-selector need --pd-disaggregation")
+        if provider == "file" and not self.discovery_file:
+            raise ConfigError("the file discovery provider needs --discovery-file")
+        names = (self.discovery_dns_name, self.discovery_dns_prefill_name, self.discovery_dns_decode_name)
+        if provider == "dns" and not any(names):
+            raise ConfigError("DNS discovery needs --discovery-dns-name (or its -prefill / -decode names)")
+        if (self.discovery_dns_prefill_name or self.discovery_dns_decode_name) and not self.pd_disaggregation:
+            raise ConfigError("prefill/decode DNS names need --pd-disaggregation")
+        if self.discovery_dns_record not in ("A", "SRV"):
+            raise ConfigError(f"discovery_dns_record must be A or SRV, got {self.discovery_dns_record!r}")
+        if not 0 < self.service_discovery_port < 65536:
+            raise ConfigError(f"service_discovery_port out of range: {self.service_discovery_port}")
+        if self.discovery_check_interval_s <= 0:
+            raise ConfigError("discovery_check_interval_s must be > 0")
 
     @property
     def policy_params_dict(self) -> dict[str, Any]:
@@ -346,6 +397,20 @@ def parse_prefill(items: Any) -> tuple[tuple[str, int | None], ...]:
     return tuple(out)
 
 
+def parse_selector(raw: Any, what: str) -> str:
+    """A Kubernetes label selector as the API takes it (`app=sglang,role=prefill`), from sglang-router's
+    `--selector app=sglang role=prefill` items, one string (set-based forms pass through) or a mapping."""
+    if raw is None:
+        return ""
+    if isinstance(raw, Mapping):
+        return ",".join(f"{k}={_scalar_str(v)}" for k, v in raw.items())
+    if isinstance(raw, str):
+        return raw.strip()
+    if isinstance(raw, list | tuple):
+        return ",".join(str(item).strip() for item in raw if str(item).strip())
+    raise ConfigError(f"{what}: expected 'key=value ...', got {raw!r}")
+
+
 def _url_list(raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         raw = [s for s in raw.replace(",", " ").split() if s]
@@ -388,6 +453,8 @@ def _coerce(name: str, raw: Any) -> Any:
         return parse_pairs(raw, "policy_params")
     if name in ("tenants", "classes"):
         return _tables(name, raw)
+    if name in ("selector", "prefill_selector", "decode_selector"):
+        return parse_selector(raw, name)
     if raw is None:
         if "None" in t:
             return None

@@ -274,6 +274,26 @@ class Metrics:
             multiprocess_mode=LATEST,
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        # Discovery (router/discovery/): `source` is kubernetes | dns | file.
+        self.discovered_workers = Gauge(
+            "kvroute_discovery_workers",
+            "Workers the discovery source listed in its last snapshot.",
+            ["source"],
+            registry=r,
+            multiprocess_mode=LATEST,
+        )
+        self.discovery_changes = Counter(
+            "kvroute_discovery_changes",
+            "Registry changes made by discovery, by source and change (added, retired, returned).",
+            ["source", "change"],
+            registry=r,
+        )
+        self.discovery_errors = Counter(
+            "kvroute_discovery_errors",
+            "Discovery failures (API, DNS or file errors); the last known workers stay in force.",
+            ["source"],
+            registry=r,
+        )
 
         tc = ["tenant", "class"]
         self.tenant_requests = Counter(
@@ -327,6 +347,17 @@ class Metrics:
         self.quota_redis_outages = Counter(
             "kvroute_quota_redis_outages", "Times the quotas fell back to per-process.", registry=r
         )
+
+    # --- discovery (router.discovery.sync.DiscoveryObserver) ---------------------------------------
+
+    def discovery_change(self, source: str, change: str) -> None:
+        self.discovery_changes.labels(source, change).inc()
+
+    def discovery_error(self, source: str) -> None:
+        self.discovery_errors.labels(source).inc()
+
+    def discovery_workers(self, source: str, n: int) -> None:
+        self.discovered_workers.labels(source).set(n)
 
     # --- tenants (router.tenants.usage.TenantSink) ---------------------------------------------
 

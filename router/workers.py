@@ -5,7 +5,7 @@ it moves `Worker.state` between PENDING / HEALTHY / UNHEALTHY / DRAINING / REJEC
 index to each worker's KV events, corrects loads from `/get_load`, and reports workers that serve
 traffic while their events never arrive ("blind"). One asyncio task per worker; all are cancelled
 on removal and on close. The pure parts live beside it: `router.breaker` (circuit breaker) and
-`router.discovery` (`/server_info` -> worker fields, KV-event endpoint).
+`router.discovery.server_info` (`/server_info` -> worker fields, KV-event endpoint).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from router.types import Worker, WorkerRole, WorkerState
 
 log = logging.getLogger("kvroute.workers")
 
-# Re-exported: these lived here before `router/breaker.py` and `router/discovery.py`.
+# Re-exported: these lived here before `router/breaker.py` and `router/discovery/server_info.py`.
 __all__ = ["CircuitBreaker", "RegistryError", "WorkerRegistry", "blind_workers", "discover_kv_events"]
 
 INSTANCE_HEADER = "X-Kvroute-Instance"  # on the router's /health: its instance id (self-URL detection)
@@ -60,6 +60,7 @@ class _Entry:
     server_info: dict[str, Any] = field(default_factory=dict)
     reported_blind: bool = False
     reopen_handle: asyncio.TimerHandle | None = None
+    retire_task: asyncio.Task[None] | None = None  # `retire`: removes the worker once it is idle
 
 
 class WorkerRegistry:
@@ -155,6 +156,8 @@ class WorkerRegistry:
             raise RegistryError(f"unknown worker: {url}")
         if entry.reopen_handle:
             entry.reopen_handle.cancel()
+        if entry.retire_task and entry.retire_task is not asyncio.current_task():
+            entry.retire_task.cancel()
         if entry.task:
             entry.task.cancel()
             await asyncio.gather(entry.task, return_exceptions=True)
@@ -175,8 +178,35 @@ class WorkerRegistry:
         self._update_ready()
         return entry.worker
 
+    def retire(self, url: str, reason: str, poll_s: float = 0.2) -> Worker:
+        """Drain, then remove once none of this router's requests is in flight on the worker: streams
+        finish, nothing is cut. `undrain` or `remove` cancels it. For discovery (a worker that vanished)
+        and scaling; `poll_s`: seconds between looks at the worker's open requests."""
+        entry = self._get(url)
+        worker = self.drain(url)
+        worker.reason = reason
+        if entry.retire_task is None or entry.retire_task.done():
+            entry.retire_task = asyncio.create_task(
+                self._remove_when_idle(entry, poll_s), name=f"kvroute-retire {worker.url}"
+            )
+        return worker
+
+    def retiring(self, url: str) -> bool:
+        entry = self._entries.get(normalize_url(url))
+        return entry is not None and entry.retire_task is not None and not entry.retire_task.done()
+
+    async def _remove_when_idle(self, entry: _Entry, poll_s: float) -> None:
+        url = entry.worker.url
+        while self.router.load.open_tickets(url) > 0:
+            await asyncio.sleep(poll_s)
+        if self._entries.get(url) is entry:
+            await self.remove(url)
+
     def undrain(self, url: str) -> Worker:
         entry = self._get(url)
+        if entry.retire_task is not None:
+            entry.retire_task.cancel()
+            entry.retire_task = None
         if entry.worker.state is WorkerState.DRAINING:
             self._set_state(entry, WorkerState.HEALTHY if entry.registered_at else WorkerState.PENDING, None)
         return entry.worker

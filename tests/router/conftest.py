@@ -74,6 +74,8 @@ class FakeEngine:
     gate: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
+    host: str = "127.0.0.1"  # any 127.x.y.z: discovery tests give pods distinct addresses on one port
+    port: int = 0
     _runner: web.AppRunner | None = None
 
     async def start(self) -> FakeEngine:
@@ -89,7 +91,7 @@ class FakeEngine:
             app.router.add_post(path, self._generate)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
