@@ -55,6 +55,7 @@ class GenerateRequest:
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     lora_path: str | None = None
+    priority: int | None = None  # SGLang's request priority (used with --enable-priority-scheduling)
 
 
 @dataclass(slots=True)

@@ -300,9 +300,10 @@ class Admission:
             decision = None
             if not self.queue.waiting_at_or_above(cls.priority):
                 decision = self._try_route(request, cls)
+            wait = 0.0
             if decision is None:
                 decision = await self._wait(request, tenant, cls, tokens, t0, usage)
-            wait = self.clock() - t0
+                wait = self.clock() - t0
         except BaseException:
             if lease is not None:
                 lease.release()

@@ -279,6 +279,33 @@ class Router:
         self._stats[url].routed += 1
         return ticket
 
+    # --- admission (router/admission.py, router/tenants) ------------------------------------------
+
+    def enable_admission(self, tenants: Any = None, config: Any = None) -> Any:
+        """Turn admission control on in-process. `tenants`: a `TenantTable` (None: built-in classes
+        and the `default` tenant only); `config`: an `AdmissionConfig`. Returns the `Admission`."""
+        from router.admission import Admission
+        from router.tenants.table import TenantTable
+
+        if self.admission is not None:
+            raise RuntimeError("admission is already enabled")
+        self.admission = Admission(self, tenants or TenantTable.from_config({}), config)
+        return self.admission
+
+    def admit(self, request: RoutingRequest, tenant: str = "default", sla_class: str | None = None) -> Any:
+        """`async with router.admit(req, tenant="chat") as grant:` waits until some worker has room for
+        the request (or raises `router.tenants.Rejected`, a 429 in HTTP), then route it *before the
+        next await*: `ticket = router.on_routed(grant.decision, req, priority=grant.priority)`, and
+        release the ticket as usual; the grant's quota is released when the block exits. An unknown
+        tenant is `default`; `sla_class` may lower the tenant's class, never raise it."""
+        from router.tenants.identity import Identity
+
+        if self.admission is None:
+            raise RuntimeError("admission is off: call enable_admission() first")
+        table = self.admission.table
+        t = table.tenants.get(tenant) or table.tenants["default"]
+        return self.admission.admit(request, Identity(t, table.effective_class(t, sla_class)))
+
     def on_first_token(self, ticket: Ticket) -> None:
         self.load.on_first_token(ticket)
         for hook in self.released_hooks:

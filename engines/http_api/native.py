@@ -113,6 +113,7 @@ def _parse_generate(st: ApiState, d: dict[str, Any]) -> GenerateRequest:
         seed=seed,
         ignore_eos=bool(sp.get("ignore_eos", False)),
         stream=bool(d.get("stream", False)),
+        priority=int_field(d, "priority", None),
     )
     apply_bootstrap(d, req)
     return req

@@ -67,6 +67,7 @@ def _openai_common(st: ApiState, d: dict[str, Any], tokens: list[int], prefix: s
         seed=int_field(d, "seed", None),
         ignore_eos=bool(d.get("ignore_eos", False)),
         stream=bool(d.get("stream", False)),
+        priority=int_field(d, "priority", None),
     )
     apply_bootstrap(d, req)
     return req

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -71,6 +72,10 @@ class SimConfig:
     incremental_streaming_output: bool = False
     schedule_policy: SchedulePolicyName = "fcfs"
     """SGLang's `--schedule-policy` (its default: fcfs); lpm sorts the queue by cached prefix."""
+    enable_priority_scheduling: bool = False
+    """SGLang's `--enable-priority-scheduling`: the waiting queue is admitted by request `priority`
+    (larger first; none = lowest), then arrival (`_sort_by_priority_and_fcfs`); fcfs only, as in
+    SGLang. Running requests are not preempted (SGLang preempts past a priority gap of 10)."""
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -114,6 +119,12 @@ class RequestRecord:
     finish_reason: dict[str, object] | None
 
 
+def _priority_key(r: _Req) -> tuple[int, float]:
+    """SGLang's priority order (higher first; a request without one ranks last), then arrival."""
+    p = r.req.priority
+    return (-p if p is not None else sys.maxsize, r.arrival)
+
+
 def _prompt_ids(r: _Req) -> list[int]:
     return r.req.input_ids
 
@@ -142,6 +153,8 @@ class SimEngine:
         self.chunk_size = cfg.chunked_prefill_size or prof.chunked_prefill_size
         self.faults = cfg.faults
         self.policy = SchedulePolicy(cfg.schedule_policy)
+        if cfg.enable_priority_scheduling and cfg.schedule_policy != "fcfs":
+            raise ValueError("priority scheduling needs schedule_policy fcfs (SGLang refuses it with lpm)")
         self.registry = registry
         if cfg.disaggregation_mode != "null" and registry is None:
             raise ValueError("a PD engine needs a BootstrapRegistry shared with its partners")
@@ -512,7 +525,11 @@ class SimEngine:
             and len(self.prefilling) + len(self.decoding) < self.max_running
         ):
             # SGLang's calc_priority runs only when a prefill batch can be formed (batch not full).
-            ordered = self.policy.order(self.waiting, _prompt_ids, self._sort_match)
+            ordered: list[_Req] | None
+            if self.config.enable_priority_scheduling:
+                ordered = sorted(self.waiting, key=_priority_key)
+            else:
+                ordered = self.policy.order(self.waiting, _prompt_ids, self._sort_match)
             if ordered is not None:
                 self.waiting = deque(ordered)
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_running:

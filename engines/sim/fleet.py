@@ -84,6 +84,7 @@ class SimFleet:
         chunked_prefill_size: int | None = None,
         schedule_policy: SchedulePolicyName = "fcfs",
         empty_ok: bool = False,
+        enable_priority_scheduling: bool = False,
     ) -> None:
         if workers < 0 or prefill < 0 or decode < 0 or (workers + prefill + decode == 0 and not empty_ok):
             raise ValueError("a fleet needs at least one engine")
@@ -101,6 +102,7 @@ class SimFleet:
             max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size,
             schedule_policy=schedule_policy,
+            enable_priority_scheduling=enable_priority_scheduling,
             time_scale=time_scale,
             bootstrap_timeout_s=bootstrap_timeout_s,
             kv_events=kv_events,
@@ -257,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--schedule-policy", choices=SCHEDULE_POLICIES, default="fcfs", help="SGLang's; fcfs is its default"
     )
+    p.add_argument(
+        "--enable-priority-scheduling",
+        action="store_true",
+        help="SGLang's: admit waiting requests by their `priority` (larger first), then arrival",
+    )
     p.add_argument("--event-topic", default="")
     p.add_argument("--no-kv-events", action="store_true")
     p.add_argument("--model-path", default="sim/llama3-8b")
@@ -301,6 +308,7 @@ def fleet_from_args(args: argparse.Namespace) -> SimFleet:
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         schedule_policy=args.schedule_policy,
+        enable_priority_scheduling=args.enable_priority_scheduling,
     )
 
 

@@ -150,3 +150,42 @@ def test_extend_match_resumes_and_restarts_after_eviction() -> None:
     assert cache.alloc(256)  # evicts every page: the old node is dead, the match restarts from the root
     node, pages = cache.extend_match(keys, node, pages)
     assert (node, pages) == (None, 0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_priority_scheduling_admits_larger_priority_first(enabled: bool) -> None:
+    """SGLang's --enable-priority-scheduling (fcfs): by priority, larger first, then arrival; a request
+    without a priority goes last. Off, the queue stays in arrival order. One 1024-token step each."""
+    eng = SimEngine(
+        SimConfig(
+            time_scale=FAST,
+            kv_events=False,
+            enable_priority_scheduling=enabled,
+            faults=FaultConfig(stall=True),
+        )  # fmt: skip
+    )
+    await eng.start()
+    order: list[str] = []
+
+    async def one(rid: str, prio: int | None, i: int) -> None:
+        req = GenerateRequest(rid=rid, input_ids=prompt(i, 1000, i), max_new_tokens=1, priority=prio)
+        async for _ in eng.generate(req):
+            pass
+        order.append(rid)
+
+    try:
+        arrivals = [("none", None), ("low", 0), ("high", 2), ("mid", 1), ("high2", 2)]
+        tasks = []
+        for i, (rid, prio) in enumerate(arrivals):
+            tasks.append(asyncio.create_task(one(rid, prio, i)))
+            await wait_for(lambda n=i + 1: len(eng.waiting) == n, what=f"{rid} queued")
+        eng.set_faults({"stall": False})
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        await eng.close()
+    assert order == (["high", "high2", "mid", "low", "none"] if enabled else [a[0] for a in arrivals])
+
+
+def test_priority_scheduling_needs_fcfs() -> None:
+    with pytest.raises(ValueError, match="fcfs"):
+        SimEngine(SimConfig(schedule_policy="lpm", enable_priority_scheduling=True))
