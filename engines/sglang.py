@@ -72,7 +72,13 @@ class SGLangClient:
         *,
         control_timeout_s: float = 5.0,
         pool: Http1Pool | None = None,
+        api_key: str | None = None,
+        health_path: str = "/health",
+        health_timeout_s: float | None = None,
     ) -> None:
+        """`api_key`: the engine's `--api-key`, sent as `Authorization: Bearer` on every call (SGLang leaves
+        only paths starting with /health and /metrics open). `health_path` and `health_timeout_s`: the
+        health check (`--health-check-endpoint`, `--health-check-timeout-secs`; default: control timeout)."""
         self.session = session
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
@@ -82,6 +88,9 @@ class SGLangClient:
         self._host_header = parts.netloc
         self.pool = pool if pool is not None else Http1Pool()
         self._timeout = aiohttp.ClientTimeout(total=control_timeout_s or None)
+        self._auth = f"Bearer {api_key}" if api_key else None
+        self.health_path = health_path
+        self._health_timeout_s = control_timeout_s if health_timeout_s is None else health_timeout_s
         self._load_path: str | None = None  # learned: /get_load (<=0.5.10) or /v1/loads (newer)
 
     @property
@@ -96,7 +105,9 @@ class SGLangClient:
         self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None
     ) -> tuple[bytes, Mapping[str, str]]:
         data = orjson.dumps(json_body) if json_body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self._auth:
+            headers["Authorization"] = self._auth
         t = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout or None)
         try:
             async with self.session.request(
@@ -124,13 +135,23 @@ class SGLangClient:
             raise UpstreamProtocolError(self.url, f"{path}: not JSON") from exc
 
     async def health(self) -> Mapping[str, str]:
-        """Raises when unhealthy; returns the response headers (a kvroute router names itself there)."""
-        return (await self._exchange("GET", "/health"))[1]
+        """Raises when unhealthy; returns the response headers (a kvroute router names itself there).
+        The path and timeout are the operator's (`--health-check-endpoint`, `--health-check-timeout-secs`)."""
+        return (await self._exchange("GET", self.health_path, timeout=self._health_timeout_s))[1]
 
     async def health_generate(self, timeout: float | None = None) -> None:
         """`/health_generate`: the engine runs a one-token generation, so a wedged scheduler fails it
         (its `/health` may still answer 200)."""
         await self._exchange("GET", "/health_generate", timeout=timeout)
+
+    async def get_raw(self, path: str) -> tuple[int, str, bytes]:
+        """GET `path` as is: (status, content type, body), any status (for forwarded GET routes)."""
+        headers = {"Authorization": self._auth} if self._auth else {}
+        try:
+            async with self.session.get(self.url + path, headers=headers, timeout=self._timeout) as resp:
+                return resp.status, resp.content_type, await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise map_exception(self.url, exc) from exc
 
     async def server_info(self) -> dict[str, Any]:
         info = await self._get_json("/server_info", "/get_server_info")
@@ -183,7 +204,11 @@ class SGLangClient:
         """POST `body` unchanged with `headers` (end-to-end ones; Host and Content-Length are set here)
         and return once the response head arrived. The caller reads the body and `close()`s it."""
         parts = [f"POST {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
-        parts += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        if self._auth is None:
+            parts += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        else:  # the client's credentials were for the router; the engine gets its own key
+            parts += [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "authorization"]
+            parts.append(f"Authorization: {self._auth}\r\n")
         parts.append(f"Content-Length: {len(body)}\r\n\r\n")
         head = "".join(parts).encode("utf-8", "surrogateescape")
         return await self.pool.request(self.url, self._key, head, body, timeouts)

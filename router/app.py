@@ -79,11 +79,14 @@ def load_tokenizer(path: str) -> Tokenizer:
 def build_router(config: RouterConfig) -> Router:
     """ConfigError for an unknown policy, bad policy parameters or an unusable tokenizer."""
     tokenizer: Tokenizer | None = load_tokenizer(config.tokenizer) if config.tokenizer else None
+    params = config.policy_params_dict
+    if config.policy == "cache_aware":
+        params = {**_typed(config.cache_aware_params), **params}
     try:
         return Router(
             block_size=config.block_size,
             policy=config.policy,
-            policy_params=config.policy_params_dict,
+            policy_params=params,
             tokenizer=tokenizer,
             model_seed=config.model_seed,
         )
@@ -91,12 +94,23 @@ def build_router(config: RouterConfig) -> Router:
         raise ConfigError(str(exc)) from exc
 
 
+def _typed(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return RouterConfig(policy_params=pairs).policy_params_dict
+
+
 def pd_config(config: RouterConfig) -> PDConfig:
+    """The PD pools' policies; a cache_aware pool takes SGLang's tuning flags (`cache_aware_params`)."""
+
+    def params(policy: str) -> tuple[tuple[str, Any], ...]:
+        return tuple(_typed(config.cache_aware_params).items()) if policy == "cache_aware" else ()
+
     return PDConfig(
         local_prefill_max_tokens=config.pd_local_prefill_max_tokens,
         max_attempts=1 + config.max_retries,
         prefill_policy=config.prefill_policy,
+        prefill_policy_params=params(config.prefill_policy),
         decode_policy=config.decode_policy,
+        decode_policy_params=params(config.decode_policy),
     )
 
 
@@ -189,6 +203,21 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     admin.add_routes(app)
     ObservabilityApi(app[OBSERVABILITY], admin).add_routes(app)
     return app
+
+
+def create_side_app(main: web.Application, what: str) -> web.Application:
+    """A listener of its own over the main app's state: `metrics` (`--prometheus-port`: GET /metrics) or
+    `health` (`--health-check-port`: /health, /liveness, /readiness). Started once `main` is running."""
+    side = web.Application(middlewares=[error_middleware])
+    for key in (CONFIG, ROUTER, METRICS, REGISTRY, ADMIN):
+        side[key] = main[key]  # type: ignore[misc]
+    if what == "metrics":
+        side.router.add_get("/metrics", metrics_handler)
+    else:
+        side.router.add_get("/health", liveness)
+        side.router.add_get("/liveness", liveness)
+        side.router.add_get("/readiness", readiness)
+    return side
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

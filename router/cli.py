@@ -20,22 +20,32 @@ from typing import Any
 from router._version import __version__
 from router.autoscale.flags import add_flags as add_autoscale_flags
 from router.autoscale.flags import from_args as autoscale_flags
-from router.config import ConfigError, RouterConfig, build_config, unknown_env
+from router.config import ConfigError, RouterConfig, build_config, replace, unknown_env
 
 log = logging.getLogger("kvroute")
 
 # (flags, config field, type, help). Every default is None: unset flags fall through to env/file/defaults.
 _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
-    (("--host",), "host", str, "address to bind (default 127.0.0.1)"),
+    (("--host",), "host", str, "address to bind (default 127.0.0.1; SGLang's router: 0.0.0.0)"),
     (("--port",), "port", int, "port to bind (default 30000; 0 = any free port)"),
-    (("--policy",), "policy", str, "routing policy (default kv_aware)"),
+    (
+        ("--policy",),
+        "policy",
+        str,
+        "routing policy (default kv_aware; SGLang's: cache_aware); in PD mode both pools' unless named",
+    ),
     (
         ("--processes",),
         "processes",
         int,
         "serving processes on the port (SO_REUSEPORT), sharing state through --redis-url (default 1)",
     ),
-    (("--block-size",), "block_size", int, "tokens per KV block, a multiple of every engine's --page-size (default 16)"),
+    (
+        ("--block-size",),
+        "block_size",
+        int,
+        "tokens per KV block, a multiple of every engine's --page-size (default 16)",
+    ),
     (
         ("--tokenizer", "--tokenizer-path"),
         "tokenizer",
@@ -45,22 +55,75 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--model-seed",), "model_seed", str, "block-hash namespace (model identity); default shared"),
     (("--admin-token",), "admin_token", str, "bearer token for /admin/* (env KVROUTE_ADMIN_TOKEN)"),
     (
+        ("--api-key", "--engine-api-key"),
+        "engine_api_key",
+        str,
+        "key the engines were started with (--api-key): sent as 'Authorization: Bearer' on every engine call",
+    ),
+    (("--session-header",), "session_header", str, "consistent_hash's session key header (X-Session-Id)"),
+    (
         ("--max-body-bytes", "--max-payload-size"),
         "max_body_bytes",
         int,
-        "request body limit in bytes (0 = none)",
+        "request body limit in bytes (default 512 MiB as SGLang's; 0 = none)",
     ),
     (("--connect-timeout-secs",), "connect_timeout_s", float, "seconds to connect to an engine (0 = none)"),
-    (("--request-timeout-secs",), "request_timeout_s", float, "seconds per upstream request (0 = none)"),
+    (
+        ("--request-timeout-secs",),
+        "request_timeout_s",
+        float,
+        "seconds per upstream request (default 1800; 0 = none)",
+    ),
     (("--stream-idle-timeout-secs",), "stream_idle_timeout_s", float, "seconds between chunks (0 = none)"),
     (
-        ("--max-retries", "--retry-max-retries"),
+        ("--max-retries",),
         "max_retries",
         int,
-        "other workers tried before a reply (0 = none)",
+        "other workers tried after the first attempt (default 2; 0 = none; SGLang's --retry-max-retries N "
+        "counts all attempts: N-1)",
     ),
-    (("--health-check-interval-secs",), "health_check_interval_s", float, "seconds between checks (0 = off)"),
+    (
+        ("--retry-initial-backoff-ms",),
+        "retry_initial_backoff_ms",
+        float,
+        "pause before the first retry (default 0: at once, on another worker; SGLang's 50)",
+    ),
+    (("--retry-max-backoff-ms",), "retry_max_backoff_ms", float, "longest pause between retries (30000)"),
+    (("--retry-backoff-multiplier",), "retry_backoff_multiplier", float, "pause growth per retry (1.5)"),
+    (("--retry-jitter-factor",), "retry_jitter_factor", float, "random +/- share of each pause (0.2)"),
+    (
+        ("--health-check-interval-secs",),
+        "health_check_interval_s",
+        float,
+        "seconds between checks (default 10; SGLang's 60; 0 = off)",
+    ),
+    (("--health-check-timeout-secs",), "health_check_timeout_s", float, "seconds per health check (5)"),
+    (("--health-check-endpoint",), "health_check_endpoint", str, "the engines' health path (/health)"),
     (("--health-failure-threshold",), "health_failure_threshold", int, "failed checks before unhealthy"),
+    (
+        ("--health-success-threshold",),
+        "health_success_threshold",
+        int,
+        "good checks restoring an unhealthy worker (default 1; SGLang's 2)",
+    ),
+    (
+        ("--worker-startup-timeout-secs",),
+        "worker_startup_timeout_s",
+        float,
+        "a worker not healthy this long after it was added is rejected (1800; 0 = wait forever)",
+    ),
+    (
+        ("--worker-startup-check-interval", "--registration-retry-secs"),
+        "registration_retry_s",
+        float,
+        "seconds between health checks while a worker starts (default 1; SGLang's 30)",
+    ),
+    (
+        ("--worker-startup-delay",),
+        "worker_startup_delay_s",
+        float,
+        "seconds before a new worker's first check",
+    ),
     (("--cb-failure-threshold",), "circuit_failure_threshold", int, "failures opening the breaker (0 = off)"),
     (
         ("--cb-success-threshold",),
@@ -88,15 +151,49 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         float,
         "seconds between /get_load polls (0 = off)",
     ),
-    (("--prefill-policy",), "prefill_policy", str, "PD: prefill pool's policy (default kv_aware)"),
-    (("--decode-policy",), "decode_policy", str, "PD: decode pool's policy (default least_load)"),
+    (
+        ("--shutdown-grace-period-secs",),
+        "shutdown_grace_period_s",
+        float,
+        "on SIGTERM, seconds in-flight requests get to finish (180)",
+    ),
+    (
+        ("--prometheus-port",),
+        "prometheus_port",
+        int,
+        "separate metrics listener on this port (default none: /metrics on the main port; SGLang's 29000)",
+    ),
+    (("--prometheus-host",), "prometheus_host", str, "address of the metrics listener (0.0.0.0)"),
+    (
+        ("--health-check-port",),
+        "health_check_port",
+        int,
+        "also serve /health, /liveness, /readiness on this port",
+    ),
+    (
+        ("--prefill-policy",),
+        "prefill_policy",
+        str,
+        "PD: prefill pool's policy (default --policy, else kv_aware)",
+    ),
+    (
+        ("--decode-policy",),
+        "decode_policy",
+        str,
+        "PD: decode pool's policy (default --policy, else least_load)",
+    ),
     (
         ("--pd-local-prefill-max-tokens",),
         "pd_local_prefill_max_tokens",
         int,
         "PD: uncached prompts up to this many tokens run on a --worker-urls worker alone (0 = never)",
     ),
-    (("--redis-url",), "redis_url", str, "replicas: share load and membership through this Redis"),
+    (
+        ("--redis-url",),
+        "redis_url",
+        str,
+        "replicas: share load and membership through this Redis (smg: its conversation store)",
+    ),
     (
         ("--replica-id",),
         "replica_id",
@@ -130,7 +227,8 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         int,
         "tenants: prefill queued ahead on a worker before it counts as full (default 32768; 0 = none)",
     ),
-    (("--log-level",), "log_level", str, "debug | info | warning | error"),
+    (("--log-level",), "log_level", str, "debug | info | warn | warning | error"),
+    (("--log-dir",), "log_dir", str, "also write the log to LOG_DIR/kvroute.log"),
     (("--access-log",), "access_log", str, "JSON-lines access log file, one line per request ('-' = stdout)"),
     (
         ("--recent-requests",),
@@ -147,9 +245,54 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--trace-sample-ratio",), "trace_sample_ratio", float, "fraction of requests traced (default 1.0)"),
 ]
 
+# SGLang-router flags translated onto kvroute settings after the merge (router/peer_flags.py: MAPPED).
+# (flag, argparse nargs or None for one value, help)
+_MAPPED_FLAGS: list[tuple[str, str | None, str]] = [
+    ("--retry-max-retries", None, "SGLang's: total attempts (kvroute --max-retries N-1)"),
+    (
+        "--request-id-headers",
+        "*",
+        "headers read for the request id, first present wins (first: the one sent)",
+    ),
+    ("--routing-key-headers", "*", "smg's: the first names consistent_hash's session header"),
+    ("--cache-threshold", None, "cache_aware: matched share of the prompt to follow the cache (0.3)"),
+    ("--cache-match-threshold", None, "smg's name of --cache-threshold"),
+    ("--balance-abs-threshold", None, "cache_aware: imbalance, absolute (64 requests)"),
+    ("--spill-abs-threshold", None, "smg's name of --balance-abs-threshold"),
+    ("--balance-rel-threshold", None, "cache_aware: imbalance, relative (1.5)"),
+    ("--spill-rel-threshold", None, "smg's name of --balance-rel-threshold"),
+    ("--eviction-interval-secs", None, "cache_aware: seconds between expiry sweeps (60)"),
+    ("--max-tree-size", None, "cache_aware: SGLang's characters, as blocks at 4 characters per token"),
+    ("--cache-ttl-secs", None, "cache_aware: seconds a routed prompt counts as cached (kvroute 600)"),
+    ("--load-monitor-interval", None, "smg's name of --load-poll-interval-secs"),
+    ("--model-path", None, "a local model directory whose tokenizer kvroute uses (--tokenizer)"),
+    ("--model", None, "smg's name of --model-path"),
+]
+# cache_aware param of each tuning flag
+_CACHE_AWARE_FLAGS = {
+    "cache_threshold": "cache_threshold",
+    "cache_match_threshold": "cache_threshold",
+    "balance_abs_threshold": "balance_abs_threshold",
+    "spill_abs_threshold": "balance_abs_threshold",
+    "balance_rel_threshold": "balance_rel_threshold",
+    "spill_rel_threshold": "balance_rel_threshold",
+    "eviction_interval_secs": "eviction_interval_secs",
+    "max_tree_size": "max_tree_size",
+    "cache_ttl_secs": "ttl_secs",
+}
+_CHARS_PER_TOKEN = 4  # SGLang's cache_aware tree counts characters
+
+
+def _dest(flag: str) -> str:
+    return "peer_" + flag.lstrip("-").replace("-", "_")
+
 
 def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Run the KV-cache-aware router.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the KV-cache-aware router. Every flag of SGLang's router (sglang-router 0.3.2, smg "
+        "1.13) is accepted: same meaning, mapped, or refused with the reason (docs/operations.md).",
+    )
     p.add_argument("--config", default=None, help="TOML/YAML/JSON config file (CLI > KVROUTE_* env > file)")
     p.add_argument("--worker-urls", nargs="*", default=None, help="engine URLs to register at start-up")
     p.add_argument(
@@ -208,11 +351,17 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
         help="do not forward the class priority as SGLang's `priority` field",
     )
     add_discovery_flags(p)
+    p.add_argument("--dp-aware", action="store_true", default=None, help="route to data-parallel ranks")
+    p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
     p.add_argument("--disable-retries", action="store_true", help="same as --max-retries 0")
     p.add_argument("--disable-circuit-breaker", action="store_true", help="same as --cb-failure-threshold 0")
     p.add_argument(
         "--disable-health-check", action="store_true", help="same as --health-check-interval-secs 0"
     )
+    mapped = p.add_argument_group("SGLang router flags translated onto kvroute's (router/peer_flags.py)")
+    for flag, nargs, help_ in _MAPPED_FLAGS:
+        mapped.add_argument(flag, dest=_dest(flag), nargs=nargs, default=None, help=help_)
+    _add_peer_flags(p)
     return p
 
 
@@ -276,7 +425,52 @@ def add_discovery_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(*flags, dest=dest, type=typ, nargs=nargs, default=None, help=help_)
 
 
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    """The peers' flags kvroute has no setting for: accepted, then warned about or refused (with why)."""
+    from router.peer_flags import PEER_FLAGS, Support
+
+    known = {s for a in p._actions for s in a.option_strings}
+    g = p.add_argument_group(
+        "SGLang router flags without effect (a warning says why) or refused at start-up (the error says why)"
+    )
+    for flag, spec in PEER_FLAGS.items():
+        if flag in known:
+            continue
+        if spec.support not in (Support.INERT, Support.REFUSED):
+            raise AssertionError(f"{flag} is {spec.support} in router/peer_flags.py but not a serve flag")
+        word = "no effect" if spec.support is Support.INERT else "refused"
+        help_ = f"{word}: {spec.note}".replace("%", "%%")
+        if spec.arity == "0":
+            g.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=help_)
+        else:
+            nargs = None if spec.arity == "1" else spec.arity
+            g.add_argument(flag, dest=_dest(flag), nargs=nargs, default=None, help=help_)
+
+
+def peer_flag_effects(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) for the inert and refused peer flags given on the command line."""
+    from router.peer_flags import PEER_FLAGS, Support, refusal
+
+    refused: list[str] = []
+    warnings: list[str] = []
+    for flag, spec in PEER_FLAGS.items():
+        value = getattr(args, _dest(flag), None)
+        if value is None or spec.support in (Support.SAME, Support.MAPPED):
+            continue
+        values = [] if value is True else [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        why = refusal(flag, values)
+        if why is not None:
+            refused.append(why)
+        elif spec.support is Support.INERT:
+            warnings.append(f"{flag} has no effect in kvroute: {spec.note}")
+    return refused, warnings
+
+
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RouterConfig:
+    """ConfigError for bad values and for refused SGLang-router flags (router/peer_flags.py)."""
+    refused, _ = peer_flag_effects(args)
+    if refused:
+        raise ConfigError(refused[0] if len(refused) == 1 else "; ".join(refused))
     cli: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS}
     cli.update({dest: getattr(args, dest) for _, dest, _, _, _ in _DISCOVERY_FLAGS})
     cli["service_discovery"] = args.service_discovery
@@ -292,21 +486,101 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cli["admission"] = args.admission
     cli["engine_priority"] = args.engine_priority
     cli.update(autoscale_flags(args))
+    cli["dp_aware"] = args.dp_aware
+    cli["log_json"] = args.log_json
+    if cli.get("log_level") == "warn":
+        cli["log_level"] = "warning"
     if args.disable_retries:
         cli["max_retries"] = 0
     if args.disable_circuit_breaker:
         cli["circuit_failure_threshold"] = 0
     if args.disable_health_check:
         cli["health_check_interval_s"] = 0
-    return build_config(cli, environ=os.environ if environ is None else environ)
+    _map_peer_flags(args, cli)
+    config = build_config(cli, environ=os.environ if environ is None else environ)
+    return _map_cache_aware(args, config)
 
 
-def setup_logging(level: str, tag: str = "") -> None:
-    """`tag`: names the process in every line (`serve --processes N` runs N of them on one stderr)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s {tag + ' ' if tag else ''}%(name)s: %(message)s",
+def _map_peer_flags(args: argparse.Namespace, cli: dict[str, Any]) -> None:
+    """The MAPPED peer flags that translate to one config value each (CLI layer: they beat env and file)."""
+    v = getattr(args, "peer_retry_max_retries", None)
+    if v is not None and not args.disable_retries:
+        try:
+            cli["max_retries"] = max(0, int(v) - 1)
+        except ValueError as exc:
+            raise ConfigError(f"--retry-max-retries: expected an integer, got {v!r}") from exc
+    headers = args.peer_request_id_headers
+    if headers:
+        cli["request_id_header"] = headers[0]
+        cli["request_id_headers"] = tuple(headers[1:])
+    if args.peer_routing_key_headers:
+        cli["session_header"] = args.peer_routing_key_headers[0]
+    for name in ("peer_load_monitor_interval",):
+        if getattr(args, name) is not None and cli.get("load_poll_interval_s") is None:
+            cli["load_poll_interval_s"] = getattr(args, name)
+    model = args.peer_model_path or args.peer_model
+    if model is not None and cli.get("tokenizer") is None:
+        cli["tokenizer"] = model
+
+
+def _map_cache_aware(args: argparse.Namespace, config: RouterConfig) -> RouterConfig:
+    params: dict[str, str] = dict(config.cache_aware_params)
+    for flag_name, param in _CACHE_AWARE_FLAGS.items():
+        value = getattr(args, "peer_" + flag_name, None)
+        if value is None:
+            continue
+        if flag_name == "max_tree_size":
+            try:
+                value = str(max(1, int(value) // (_CHARS_PER_TOKEN * config.block_size)))
+            except ValueError as exc:
+                raise ConfigError(f"--max-tree-size: expected an integer, got {value!r}") from exc
+        params[param] = str(value)
+    if not params:
+        return config
+    return replace(config, cache_aware_params=tuple(params.items()))
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (`--log-json`): time, level, logger, message, and the traceback if any."""
+
+    def __init__(self, tag: str = "") -> None:
+        super().__init__()
+        self.tag = tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.tag:
+            out["process"] = self.tag
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+
+def setup_logging(level: str, tag: str = "", log_dir: str | None = None, log_json: bool = False) -> None:
+    """`tag`: names the process in every line (`serve --processes N` runs N of them on one stderr).
+    `log_dir`: also append to LOG_DIR/kvroute.log (created when missing)."""
+    formatter: logging.Formatter = (
+        JsonLogFormatter(tag)
+        if log_json
+        else logging.Formatter(f"%(asctime)s %(levelname)s {tag + ' ' if tag else ''}%(name)s: %(message)s")
     )
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_dir:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            handlers.append(logging.FileHandler(os.path.join(log_dir, "kvroute.log")))
+        except OSError as exc:
+            raise ConfigError(f"--log-dir {log_dir}: {exc.strerror}") from exc
+    for h in handlers:
+        h.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers)
 
 
 async def serve(
@@ -314,18 +588,35 @@ async def serve(
 ) -> None:
     """Run the router until SIGINT/SIGTERM; `ready(url)` is called once it listens. `reuse_port`: share
     the port with the other processes of `serve --processes N` (off otherwise: a second router on a
-    taken port must fail, not split the traffic)."""
+    taken port must fail, not split the traffic). On the signal, in-flight requests get
+    `shutdown_grace_period_s` to finish. The optional metrics and health listeners
+    (`--prometheus-port`, `--health-check-port`) serve the same state."""
     from aiohttp import web
 
-    from router.app import create_app
+    from router.app import create_app, create_side_app
 
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace_period_s
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
+    side_runners: list[web.AppRunner] = []
     try:
         await site.start()
+        for port, host, what in (
+            (config.prometheus_port, config.prometheus_host, "metrics"),
+            (config.health_check_port, config.host, "health"),
+        ):
+            if port:
+                side = web.AppRunner(create_side_app(app, what), access_log=None)
+                await side.setup()
+                side_runners.append(side)
+                await web.TCPSite(side, host, port, reuse_port=reuse_port or None).start()
+                log.info("kvroute %s listener on http://%s:%d", what, host, port)
     except BaseException:  # the app has started (registry, Redis tasks): stop it before saying why
+        for side in side_runners:
+            await side.cleanup()
         await runner.cleanup()
         raise
     host, port = runner.addresses[0][:2]
@@ -346,6 +637,8 @@ async def serve(
     try:
         await stop.wait()
     finally:
+        for side in side_runners:
+            await side.cleanup()
         await runner.cleanup()
 
 
@@ -362,12 +655,16 @@ def cmd_serve(argv: Sequence[str]) -> int:
     args = build_serve_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        setup_logging(config.log_level, log_dir=config.log_dir, log_json=config.log_json)
     except ConfigError as exc:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
     for warning in unknown_env(os.environ):
         log.warning("%s", warning)
+    for warning in peer_flag_effects(args)[1]:
+        log.warning("%s", warning)
+    if config.redis_url and config.processes == 1:
+        log.info("--redis-url: router replicas share load and membership there (not a conversation store)")
     if config.processes > 1:
         from router.supervisor import ServeSupervisor
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from router.peer_flags import POLICY_ALIASES
+
 ENV_PREFIX = "KVROUTE_"
 CONFIG_ENV = "KVROUTE_CONFIG"  # the config file's path, when no --config is given
 # KVROUTE_* variables that are not settings of the router (read by tests and scripts).
@@ -42,8 +44,20 @@ class RouterConfig:
     # --- serving
     host: str = "127.0.0.1"  # address to bind; "0.0.0.0" for every interface
     port: int = 30000  # TCP port; 0 picks a free one
-    max_body_bytes: int = 32 * 1024 * 1024  # request body limit in bytes (413 above it); 0 = no limit
-    request_id_header: str = "X-Request-Id"  # propagated to engines, created when absent
+    max_body_bytes: int = (
+        512 * 1024 * 1024
+    )  # request body limit in bytes (413 above it), SGLang's; 0 = no limit
+    request_id_header: str = "X-Request-Id"  # propagated to engines and answered, created when absent
+    request_id_headers: tuple[str, ...] = ()  # more headers read for a client's request id, in order, after
+    # request_id_header (SGLang's --request-id-headers); () = only request_id_header
+    shutdown_grace_period_s: float = 180.0  # on SIGTERM, seconds in-flight requests get to finish (SGLang's)
+    prometheus_port: int = (
+        0  # separate metrics listener (GET /metrics) on this port; 0 = none (main port only)
+    )
+    prometheus_host: str = "0.0.0.0"  # address of that listener
+    health_check_port: int = 0  # also serve /health, /liveness, /readiness on this port; 0 = none
+    log_dir: str | None = None  # also log to LOG_DIR/kvroute.log (created when missing); None = stderr only
+    log_json: bool = False  # one JSON object per log line
     session_header: str = "X-Session-Id"  # consistent_hash affinity key; the OpenAI `user` field otherwise
     processes: int = 1  # serving processes on one port (SO_REUSEPORT), replicas sharing state through
     # Redis (router/supervisor.py); > 1 needs redis_url and a fixed port
@@ -53,27 +67,44 @@ class RouterConfig:
     block_size: int = 16  # tokens per KV block; a multiple of every engine's --page-size (checked)
     tokenizer: str | None = None  # local Hugging Face tokenizer dir/file; None = built-in byte tokenizer
     model_seed: str = ""  # namespace of block hashes (model identity); "" = one shared namespace
+    engine_api_key: str | None = (
+        None  # sent to engines as `Authorization: Bearer` (SGLang's --api-key); None = none
+    )
+    dp_aware: bool = False  # route to a data-parallel rank of each engine (`routed_dp_rank`), per-rank events
     # --- routing
     policy: str = "kv_aware"  # random | round_robin | least_load | power_of_two | consistent_hash | ...
     policy_params: tuple[tuple[str, str], ...] = ()  # policy parameters as given (k=v), typed by the policy
+    cache_aware_params: tuple[tuple[str, str], ...] = ()  # params of every cache_aware policy (main and PD
+    # pools), from SGLang's tuning flags (--cache-threshold ...); policy_params win for the main policy
     # --- prefill/decode disaggregation (router/pd.py; flag shapes as SGLang's router)
     pd_disaggregation: bool = False  # route generation through (prefill, decode) pairs
     prefill_urls: tuple[tuple[str, int | None], ...] = ()  # (url, bootstrap port or None = /server_info's)
     decode_urls: tuple[str, ...] = ()  # decode servers registered at start-up
-    prefill_policy: str = "kv_aware"  # prefill pool's policy (kv_aware runs with decode_weight=0)
-    decode_policy: str = "least_load"  # decode pool's policy
+    prefill_policy: str = "kv_aware"  # prefill pool's policy (kv_aware runs with decode_weight=0); when only
+    # `policy` is given, that one (as SGLang's router)
+    decode_policy: str = "least_load"  # decode pool's policy; when only `policy` is given, that one
     pd_local_prefill_max_tokens: int = 0  # conditional disaggregation: uncached prompts up to this many
     # tokens run on a regular (--worker-urls) worker alone; 0 = always disaggregate
     # --- upstream timeouts and retries
     connect_timeout_s: float = 5.0  # seconds to open a connection to an engine; 0 = no limit
-    request_timeout_s: float = 600.0  # seconds for a whole upstream request; 0 = no limit
+    request_timeout_s: float = 1800.0  # seconds for a whole upstream request (SGLang's); 0 = no limit
     stream_idle_timeout_s: float = 300.0  # seconds between two chunks of a response; 0 = no limit
     max_retries: int = 2  # extra workers tried before anything reached the client; 0 = no retry
+    # (SGLang's --retry-max-retries N counts all attempts: max_retries = N - 1)
+    retry_initial_backoff_ms: float = 0.0  # pause before the first retry; 0 = retry at once (another worker)
+    retry_max_backoff_ms: float = 30000.0  # longest pause between two attempts
+    retry_backoff_multiplier: float = 1.5  # pause growth per retry (>= 1)
+    retry_jitter_factor: float = 0.2  # each pause varies by up to +/- this share (0..1); 0 = exact
     # --- registry
     control_timeout_s: float = 5.0  # seconds for health/info/load calls; 0 = no limit
     health_check_interval_s: float = 10.0  # seconds between health checks per worker; 0 = disabled
     health_failure_threshold: int = 3  # consecutive failed checks that mark a worker unhealthy
+    health_success_threshold: int = 1  # consecutive good checks that restore an unhealthy worker (>= 1)
+    health_check_timeout_s: float = 5.0  # seconds for one health check; 0 = no limit
+    health_check_endpoint: str = "/health"  # the engines' health path (SGLang: /health or /health_generate)
     registration_retry_s: float = 1.0  # seconds between /health tries while a worker registers
+    worker_startup_timeout_s: float = 1800.0  # a registering worker not healthy by then is rejected; 0 = wait
+    worker_startup_delay_s: float = 0.0  # seconds before a new worker's first health check
     circuit_failure_threshold: int = 5  # consecutive request failures that open the breaker; 0 = no breaker
     circuit_cooldown_s: float = 30.0  # seconds an open breaker waits before a half-open probe
     circuit_success_threshold: int = 2  # successes in half-open that close the breaker
@@ -166,6 +197,10 @@ class RouterConfig:
         for name in (
             "max_body_bytes",
             "max_retries",
+            "prometheus_port",
+            "health_check_port",
+            "retry_initial_backoff_ms",
+            "retry_max_backoff_ms",
             "pd_local_prefill_max_tokens",
             "health_failure_threshold",
             "circuit_failure_threshold",
@@ -190,6 +225,19 @@ class RouterConfig:
             raise ConfigError(f"recent_requests must be >= 0, got {self.recent_requests}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
+        if self.health_success_threshold < 1:
+            raise ConfigError(f"health_success_threshold must be >= 1, got {self.health_success_threshold}")
+        if self.retry_backoff_multiplier < 1:
+            raise ConfigError(f"retry_backoff_multiplier must be >= 1, got {self.retry_backoff_multiplier}")
+        if not 0 <= self.retry_jitter_factor <= 1:
+            raise ConfigError(f"retry_jitter_factor must be in [0, 1], got {self.retry_jitter_factor}")
+        if not self.health_check_endpoint.startswith("/"):
+            raise ConfigError(
+                f"health_check_endpoint must be a path starting with /: {self.health_check_endpoint!r}"
+            )
+        for name in ("prometheus_port", "health_check_port"):
+            if getattr(self, name) > 65535:
+                raise ConfigError(f"{name} out of range: {getattr(self, name)}")
         if self.processes < 1:
             raise ConfigError(f"processes must be >= 1, got {self.processes}")
         if self.processes > 1 and self.redis_url is None:
@@ -299,7 +347,9 @@ def _check_autoscale(c: RouterConfig) -> None:
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be >= 1")
     if c.gpu_hour_cost < 0 or c.autoscale_hysteresis < 0 or c.autoscale_down_intervals < 1:
-        raise ConfigError("gpu_hour_cost and autoscale_hysteresis must be >= 0, autoscale_down_intervals >= 1")
+        raise ConfigError(
+            "gpu_hour_cost and autoscale_hysteresis must be >= 0, autoscale_down_intervals >= 1"
+        )
     if not 0.0 < c.autoscale_max_utilization < 1.0:
         raise ConfigError("autoscale_max_utilization must be in (0, 1)")
     if c.autoscale_scaler not in ("sim", "command", "kubernetes"):
@@ -411,6 +461,12 @@ def parse_selector(raw: Any, what: str) -> str:
     raise ConfigError(f"{what}: expected 'key=value ...', got {raw!r}")
 
 
+def _name_list(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = raw.replace(",", " ").split()
+    return tuple(str(h).strip() for h in raw if str(h).strip())
+
+
 def _url_list(raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         raw = [s for s in raw.replace(",", " ").split() if s]
@@ -449,8 +505,12 @@ def _coerce(name: str, raw: Any) -> Any:
         return parse_prefill(raw)
     if name == "kv_events":
         return parse_kv_events(raw)
-    if name == "policy_params":
-        return parse_pairs(raw, "policy_params")
+    if name in ("policy_params", "cache_aware_params"):
+        return parse_pairs(raw, name)
+    if name == "request_id_headers":
+        return _name_list(raw)
+    if name in ("policy", "prefill_policy", "decode_policy") and isinstance(raw, str):
+        return POLICY_ALIASES.get(raw, raw)
     if name in ("tenants", "classes"):
         return _tables(name, raw)
     if name in ("selector", "prefill_selector", "decode_selector"):
@@ -562,6 +622,9 @@ def build_config(
     merged: dict[str, Any] = load_file(path) if path else {}
     merged.update(env)
     merged.update(cli)
+    if "policy" in merged:  # SGLang's router: --policy sets both PD pools unless they are named
+        for pool in ("prefill_policy", "decode_policy"):
+            merged.setdefault(pool, merged["policy"])
     values = {k: _coerce(k, v) for k, v in merged.items()}
     return RouterConfig(**values)
 

@@ -39,6 +39,7 @@ from router.metrics import Metrics
 from router.observability import PHASES, Observability
 from router.pd import PDContext, forward_pd
 from router.policies.base import NoWorkerAvailable
+from router.retry import RetryBackoff
 from router.types import Decision
 from router.wire import (
     RoutingFields,
@@ -140,6 +141,7 @@ class Proxy:
         )
         self._background: set[asyncio.Task[None]] = set()
         self.tenants: Any = None  # router.tenants.runtime.TenantRuntime when admission is on
+        self.backoff = RetryBackoff.from_config(config)
 
     async def close(self) -> None:
         """Wait for the abort notices still being sent."""
@@ -287,6 +289,9 @@ class Proxy:
                 assert last is not None
                 self.metrics.retries.labels(spec.path, _kind(last)).inc()
                 log.info("retrying %s on %s after %s", rid_header, url, last)
+                pause = self.backoff.delay_s(tried)
+                if pause > 0:
+                    await asyncio.sleep(pause)
             tried += 1
             try:
                 return await self._attempt(

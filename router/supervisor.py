@@ -249,7 +249,12 @@ def serve_process(config: RouterConfig, ready: Connection, supervisor_pid: int) 
     from router.cli import run_async, serve, setup_logging
 
     _exit_with_parent(supervisor_pid)
-    setup_logging(config.log_level, tag=f"[{config.replica_id.rsplit('-', 1)[-1]}]")
+    setup_logging(
+        config.log_level,
+        tag=f"[{config.replica_id.rsplit('-', 1)[-1]}]",
+        log_dir=config.log_dir,
+        log_json=config.log_json,
+    )
 
     def on_ready(url: str) -> None:
         ready.send(url)

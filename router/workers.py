@@ -37,6 +37,14 @@ __all__ = ["CircuitBreaker", "RegistryError", "WorkerRegistry", "blind_workers",
 INSTANCE_HEADER = "X-Kvroute-Instance"  # on the router's /health: its instance id (self-URL detection)
 
 
+class _Refused(Exception):
+    """The engine refuses the router (wrong or missing API key): registration cannot succeed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RegistryError(ValueError):
     """An admin operation on the registry cannot be done (unknown or duplicate worker, bad URL)."""
 
@@ -53,6 +61,7 @@ class _Entry:
     task: asyncio.Task[None] | None = None
     registered_at: float | None = None
     health_failures: int = 0
+    health_successes: int = 0  # consecutive good checks (restores an unhealthy worker at the threshold)
     last_health_error: str | None = None
     subscribed: bool = False
     subscribe_error: str | None = None
@@ -131,7 +140,13 @@ class WorkerRegistry:
         entry = _Entry(
             worker=worker,
             client=SGLangClient(
-                self._session, url, control_timeout_s=self.config.control_timeout_s, pool=self._pool
+                self._session,
+                url,
+                control_timeout_s=self.config.control_timeout_s,
+                pool=self._pool,
+                api_key=self.config.engine_api_key,
+                health_path=self.config.health_check_endpoint,
+                health_timeout_s=self.config.health_check_timeout_s,
             ),
             breaker=CircuitBreaker(
                 self.config.circuit_failure_threshold,
@@ -391,29 +406,43 @@ class WorkerRegistry:
             self._set_state(e, WorkerState.UNHEALTHY, "internal error in registry task (see log)")
 
     async def _register(self, e: _Entry) -> bool:
-        """/health until it answers, then /server_info and /model_info; checks the page size."""
+        """Health until it answers, then /server_info and /model_info; checks the page size. A worker
+        whose info is refused (401/403: the engine runs with --api-key) is REJECTED with the reason; one
+        whose info fails otherwise is retried; one not through by `worker_startup_timeout_s` is REJECTED."""
         w = e.worker
+        cfg = self.config
+        started = time.monotonic()
+        if cfg.worker_startup_delay_s > 0:
+            await asyncio.sleep(cfg.worker_startup_delay_s)
         attempts = 0
+        info: dict[str, Any] = {}
         while True:
+            stage = cfg.health_check_endpoint
             try:
                 headers = await e.client.health()
+                if self.instance_id and headers.get(INSTANCE_HEADER) == self.instance_id:
+                    raise _Refused(
+                        "this URL reaches the router itself (a worker must be an engine, not this router)"
+                    )
+                stage = "/server_info"
+                info = await self._server_info(e)
                 break
+            except _Refused as exc:
+                self._set_state(e, WorkerState.REJECTED, exc.reason)
+                log.error("worker %s REJECTED: %s", w.url, exc.reason)
+                return False
             except UpstreamError as exc:
                 attempts += 1
-                w.reason = f"waiting for /health: {exc.message}"
+                w.reason = f"waiting for {stage}: {exc.message}"
                 if attempts == 1 or attempts % 30 == 0:
-                    log.info("worker %s not up yet (%s)", w.url, exc.message)
-                await asyncio.sleep(self.config.registration_retry_s)
-        if self.instance_id and headers.get(INSTANCE_HEADER) == self.instance_id:
-            why = "this URL reaches the router itself (a worker must be an engine, not this router)"
-            self._set_state(e, WorkerState.REJECTED, why)
-            log.error("worker %s REJECTED: %s", w.url, why)
-            return False
-        info: dict[str, Any] = {}
-        try:
-            info = await e.client.server_info()
-        except UpstreamError as exc:
-            log.warning("worker %s: /server_info unavailable (%s); page size unchecked", w.url, exc.message)
+                    log.info("worker %s not up yet (%s)", w.url, w.reason)
+            timeout = cfg.worker_startup_timeout_s
+            if timeout > 0 and time.monotonic() - started >= timeout:
+                reason = f"not ready within --worker-startup-timeout-secs {timeout:g} ({w.reason})"
+                self._set_state(e, WorkerState.REJECTED, reason)
+                log.error("worker %s REJECTED: %s", w.url, reason)
+                return False
+            await asyncio.sleep(cfg.registration_retry_s)
         minfo: dict[str, Any] = {}
         try:
             minfo = await e.client.model_info()
@@ -441,6 +470,24 @@ class WorkerRegistry:
             w.kv_events_endpoint or "none",
         )
         return True
+
+    async def _server_info(self, e: _Entry) -> dict[str, Any]:
+        """/server_info; {} when the engine has none (404: page size unchecked, said in the log).
+        `_Refused` on 401/403; other failures raise (the caller retries)."""
+        try:
+            return await e.client.server_info()
+        except UpstreamHTTPError as exc:
+            if exc.status in (401, 403):
+                hint = (
+                    "the key given with --api-key is not the engine's"
+                    if self.config.engine_api_key
+                    else "the engine runs with --api-key: give kvroute the same key (--api-key)"
+                )
+                raise _Refused(f"/server_info answered {exc.status}: {hint}") from exc
+            if exc.status == 404:
+                log.warning("worker %s: no /server_info (404); page size unchecked", e.worker.url)
+                return {}
+            raise
 
     def _apply_info(self, e: _Entry, info: dict[str, Any], minfo: dict[str, Any]) -> None:
         apply_server_info(e.worker, info, minfo, e.kv_override)
@@ -475,6 +522,7 @@ class WorkerRegistry:
             try:
                 await e.client.health()
             except UpstreamError as exc:
+                e.health_successes = 0
                 e.health_failures += 1
                 e.last_health_error = exc.message
                 self.metrics.health_check_failures.labels(w.url).inc()
@@ -484,7 +532,12 @@ class WorkerRegistry:
                 continue
             e.health_failures = 0
             e.last_health_error = None
-            if w.state is WorkerState.UNHEALTHY and e.breaker.poll() != "open":
+            e.health_successes += 1
+            if (
+                w.state is WorkerState.UNHEALTHY
+                and e.breaker.poll() != "open"
+                and e.health_successes >= self.config.health_success_threshold
+            ):
                 self._set_state(e, WorkerState.HEALTHY, None)
                 log.info("worker %s healthy again", w.url)
 

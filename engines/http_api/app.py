@@ -14,6 +14,25 @@ from engines.http_api.common import STATE, ApiState, byte_tokenizer
 from engines.http_api.metrics import EngineCollector, metrics
 
 
+def api_key_middleware(api_key: str) -> Any:
+    """SGLang's `utils/auth.py` for the plain `--api-key`: 401 `{"error": "Unauthorized"}` without the key;
+    paths starting with /health or /metrics stay open (probes), as do the simulator's /sim/ knobs."""
+    expected = f"Bearer {api_key}"
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        path = request.path
+        if (
+            path.startswith(("/health", "/metrics", "/sim/"))
+            or request.headers.get("Authorization") == expected
+        ):
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        return web.json_response({"error": "Unauthorized"}, status=401)
+
+    return check
+
+
 def create_app(
     core: EngineCore,
     *,
@@ -21,8 +40,10 @@ def create_app(
     served_model_name: str | None = None,
     extra_server_info: dict[str, Any] | None = None,
     manage_core: bool = True,
+    api_key: str | None = None,
 ) -> web.Application:
-    """The SGLang-compatible app over `core`. With `manage_core`, the app starts and closes the engine."""
+    """The SGLang-compatible app over `core`. With `manage_core`, the app starts and closes the engine.
+    `api_key`: SGLang's `--api-key` (all routes need `Authorization: Bearer KEY` but /health*, /metrics*)."""
     st = ApiState(
         core=core,
         tokenizer=tokenizer or byte_tokenizer(),
@@ -30,7 +51,9 @@ def create_app(
         extra_server_info=dict(extra_server_info or {}),
     )
     st.registry.register(EngineCollector(st))
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(
+        client_max_size=64 * 1024 * 1024, middlewares=[api_key_middleware(api_key)] if api_key else []
+    )
     app[STATE] = st
     r = app.router
     r.add_route("POST", "/generate", native.generate)

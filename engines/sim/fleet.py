@@ -85,7 +85,9 @@ class SimFleet:
         schedule_policy: SchedulePolicyName = "fcfs",
         empty_ok: bool = False,
         enable_priority_scheduling: bool = False,
+        api_key: str | None = None,
     ) -> None:
+        """`api_key`: each engine runs as SGLang with `--api-key` (Bearer auth except /health, /metrics)."""
         if workers < 0 or prefill < 0 or decode < 0 or (workers + prefill + decode == 0 and not empty_ok):
             raise ValueError("a fleet needs at least one engine")
         if (prefill == 0) != (decode == 0) and not empty_ok:
@@ -93,6 +95,7 @@ class SimFleet:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.host = host
         self.base_port = base_port
+        self._api_key = api_key
         self.event_base_port = event_base_port
         self.registry = BootstrapRegistry()
         self._knobs: dict[str, Any] = dict(
@@ -144,7 +147,7 @@ class SimFleet:
             faults=dataclasses.replace(base) if base is not None else FaultConfig(),
         )
         engine = SimEngine(cfg, self.profile, registry=self.registry if role != "null" else None)
-        return SimServer(engine, host, self.base_port + i if self.base_port else 0)
+        return SimServer(engine, host, self.base_port + i if self.base_port else 0, api_key=self._api_key)
 
     async def add(self, role: DisaggMode, faults: FaultConfig | None = None) -> WorkerInfo:
         """Start one more engine of `role` while the fleet runs (the autoscaler's sim scaler); `faults`
@@ -274,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall", action="store_true")
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds /health answers 503")
     p.add_argument("--refuse-connections", action="store_true")
+    p.add_argument("--api-key", default=None, help="engines require 'Authorization: Bearer KEY' (SGLang's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per engine")
     return p
 
@@ -309,6 +313,7 @@ def fleet_from_args(args: argparse.Namespace) -> SimFleet:
         chunked_prefill_size=args.chunked_prefill_size,
         schedule_policy=args.schedule_policy,
         enable_priority_scheduling=args.enable_priority_scheduling,
+        api_key=args.api_key,
     )
 
 

@@ -19,7 +19,9 @@ ENGINE = web.AppKey("kvroute_sim_engine", SimEngine)
 class SimServer:
     """Owns the runner and site of one engine. `url` is valid after `start()`."""
 
-    def __init__(self, engine: SimEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, engine: SimEngine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None
+    ) -> None:
         self.engine = engine
         self.host = host
         self.port = port
@@ -27,6 +29,7 @@ class SimServer:
             engine,
             manage_core=False,
             extra_server_info={"incremental_streaming_output": engine.config.incremental_streaming_output},
+            api_key=api_key,
         )
         self.app[ENGINE] = engine
         self.app.router.add_post("/sim/faults", self._set_faults)

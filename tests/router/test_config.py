@@ -118,7 +118,8 @@ def test_cli_flags_and_sglang_aliases() -> None:
     )
     c = config_from_args(args, environ={"KVROUTE_PORT": "9", "KVROUTE_BLOCK_SIZE": "64"})
     assert c.worker_urls == ("http://a:1", "http://b:2") and c.policy == "cache_aware"
-    assert (c.port, c.block_size, c.max_body_bytes, c.max_retries) == (0, 64, 1000, 4)
+    # --retry-max-retries counts all attempts (SGLang): 4 attempts = 3 retries
+    assert (c.port, c.block_size, c.max_body_bytes, c.max_retries) == (0, 64, 1000, 3)
     assert (c.circuit_failure_threshold, c.health_check_interval_s) == (7, 0)
     assert c.policy_params_dict == {"balance_abs_threshold": 32}
     assert c.kv_events_dict == {"http://a:1": "tcp://a:5557"}
