@@ -425,7 +425,7 @@ class WorkerRegistry:
                         "this URL reaches the router itself (a worker must be an engine, not this router)"
                     )
                 stage = "/server_info"
-                info = await self._server_info(e)
+                info = await self._server_info(e, behind_router=INSTANCE_HEADER in headers)
                 break
             except _Refused as exc:
                 self._set_state(e, WorkerState.REJECTED, exc.reason)
@@ -471,12 +471,16 @@ class WorkerRegistry:
         )
         return True
 
-    async def _server_info(self, e: _Entry) -> dict[str, Any]:
+    async def _server_info(self, e: _Entry, behind_router: bool = False) -> dict[str, Any]:
         """/server_info; {} when the engine has none (404: page size unchecked, said in the log).
-        `_Refused` on 401/403; other failures raise (the caller retries)."""
+        `_Refused` on 401/403; other failures raise (the caller retries), except from another kvroute
+        router (`behind_router`: a tier of routers has no page size or events of its own)."""
         try:
             return await e.client.server_info()
         except UpstreamHTTPError as exc:
+            if behind_router and exc.status not in (401, 403):
+                log.warning("worker %s is a kvroute router: /server_info %s; no page size", e.worker.url, exc)
+                return {}
             if exc.status in (401, 403):
                 hint = (
                     "the key given with --api-key is not the engine's"
