@@ -165,6 +165,11 @@ class InflightIndex:
             out[url] = lo
         return out
 
+    def holding(self, url: str, block: BlockHash) -> int:
+        """Prompts in flight on `url` that contain `block` (with its whole prefix: hashes are chained)."""
+        cnt = self._per_worker.get(url)
+        return cnt.get(block, 0) if cnt is not None else 0
+
     def __len__(self) -> int:
         """Distinct (worker, block) pairs in flight."""
         return sum(len(c) for c in self._per_worker.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cache_index.hashing import BlockHash
 from router.types import Decision, RoutingRequest, Worker, WorkerScore
@@ -43,6 +43,13 @@ class OverlapSource(Protocol):
     """What says how many leading blocks of a prompt each worker holds (RadixIndex, InflightIndex)."""
 
     def match(self, block_hashes: Sequence[BlockHash]) -> Mapping[str, int]: ...
+
+
+@runtime_checkable
+class SharingSource(Protocol):
+    """How many in-flight prompts on a worker share a block (InflightIndex): a prefix's live traffic."""
+
+    def holding(self, url: str, block: BlockHash) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
   * active blocks) exceeds `guard_factor * fleet_mean + guard_margin_blocks` (off by default: the cost
   already prices queued prefill, and on long prompts that test fired on most requests and drove them
   off their cache). Hot workers rank after every cool one. `guard_factor = 0` disables the guard.
+- Hot prefix: when the least queue on the holders of the prompt's deepest confirmed prefix costs more
+  than one prefill of that prefix elsewhere, and its own requests are in flight there, the prefix's
+  reuse credit is void for this request (every worker charged as a holder): it spreads while copying
+  wins, and stops when the holders' queue falls below a copy.
 - fill_weight * n * fill(w): placement. Each new block evicts one once w's cache is full (fill =
   blocks held / KV capacity, or / the fullest worker's): new prefixes go to the emptiest caches, so
   an idle fleet's ties no longer all land on the first worker.
@@ -49,7 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from router.policies.base import OverlapSource, PolicyBase, PolicyContext
+from router.policies.base import OverlapSource, PolicyBase, PolicyContext, SharingSource
 from router.policies.common import DECISION_SCORES, config_from_params, require
 from router.types import Decision, RoutingRequest, Worker, WorkerScore
 
@@ -79,6 +83,12 @@ _TIE_KEYS: Final = (
     (_HELD, "fewer blocks held"),
     (_ORDER, "candidate order"),
 )
+
+
+# The hot-prefix test of one request: (least queue among the holders of the deepest event-confirmed
+# prefix, in blocks (inf: none held), the cost of copying that prefix elsewhere, whether it fired).
+_Replication = tuple[float, float, bool]
+_NO_REPLICATION: Final[_Replication] = (math.inf, 0.0, False)
 
 
 def _key(r: _Row) -> tuple[float, int, int, float, float, int]:
@@ -128,6 +138,11 @@ class KvAwareConfig:
     # Half-life (s) of the count of requests recently placed on each worker, the last tie-breaker
     # before candidate order (a quiet fleet's short prompts, events not yet in); 0: count forever.
     placement_half_life_s: float = 30.0
+    # Hot-prefix replication: when the least prefill queued on the workers holding the prompt's deepest
+    # prefix (queue_weight x blocks) exceeds the cost of prefilling that prefix on another worker, the
+    # reuse credit of the prefix is void for this request, so the per-request TTFT decides and the prefix
+    # is copied where that is faster. No threshold: the holders' queue against one prefill of the prefix.
+    replicate: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -168,6 +183,7 @@ class KvAwarePolicy(PolicyBase):
         self._index = kv_index
         self._inflight = inflight if config.predict_inflight else None
         self._block_counts = block_counts
+        self._sharing = inflight if isinstance(inflight, SharingSource) else None
         self._clock = clock
         self._rng = _random.Random(config.seed)
         self._placed: dict[str, tuple[float, float]] = {}  # url -> (decayed count, at)
@@ -187,9 +203,10 @@ class KvAwarePolicy(PolicyBase):
         half = self.config.placement_half_life_s
         return count * 0.5 ** ((now - at) / half) if half > 0 and now > at else count
 
-    def _rows(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[_Row]:
-        """Every candidate's cost and its ingredients, best first. One tight pass: this runs per request
-        over the whole fleet, so loads are read inline rather than through the helpers."""
+    def _rows(self, request: RoutingRequest, candidates: Sequence[Worker]) -> tuple[list[_Row], _Replication]:
+        """Every candidate's cost and its ingredients, best first, and the hot-prefix test. One tight pass:
+        this runs per request over the whole fleet, so loads are read inline rather than through the
+        helpers."""
         c = self.config
         bs = request.block_size
         hashes = request.block_hashes
@@ -205,6 +222,10 @@ class KvAwarePolicy(PolicyBase):
         fill_w = c.fill_weight
         now = self._clock()
         placed = self._placed
+        qw = c.queue_weight
+        deepest = 0  # the deepest event-confirmed prefix, and the least queue among its holders
+        holders_queue = math.inf
+        best_holder = ""
         rows: list[_Row] = []
         for i, w in enumerate(candidates):
             ld = w.load
@@ -228,9 +249,14 @@ class KvAwarePolicy(PolicyBase):
             raw_new = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
             new_prefill = raw_new * (1.0 + (overlap + 0.5 * raw_new) * attn) if attn else raw_new
             reuse = c.reuse_weight * (prompt_blocks - ov_i) if prompt_blocks > ov_i else 0.0
+            if ov_i >= deepest and ov_i:
+                if ov_i > deepest:
+                    deepest, holders_queue = ov_i, math.inf
+                if qw * pending < holders_queue:
+                    holders_queue, best_holder = qw * pending, url
             # fill: blocks held / capacity; relative to the fullest worker below when capacity is unknown
             place = raw_new * min(1.0, held / cap) if cap else -raw_new * held
-            cost = new_prefill + c.queue_weight * pending + c.decode_weight * decode + reuse
+            cost = new_prefill + qw * pending + c.decode_weight * decode + reuse
             recent = placed.get(url)
             rows.append(
                 (
@@ -253,12 +279,36 @@ class KvAwarePolicy(PolicyBase):
                     place,
                 )
             )
+        rep = _NO_REPLICATION
+        if deepest and c.reuse_weight > 0 and c.replicate:
+            # Copying the prefix to another worker costs one prefill of it there; not copying costs the
+            # queue on its holders, which grows with the prefix's own traffic. When that queue costs
+            # more, and requests sharing the prefix are in flight on the holder (the queue is its
+            # traffic, not one conversation's next turn), the reuse credit of that prefix is void:
+            # every worker is charged as if it held it, the per-request TTFT decides and it spreads.
+            copy = deepest * (1.0 + 0.5 * deepest * attn)
+            live = self._sharing is not None and self._sharing.holding(best_holder, hashes[deepest - 1]) > 0
+            rep = (holders_queue, copy, live and holders_queue > copy)
+            if rep[2]:
+                rows = self._void_reuse(rows, deepest, prompt_blocks)
         if fill_w > 0:
             rows = self._add_placement(rows, fill_w)
         if c.guard_factor > 0 and len(rows) > 1:
             rows = self._guard(rows)
         rows.sort(key=_key)
-        return rows
+        return rows, rep
+
+    def _void_reuse(self, rows: list[_Row], deepest: int, prompt_blocks: float) -> list[_Row]:
+        """Charge every worker the reuse penalty of the prompt past the `deepest` held prefix only."""
+        rw = self.config.reuse_weight
+        floor = rw * (prompt_blocks - deepest) if prompt_blocks > deepest else 0.0
+        out: list[_Row] = []
+        for r in rows:
+            reuse = r[_REUSE]
+            if reuse > floor:
+                r = (r[_COST] - reuse + floor, *r[1:_REUSE], floor, r[_PLACE])
+            out.append(r)
+        return out
 
     @staticmethod
     def _add_placement(rows: list[_Row], fill_w: float) -> list[_Row]:
@@ -294,7 +344,7 @@ class KvAwarePolicy(PolicyBase):
                 rows[j] = (r[_COST] + penalty, *r[1:_PENALTY], penalty, r[_REUSE], r[_PLACE])
         return rows
 
-    def _score(self, r: _Row, prompt_blocks: float) -> WorkerScore:
+    def _score(self, r: _Row, prompt_blocks: float, rep: _Replication) -> WorkerScore:
         (cost, _, reqs, recent, held, _, url, overlap, indexed, inflight, new_prefill, pending, decode, _,
          penalty, reuse, place) = r  # fmt: skip
         terms = {
@@ -310,6 +360,9 @@ class KvAwarePolicy(PolicyBase):
             "recent_placements": recent,
             "in_flight": float(reqs),
             "hot": 1.0 if penalty else 0.0,
+            "holders_queue_blocks": rep[0] if math.isfinite(rep[0]) else 0.0,
+            "copy_cost_blocks": rep[1],
+            "replicate": 1.0 if rep[2] else 0.0,
         }
         if penalty:
             terms["guard_penalty"] = penalty
@@ -339,10 +392,11 @@ class KvAwarePolicy(PolicyBase):
 
     def explain(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[WorkerScore]:
         pb = request.prompt_tokens / request.block_size
-        return [self._score(r, pb) for r in self._rows(request, candidates)]
+        rows, rep = self._rows(request, candidates)
+        return [self._score(r, pb, rep) for r in rows]
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
-        rows = self._rows(request, candidates)
+        rows, rep = self._rows(request, candidates)
         pick = rows[0]
         n_hot = sum(1 for r in rows if r[_PENALTY])
         T = self.config.temperature
@@ -355,6 +409,8 @@ class KvAwarePolicy(PolicyBase):
             reason = f"min cost {pick[_COST]:.1f} (cached {pick[_OVERLAP]} blocks)"
             reason += f", {n_hot} hot" if n_hot else ""
             reason += "; decided by " + self._decided_by(pick, rows)
+        if rep[2]:
+            reason += f"; hot prefix: holders' queue {rep[0]:.0f} > copy {rep[1]:.0f} blocks, no reuse credit"
         ordered = rows if pick is rows[0] else [pick, *(r for r in rows if r is not pick)]
         # The decision carries the scores of the first few ranked workers (what logs and retries
         # use); `explain` gives the whole table.
@@ -365,7 +421,7 @@ class KvAwarePolicy(PolicyBase):
             policy=self.name,
             cached_blocks=pick[_OVERLAP],
             reason=reason,
-            scores=tuple(self._score(r, pb) for r in ordered[:DECISION_SCORES]),
+            scores=tuple(self._score(r, pb, rep) for r in ordered[:DECISION_SCORES]),
         )
 
 
