@@ -1,7 +1,8 @@
 """Side-by-side comparison of routers in front of one simulated SGLang fleet (`kvroute bench`).
 
 One run starts the fleet once, then puts each router in turn in front of it (kvroute round_robin,
-least_load, cache_aware, kv_aware; SGLang's router cache_aware and round_robin), flushing every
+least_load, cache_aware, kv_aware; the peers of `bench/peers.py`, each pinned: SGLang's router 0.3.2,
+its successor smg 1.13 and vllm-router 0.1.17, with cache_aware and round_robin), flushing every
 engine's cache between routers, and replays the same workload open-loop through each. Output in the
 results folder: `results.md` (the table), `summary.json`, one JSON-lines file of per-request results
 per router, and PNG plots.
@@ -37,7 +38,10 @@ from typing import IO, Any
 import aiohttp
 
 from bench.loadgen import LoadgenConfig, RequestResult, run_load
-from bench.workloads import Workload, build
+from bench.peers import PEERS
+from bench.peers import command as peer_command
+from bench.peers import install as install_peer
+from bench.workloads import WORKLOADS, Workload, build
 from bench.workloads.ceiling import (
     Ceiling,
     owner_affinity,
@@ -49,7 +53,8 @@ from engines.sim.fleet import free_port as free_port  # the benches import it fr
 
 REPO = Path(__file__).resolve().parent.parent
 KVROUTE_POLICIES = ("round_robin", "least_load", "cache_aware", "kv_aware")
-SGLANG_POLICIES = ("cache_aware", "round_robin")
+SGLANG_POLICIES = PEERS["sglang"].policies
+ROUTER_KINDS = ("kvroute", *PEERS)
 
 
 class BenchError(RuntimeError):
@@ -58,9 +63,9 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """One router under test: `kind` is `kvroute` or `sglang`; `params` are policy KEY=VALUE settings
-    (kvroute: `--policy-param`; SGLang: `--KEY VALUE`, e.g. cache-threshold=0.5). kvroute's `processes=N`
-    is the serve flag instead: N processes sharing state through the local Redis."""
+    """One router under test: `kind` is `kvroute` or a peer (`sglang`, `smg`, `vllm-router`); `params` are
+    policy KEY=VALUE settings (kvroute: `--policy-param`; peers: `--KEY VALUE`, e.g. cache-threshold=0.5).
+    kvroute's `processes=N` is the serve flag instead: N processes sharing state through the local Redis."""
 
     kind: str
     policy: str
@@ -72,11 +77,15 @@ class RouterSpec:
 
     @staticmethod
     def parse(text: str) -> RouterSpec:
-        """`kvroute-kv_aware` or `kvroute-kv_aware:queue_weight=0.5:decode_weight=0.2`."""
+        """`kvroute-kv_aware`, `kvroute-kv_aware:queue_weight=0.5:decode_weight=0.2`, `smg-cache_aware`,
+        `vllm-router-round_robin`."""
         head, *params = text.strip().split(":")
-        kind, _, policy = head.partition("-")
-        if kind not in ("kvroute", "sglang") or not policy or any("=" not in p for p in params):
-            raise ValueError(f"bad router {text!r}: use kvroute-POLICY[:KEY=VALUE...] or sglang-POLICY[...]")
+        kind = max((k for k in ROUTER_KINDS if head.startswith(k + "-")), key=len, default="")
+        policy = head[len(kind) + 1 :]
+        if not kind or not policy or any("=" not in p for p in params):
+            raise ValueError(
+                f"bad router {text!r}: use KIND-POLICY[:KEY=VALUE...], KIND one of {', '.join(ROUTER_KINDS)}"
+            )
         return RouterSpec(kind, policy, tuple(params))
 
 
@@ -123,11 +132,12 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def sglang_router_available() -> bool:
-    try:
-        import sglang_router  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return peer_available("sglang")
+
+
+def peer_available(kind: str) -> bool:
+    """The peer router `kind` is installed at its pinned version (`bench/peers.py`)."""
+    return peer_command(PEERS[kind]) is not None
 
 
 def size_capacity(ceiling_workload: Workload, workers: int, page_size: int) -> int:
@@ -249,10 +259,10 @@ def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: 
             *[arg for p in spec.params if not p.startswith("processes=") for arg in ("--policy-param", p)],
             *_processes_flags(spec, port),
         ]
-    return [
-        sys.executable,
-        "-m",
-        "sglang_router.launch_router",
+    prog = peer_command(PEERS[spec.kind])
+    if prog is None:
+        raise BenchError(f"{PEERS[spec.kind].pin} is not installed (python -m bench.peers install)")
+    common = [
         "--host",
         "127.0.0.1",
         "--port",
@@ -265,10 +275,14 @@ def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: 
         "127.0.0.1",
         "--prometheus-port",
         str(free_port()),
-        "--log-level",
-        "warn",
-        *[arg for p in spec.params for arg in ("--" + p.partition("=")[0], p.partition("=")[2])],
     ]
+    extra = [arg for p in spec.params for arg in ("--" + p.partition("=")[0], p.partition("=")[2])]
+    if spec.kind == "smg":
+        # its event-driven index works in blocks: the fleet's page size, as for kvroute
+        return [*prog, *common, "--block-size", str(page_size), "--log-level", "warn", *extra]
+    if spec.kind == "vllm-router":
+        return [*prog, *common, "--log-level", "warning", *extra]
+    return [*prog, *common, "--log-level", "warn", *extra]
 
 
 @contextlib.asynccontextmanager
@@ -368,6 +382,16 @@ def _count_workers(body: Any) -> int:
 
 
 # ---- engine-side counters and load -----------------------------------------------------------------
+async def served_model(http: aiohttp.ClientSession, url: str) -> str:
+    """The model an engine serves (its `/v1/models`): smg answers 404 to a request naming another."""
+    try:
+        async with http.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            body = await r.json(content_type=None)
+        return str(body["data"][0]["id"])
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, KeyError, IndexError, TypeError):
+        return "default"
+
+
 async def engine_loads(http: aiohttp.ClientSession, urls: Sequence[str]) -> list[dict[str, Any]]:
     """Each engine's `/get_load` (first dp rank), {} where it did not answer."""
 
@@ -491,6 +515,7 @@ async def run_router(
             max_concurrency=cfg.max_concurrency,
             request_timeout_s=cfg.request_timeout_wall,
             label=spec.name if rate == cfg.rate else f"{spec.name}@{rate:g}",
+            model=await served_model(http, urls[0]),
             progress=cfg.progress,
         )
         try:
@@ -640,10 +665,13 @@ def sweep_table(sums: Sequence[Summary], sla_ttft: float) -> str:
 
 
 # ---- the whole comparison ---------------------------------------------------------------------------
-def default_routers(include_sglang: bool = True) -> tuple[RouterSpec, ...]:
+def default_routers(
+    include_sglang: bool = True, peers: Sequence[str] = tuple(PEERS)
+) -> tuple[RouterSpec, ...]:
+    """kvroute's policies, then each peer's (`include_sglang` False: no peer at all)."""
     specs = [RouterSpec("kvroute", p) for p in KVROUTE_POLICIES]
     if include_sglang:
-        specs += [RouterSpec("sglang", p) for p in SGLANG_POLICIES]
+        specs += [RouterSpec(k, p) for k in peers for p in PEERS[k].policies]
     return tuple(specs)
 
 
@@ -654,9 +682,10 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
     wl = build(cfg.workload, **cfg.workload_args)
     notes: list[str] = []
     routers = list(cfg.routers)
-    if any(r.kind == "sglang" for r in routers) and not sglang_router_available():
-        routers = [r for r in routers if r.kind != "sglang"]
-        notes.append("SGLang's router is not installed (`pip install sglang-router==0.3.2`): skipped.")
+    for kind, peer in PEERS.items():
+        if any(r.kind == kind for r in routers) and not peer_available(kind):
+            routers = [r for r in routers if r.kind != kind]
+            notes.append(f"{peer.pin} is not installed (`python -m bench.peers install {kind}`): skipped.")
     fleet = cfg.fleet
     if fleet.kv_capacity_tokens is None:
         fleet = FleetSpec(
@@ -768,7 +797,7 @@ QUICK = {
 def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap = argparse.ArgumentParser(prog="kvroute bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 3 min)")
-    ap.add_argument("--workload", choices=["mooncake", "shared_prefix", "multiturn"], default="mooncake")
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="mooncake")
     ap.add_argument("--start", type=int, default=0, help="mooncake: first request of the slice")
     ap.add_argument("--count", type=int, default=2000, help="mooncake: slice length")
     ap.add_argument("--max-output-tokens", type=int, default=None, help="cap on generated tokens per request")
@@ -796,7 +825,13 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap.add_argument(
         "--routers", default="", help="comma list like kvroute-kv_aware:queue_weight=0.5,sglang-cache_aware"
     )
-    ap.add_argument("--no-sglang", action="store_true", help="skip SGLang's router")
+    ap.add_argument("--no-sglang", action="store_true", help="skip every peer router (--peers)")
+    ap.add_argument(
+        "--peers", default=",".join(PEERS), help=f"comma list of peer routers to run (of {', '.join(PEERS)})"
+    )
+    ap.add_argument(
+        "--install-peers", action="store_true", help="pip-install missing peers into bench/.peers/ first"
+    )
     ap.add_argument("--api", choices=["generate", "completions", "chat"], default="generate")
     ap.add_argument("--sla-ttft", type=float, default=2.0, help="goodput: TTFT SLA (engine s)")
     ap.add_argument("--sla-itl", type=float, default=0.1, help="goodput: mean ITL SLA (engine s)")
@@ -811,7 +846,18 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
             except ValueError as exc:
                 ap.error(str(exc))
     else:
-        routers = list(default_routers(not a.no_sglang))
+        peers = [k for k in a.peers.split(",") if k]
+        unknown = sorted(set(peers) - set(PEERS))
+        if unknown:
+            ap.error(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+        if a.install_peers:
+            for k in peers:
+                if not peer_available(k):
+                    install_peer(PEERS[k])
+        routers = list(default_routers(not a.no_sglang, peers if not a.quick else ()))
+        if a.quick and not a.no_sglang:  # every peer, with fewer policies (CI runs --quick)
+            routers += [RouterSpec("sglang", p) for p in SGLANG_POLICIES if "sglang" in peers]
+            routers += [RouterSpec(k, "cache_aware") for k in peers if k != "sglang"]
     wargs: dict[str, Any] = (
         {
             "start": a.start,

@@ -98,13 +98,16 @@ def poisson_arrivals(n: int, rate_per_s: float, rng: random.Random) -> list[floa
 
 
 def build(name: str, **kwargs: Any) -> Workload:
-    """Build a workload by name: `mooncake`, `shared_prefix` or `multiturn` (kwargs per builder)."""
-    from bench.workloads import mooncake, multiturn, shared_prefix
+    """Build a workload by name (one of `WORKLOADS`; kwargs per builder)."""
+    from bench.workloads import mooncake, multiturn, routing_defects, shared_prefix
 
     builders: dict[str, Callable[..., Workload]] = {
         "mooncake": mooncake.load,
         "shared_prefix": shared_prefix.generate,
         "multiturn": multiturn.generate,
+        "hot_prompt": routing_defects.hot_prompt,
+        "low_reuse": routing_defects.low_reuse,
+        "idle_then_busy": routing_defects.idle_then_busy,
     }
     try:
         fn = builders[name]
@@ -113,4 +116,11 @@ def build(name: str, **kwargs: Any) -> Workload:
     return fn(**kwargs)
 
 
-WORKLOADS: Sequence[str] = ("mooncake", "shared_prefix", "multiturn")
+WORKLOADS: Sequence[str] = (
+    "mooncake",
+    "shared_prefix",
+    "multiturn",
+    "hot_prompt",
+    "low_reuse",
+    "idle_then_busy",
+)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import KVROUTE_POLICIES, SGLANG_POLICIES, sglang_router_available
+from bench.compare import KVROUTE_POLICIES, SGLANG_POLICIES, peer_available, sglang_router_available
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,7 @@ def test_quick_comparison_completes_and_every_router_serves_every_request(tmp_pa
     expected = [f"kvroute-{p}" for p in KVROUTE_POLICIES]
     if sglang_router_available():
         expected += [f"sglang-{p}" for p in SGLANG_POLICIES]
+    expected += [f"{k}-cache_aware" for k in ("smg", "vllm-router") if peer_available(k)]  # today's peers
     by_router = {s["router"]: s for s in summary["summaries"]}
     assert sorted(by_router) == sorted(expected)
     for name in expected:
