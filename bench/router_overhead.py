@@ -100,6 +100,7 @@ _CONTROL = {
         "200 OK", json.dumps([{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]).encode()
     ),
     b"/flush_cache": _http("200 OK", b"ok", b"text/plain"),
+    b"/v1/traces": _http("200 OK", b"", b"application/x-protobuf"),  # as the OTLP sink of --tracing
 }
 _CONTROL[b"/get_server_info"] = _CONTROL[b"/server_info"]
 _CONTROL[b"/get_model_info"] = _CONTROL[b"/model_info"]
@@ -321,11 +322,12 @@ class Target:
     name: str
     port: int
     cmd: list[str] | None  # None: the backend itself (direct baseline)
+    cwd: Path = ROOT  # the source tree it runs from (--baseline-src: another checkout)
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
 
 
@@ -389,6 +391,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         [sys.executable, __file__, "--role", "backend", "--port", str(bport)], logdir / "backend.log"
     )
     burl = f"http://127.0.0.1:{bport}"
+    sink: subprocess.Popen[bytes] | None = None
+    if args.tracing:  # a second zero-work process takes the OTLP exports (200 to every POST /v1/traces)
+        sport = free_port()
+        sink = _spawn(
+            [sys.executable, __file__, "--role", "backend", "--port", str(sport)], logdir / "otlp.log"
+        )
     py = sys.executable
     targets = [Target("direct (no router)", bport, None)]
     kv_common = ["--worker-urls", burl, "--block-size", "16", "--log-level", "warning"]
@@ -400,6 +408,28 @@ def orchestrate(args: argparse.Namespace) -> int:
             port = free_port()
             cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", policy, *kv_common, *extra]
             targets.append(Target(_kv_name(policy, n), port, cmd))
+        if args.tracing:  # kv_aware with every request traced and exported over OTLP/HTTP
+            port = free_port()
+            otlp = ["--otlp-traces-endpoint", f"http://127.0.0.1:{sport}/v1/traces"]
+            cmd = [
+                py,
+                "-m",
+                "router",
+                "serve",
+                "--port",
+                str(port),
+                "--policy",
+                "kv_aware",
+                *kv_common,
+                *extra,
+            ]
+            targets.append(Target(_kv_name("kv_aware", n) + " +tracing", port, cmd + otlp))
+    if args.baseline_src:  # the same kvroute targets from another checkout, interleaved with these
+        base = Path(args.baseline_src).resolve()
+        for policy in ("round_robin", "kv_aware"):
+            port = free_port()
+            cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", policy, *kv_common]
+            targets.append(Target(f"{_kv_name(policy, 1)} @baseline", port, cmd, base))
     if not args.no_sglang:
         # round_robin: the proxy alone; cache_aware: its prefix tree too, the like-for-like rival of kv_aware
         for policy in ("round_robin", "cache_aware"):
@@ -411,7 +441,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     try:
         for t in targets:  # every router starts now and idles while the others are measured
             if t.cmd:
-                procs.append(_spawn(t.cmd, logdir / f"{t.name.split()[0]}-{t.port}.log"))
+                procs.append(_spawn(t.cmd, logdir / f"{t.name.split()[0]}-{t.port}.log", t.cwd))
         for t in targets:
             asyncio.run(_routes(t.port, 60))
         for rnd in range(args.repeat):
@@ -428,6 +458,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         for proc in procs:
             _stop(proc)
         _stop(backend)
+        if sink is not None:
+            _stop(sink)
     results = {name: _median_run(rs) for name, rs in runs.items() if rs}
     _report(results, args)
     return 0
@@ -473,10 +505,14 @@ def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Name
             ("kv_aware", "cache_aware"),
         )
     ]
+    pairs += [(_kv_name("kv_aware", n) + " +tracing", _kv_name("kv_aware", n)) for n in args.processes]
+    pairs += [(f"{_kv_name(p, 1)}", f"{_kv_name(p, 1)} @baseline") for p in ("round_robin", "kv_aware")]
     for ours, theirs in pairs:
         if ours in results and theirs in results:
             ratio = results[ours]["throughput"]["rps"] / results[theirs]["throughput"]["rps"]
-            print(f"sustained-rate ratio {ours} / {theirs}: {ratio:.2f} (target >= 0.5)")
+            target = "" if "sglang" not in theirs else " (target >= 0.5)"
+            target = " (target >= 0.9)" if "+tracing" in ours else target
+            print(f"sustained-rate ratio {ours} / {theirs}: {ratio:.2f}{target}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
 
@@ -501,6 +537,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the table shows medians")
     p.add_argument("--quick", action="store_true", help="short run (smoke test)")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also kvroute kv_aware with OpenTelemetry tracing on (OTLP/HTTP)",
+    )
+    p.add_argument(
+        "--baseline-src",
+        default=None,
+        metavar="DIR",
+        help="also kvroute round_robin/kv_aware from another source tree (git archive of an older commit)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.latency_seconds, args.tput_seconds, args.repeat = 3.0, 3.0, 1

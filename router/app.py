@@ -223,7 +223,7 @@ def create_side_app(main: web.Application, what: str) -> web.Application:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """One shared client session (pool without a per-host cap), the registry, then teardown in reverse."""
     config = app[CONFIG]
-    obs = app[OBSERVABILITY]  # first: a missing tracing extra fails start-up before anything opens
+    obs = app[OBSERVABILITY]
     obs.open(config.access_log, config.otlp_traces_endpoint, config.trace_sample_ratio)
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=False
@@ -287,7 +287,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[REGISTRY].close()
         await app[PROXY].close()
-        obs.close()
+        await obs.aclose()
         await app[ROUTER].close()
         pool.close()
         await session.close()

@@ -240,7 +240,7 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         ("--otlp-traces-endpoint",),
         "otlp_traces_endpoint",
         str,
-        "OpenTelemetry: OTLP/HTTP traces URL (needs kvroute[tracing]); off by default",
+        "OpenTelemetry: OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (off by default)",
     ),
     (("--trace-sample-ratio",), "trace_sample_ratio", float, "fraction of requests traced (default 1.0)"),
 ]

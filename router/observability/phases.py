@@ -62,7 +62,7 @@ class RequestPhases:
     output_tokens: int | None = None
     cached_blocks_predicted: int = 0
     trace_id: str | None = None  # hex, when tracing sampled this request
-    span: Any = None  # the tracer's open request span (router.observability.tracing), else None
+    span: Any = None  # the request's trace ids while traced (router.observability.tracing), else None
 
     @classmethod
     def start(cls, rid: str, route: str, t0: float) -> RequestPhases:

@@ -68,8 +68,7 @@ class Observability:
         ph.cached_blocks_predicted = cached_blocks
         ph.head_at = None
         ph.sent_at = time.perf_counter()
-        if self.tracing is not None and ph.span is not None:
-            headers = headers.copy()
+        if self.tracing is not None:
             self.tracing.before_send(ph, url, headers)
         return headers
 
@@ -135,10 +134,11 @@ class Observability:
     def forget_worker(self, url: str) -> None:
         self._phase_children.pop(url, None)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Flush the access log and the spans still waiting for export."""
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None
         if self.tracing is not None:
-            self.tracing.shutdown()
-            self.tracing = None
+            tracing, self.tracing = self.tracing, None
+            await tracing.aclose()

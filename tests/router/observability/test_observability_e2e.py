@@ -26,32 +26,25 @@ def _body(i: int, stream: bool = False, n: int = 4) -> dict[str, object]:
 
 
 async def test_sim_engine_reports_sglang_timing_fields_on_its_own_clock() -> None:
-    async with SimFleet(workers=1, time_scale=0.02) as fleet, aiohttp.ClientSession() as s:
-        fleet.engines[0].max_running = 1  # the second request queues behind the first
+    async with SimFleet(workers=1, time_scale=0.05) as fleet, aiohttp.ClientSession() as s:
+        fleet.engines[0].max_running = 1  # one running request: the next one waits in the queue
         url = fleet.urls[0] + "/generate"
-
-        async def one(i: int) -> dict[str, object]:
-            async with s.post(url, json=_body(i, n=32)) as resp:
+        async with s.post(url, json=_body(0, stream=True, n=256)) as first:
+            assert first.status == 200
+            await first.content.readline()  # its first token: it is running (256 decode steps to go)
+            async with s.post(url, json=_body(1, n=4)) as resp:
                 assert resp.status == 200
-                meta = (await resp.json())["meta_info"]
-                assert isinstance(meta, dict)
-                return meta
-
-        first, second = await asyncio.gather(one(0), one(1))
-        for meta in (first, second):
-            assert set(SGLANG_TIMING_FIELDS) <= set(meta), meta
-            assert meta["prefill_launch_latency"] > 0 and meta["prefill_waiting_latency"] >= 0
-            assert meta["prefill_finished_time"] >= meta["forward_entry_time"]
-        queued = max(first["queue_time"], second["queue_time"])  # type: ignore[type-var]
-        # One slot: the later one waited for the other's 32 tokens of decoding (simulated seconds).
-        assert queued > first["prefill_launch_latency"]  # type: ignore[operator]
-        # Streamed: the last chunk carries them too.
-        body = orjson.dumps(_body(2, stream=True))
-        async with s.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
-            raw = await resp.read()
+                second = (await resp.json())["meta_info"]
+            raw = await first.read()
+        assert set(SGLANG_TIMING_FIELDS) <= set(second), second
+        assert second["prefill_launch_latency"] > 0 and second["prefill_waiting_latency"] >= 0
+        assert second["prefill_finished_time"] >= second["forward_entry_time"]
+        # It waited for the first one's ~255 decode steps (~0.2 simulated seconds on the tiny profile).
+        assert second["queue_time"] > 0.05
+        # Streamed: the last chunk carries them too; the first request never queued.
         events = [ln[5:].strip() for ln in raw.split(b"\n") if ln.startswith(b"data:")]
         last = orjson.loads(events[-2])["meta_info"]
-        assert set(SGLANG_TIMING_FIELDS) <= set(last)
+        assert set(SGLANG_TIMING_FIELDS) <= set(last) and last["queue_time"] < second["queue_time"]
 
 
 async def test_phases_reach_ring_metrics_and_access_log(start_router, tmp_path) -> None:  # type: ignore[no-untyped-def]

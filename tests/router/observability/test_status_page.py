@@ -16,6 +16,16 @@ from engines.sim.fleet import SimFleet
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT_ENV = "KVROUTE_STATUS_SCREENSHOT"  # a path: also save the screenshot there (docs/)
+READ_PAGE = """
+const cells = (tr) => [...tr.cells].map((td) => td.textContent);
+return {
+  summary: document.getElementById("summary").textContent,
+  rows: Object.fromEntries(
+    [...document.querySelectorAll("#fleet tbody tr")].map((tr) => [tr.dataset.worker, cells(tr)])),
+  segments: [...document.querySelectorAll("#phases .bar span")].map((s) => s.dataset.phase),
+  decisions: [...document.querySelectorAll("#decisions tbody tr")].map((tr) => cells(tr).join(" ")),
+};
+"""
 
 
 def _driver() -> Any:
@@ -62,23 +72,10 @@ async def test_status_page_renders_the_live_fleet(start_router, tmp_path: Path) 
                 wait = WebDriverWait(driver, 20)
                 wait.until(lambda d: d.find_element(By.ID, "updated").get_attribute("data-state") == "ok")
                 wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")) == 3)
-                rows = {
-                    tr.get_attribute("data-worker"): [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-                    for tr in driver.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")
-                }
-                segments = [
-                    s.get_attribute("data-phase")
-                    for s in driver.find_elements(By.CSS_SELECTOR, "#phases .bar span")
-                ]
-                decisions = [tr.text for tr in driver.find_elements(By.CSS_SELECTOR, "#decisions tbody tr")]
-                out = {
-                    "url": driver.current_url,
-                    "summary": driver.find_element(By.ID, "summary").text,
-                    "rows": rows,
-                    "segments": segments,
-                    "decisions": decisions,
-                    "png": driver.get_screenshot_as_png(),
-                }
+                # One atomic read in the page (it re-renders every 2 s: element handles would go stale).
+                out: dict[str, Any] = driver.execute_script(READ_PAGE)
+                out["url"] = driver.current_url
+                out["png"] = driver.get_screenshot_as_png()
                 return out
 
             page = await asyncio.to_thread(load_and_read)
