@@ -44,11 +44,28 @@ _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = 0, 1, 2, 3, 4
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds; None = no limit. `idle`: between two reads; `total`: the whole exchange."""
+    """Seconds; None = no limit. `idle`: between two reads; `total`: the whole exchange.
+    `idle_head`: `idle` also bounds the wait for the response head (a stream's head comes at once; a
+    non-streamed answer's head comes when generation ends, so only `total` bounds it)."""
 
     connect: float | None = None
     idle: float | None = None
     total: float | None = None
+    idle_head: bool = True
+
+
+class WorkerStalled(ConnectionError):
+    """The pool's owner declared the engine wedged and failed its exchanges (`Http1Pool.fail_busy`)."""
+
+
+class HostActivity:
+    """Exchanges in flight to one engine and when it last sent a byte: what stall detection reads."""
+
+    __slots__ = ("busy", "progress_at")
+
+    def __init__(self) -> None:
+        self.busy: set[_Conn] = set()
+        self.progress_at = 0.0  # loop time of the last byte received, or of going from idle to busy
 
 
 class _Conn(asyncio.Protocol):
@@ -70,7 +87,14 @@ class _Conn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._wait_at: float | None = None
+        self.activity: HostActivity | None = None  # set while an exchange runs
         self._reset()
+
+    def _exchange_done(self) -> None:
+        a = self.activity
+        if a is not None:
+            a.busy.discard(self)
+            self.activity = None
 
     def _reset(self) -> None:
         self._cancel_timer()
@@ -94,6 +118,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._exchange_done()
         self._cancel_timer()
         self.keep_alive = False
         if self._phase == _UNTIL_CLOSE:
@@ -110,6 +135,9 @@ class _Conn(asyncio.Protocol):
                 self.transport.abort()
             return
         self.got_bytes = True
+        a = self.activity
+        if a is not None and self._loop is not None:
+            a.progress_at = self._loop.time()
         try:
             self._feed(data)
         except ValueError as exc:  # malformed response: drop the connection
@@ -296,6 +324,7 @@ class _Conn(asyncio.Protocol):
         return out
 
     def abort(self) -> None:
+        self._exchange_done()
         self._cancel_timer()
         self.keep_alive = False
         if self.transport is not None:
@@ -371,6 +400,7 @@ class Http1Pool:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._all: set[_Conn] = set()
         self.connects = 0  # connections opened (observability and tests)
+        self._hosts: dict[tuple[str, int], HostActivity] = {}
         self._reaper: asyncio.TimerHandle | None = None  # armed while idle connections exist
 
     def _forget(self, conn: _Conn) -> None:
@@ -392,6 +422,7 @@ class Http1Pool:
         return None
 
     def _release(self, conn: _Conn) -> None:
+        conn._exchange_done()
         conn._reset()
         conn.reused = True
         loop = conn._loop or asyncio.get_running_loop()
@@ -426,6 +457,13 @@ class Http1Pool:
             return len(self._idle.get(key, ()))
         return sum(len(v) for v in self._idle.values())
 
+    def forget_host(self, key: tuple[str, int]) -> None:
+        """The engine left the fleet: its idle connections and its activity record go."""
+        self.close_host(key)
+        a = self._hosts.get(key)
+        if a is not None and not a.busy:
+            del self._hosts[key]
+
     def close_host(self, key: tuple[str, int]) -> None:
         """Close the idle connections to one engine (it left the fleet). Busy ones finish their exchange;
         if pooled again then, the reaper closes them after `max_idle_s`."""
@@ -444,7 +482,40 @@ class Http1Pool:
             raise UpstreamConnectError(url, f"{type(exc).__name__}: {exc}") from exc
         self.connects += 1
         self._all.add(conn)
+        conn._loop = loop
         return conn
+
+    # -- stall detection (read by the worker registry)
+    def stalled_for(self, key: tuple[str, int], now: float) -> float:
+        """Seconds the engine has had exchanges in flight without sending a byte (0 when idle)."""
+        a = self._hosts.get(key)
+        if a is None or not a.busy:
+            return 0.0
+        return max(0.0, now - a.progress_at)
+
+    def in_flight(self, key: tuple[str, int]) -> int:
+        a = self._hosts.get(key)
+        return len(a.busy) if a is not None else 0
+
+    def mark_progress(self, key: tuple[str, int], now: float) -> None:
+        """The engine proved alive another way (a probe generation passed): restart the stall clock."""
+        a = self._hosts.get(key)
+        if a is not None:
+            a.progress_at = now
+
+    def fail_busy(self, key: tuple[str, int], reason: str) -> int:
+        """Fail every exchange in flight to the engine (its requests see `WorkerStalled`: retried where no
+        byte reached the client, else their stream ends with an error) and close its idle connections.
+        Returns how many exchanges were failed."""
+        a = self._hosts.get(key)
+        busy = list(a.busy) if a is not None else []
+        for conn in busy:
+            if conn._exc is None:
+                conn._exc = WorkerStalled(reason)
+            conn.abort()
+            conn._wake()
+        self.close_host(key)
+        return len(busy)
 
     async def request(
         self,
@@ -473,14 +544,22 @@ class Http1Pool:
                 if attempt == 0:
                     continue
                 raise UpstreamConnectError(url, "connection closed before the request was sent")
+            act = self._hosts.get(key)
+            if act is None:
+                act = self._hosts[key] = HostActivity()
+            if not act.busy:
+                act.progress_at = loop.time()
+            act.busy.add(conn)
+            conn.activity = act
             if len(body) < _SPLIT_WRITE:
                 transport.write(head + body)
             else:
                 transport.write(head)
                 transport.write(body)
+            head_wait = timeouts.idle if timeouts.idle_head else None
             while conn._phase == _HEAD and conn._exc is None:
                 try:
-                    await conn.wait(timeouts.idle, deadline)
+                    await conn.wait(head_wait, deadline)
                 except TimeoutError as exc:
                     conn.abort()
                     raise UpstreamTimeout(url, "no response within the timeout") from exc
@@ -493,6 +572,8 @@ class Http1Pool:
             conn.abort()
             if isinstance(err, ValueError):
                 raise UpstreamProtocolError(url, f"malformed response: {err}") from err
+            if isinstance(err, WorkerStalled):  # nothing came back: another worker may serve it
+                raise UpstreamTimeout(url, str(err)) from err
             if conn.reused and not conn.got_bytes and attempt == 0 and idempotent:
                 continue
             raise UpstreamConnectError(url, f"connection closed before a response: {err}") from err

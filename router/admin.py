@@ -45,7 +45,9 @@ def check_access(request: web.Request, token: str | None) -> None:
     if token:
         auth = request.headers.get("Authorization", "")
         scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), token.encode()
+        ):
             raise ApiError(
                 401,
                 "admin API needs 'Authorization: Bearer <admin token>'",

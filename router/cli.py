@@ -76,6 +76,43 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     ),
     (("--stream-idle-timeout-secs",), "stream_idle_timeout_s", float, "seconds between chunks (0 = none)"),
     (
+        ("--stall-timeout-secs",),
+        "stall_timeout_s",
+        float,
+        "seconds a worker with requests in flight may send nothing before a /health_generate probe (0 = off)",
+    ),
+    (
+        ("--header-timeout-secs",),
+        "header_timeout_s",
+        float,
+        "seconds for a client's request head (408 past it; 0 = none)",
+    ),
+    (("--body-timeout-secs",), "body_timeout_s", float, "seconds for a client's request body (0 = none)"),
+    (
+        ("--keepalive-timeout-secs",),
+        "keepalive_timeout_s",
+        float,
+        "seconds an idle client connection stays open (default 75)",
+    ),
+    (
+        ("--max-connections",),
+        "max_connections",
+        int,
+        "open client connections (503 past it); at most half the descriptor limit (0 = that half)",
+    ),
+    (
+        ("--shutdown-timeout-secs",),
+        "shutdown_timeout_s",
+        float,
+        "seconds SIGTERM waits for requests in flight (default 30)",
+    ),
+    (
+        ("--no-worker-wait-secs",),
+        "no_worker_wait_s",
+        float,
+        "seconds a request waits for a registering worker instead of 503 (0 = none)",
+    ),
+    (
         ("--max-retries",),
         "max_retries",
         int,
@@ -593,12 +630,12 @@ async def serve(
     (`--prometheus-port`, `--health-check-port`) serve the same state."""
     from aiohttp import web
 
-    from router.app import create_app, create_side_app
+    from router.app import METRICS, PROXY, create_app
+    from router.server import RouterRunner, raise_descriptor_limit
 
+    nofile = raise_descriptor_limit()
     app = create_app(config)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace_period_s
-    )
+    runner = RouterRunner(app, config, app[METRICS])
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
     side_runners: list[web.AppRunner] = []
@@ -622,11 +659,14 @@ async def serve(
     host, port = runner.addresses[0][:2]
     url = f"http://{host}:{port}"
     log.info(
-        "kvroute listening on %s (policy=%s, block_size=%d, workers=%d)",
+        "kvroute listening on %s (policy=%s, block_size=%d, workers=%d; at most %d client connections, "
+        "descriptor limit %d)",
         url,
         config.policy,
         config.block_size,
         len(config.worker_urls),
+        runner.guard.max_connections,
+        nofile,
     )
     if ready:
         ready(url)
@@ -636,10 +676,19 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        proxy = app.get(PROXY)
+        log.info(
+            "shutting down: %d client connections open, %d requests in flight; waiting up to %.0fs "
+            "(--shutdown-timeout-secs) for them",
+            runner.open_connections(),
+            proxy.in_flight if proxy is not None else 0,
+            config.shutdown_timeout_s,
+        )
     finally:
         for side in side_runners:
             await side.cleanup()
         await runner.cleanup()
+        log.info("kvroute stopped")
 
 
 def run_async(coro: Any) -> Any:

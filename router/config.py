@@ -59,6 +59,15 @@ class RouterConfig:
     log_dir: str | None = None  # also log to LOG_DIR/kvroute.log (created when missing); None = stderr only
     log_json: bool = False  # one JSON object per log line
     session_header: str = "X-Session-Id"  # consistent_hash affinity key; the OpenAI `user` field otherwise
+    header_timeout_s: float = 10.0  # seconds for a client's request head (from connect or its first byte);
+    # 408 and close past it; 0 = no limit
+    body_timeout_s: float = 30.0  # seconds to receive a request body after its head (408); 0 = no limit
+    keepalive_timeout_s: float = 75.0  # seconds an idle client keep-alive connection stays; 0 = aiohttp's
+    max_connections: int = 0  # open client connections; past it new ones get 503 + Retry-After and close.
+    # Never above half the descriptor limit (kvroute serve raises the soft limit first); 0 = that half
+    shutdown_timeout_s: float = 30.0  # seconds SIGTERM waits for requests in flight before closing them
+    no_worker_wait_s: float = 10.0  # seconds a request that finds no routable worker waits while workers
+    # register or recover (a restarted router), instead of 503 at once; 0 = answer 503 at once
     processes: int = 1  # serving processes on one port (SO_REUSEPORT), replicas sharing state through
     # Redis (router/supervisor.py); > 1 needs redis_url and a fixed port
     # --- fleet
@@ -88,7 +97,11 @@ class RouterConfig:
     # --- upstream timeouts and retries
     connect_timeout_s: float = 5.0  # seconds to open a connection to an engine; 0 = no limit
     request_timeout_s: float = 1800.0  # seconds for a whole upstream request (SGLang's); 0 = no limit
-    stream_idle_timeout_s: float = 300.0  # seconds between two chunks of a response; 0 = no limit
+    stream_idle_timeout_s: float = 30.0  # seconds between two chunks of a response (and, streaming, to its
+    # head); a non-streamed answer's head may take up to request_timeout_s; 0 = no limit
+    stall_timeout_s: float = 20.0  # a worker with requests in flight and no byte from it for this long is
+    # probed with /health_generate and, if that fails, taken out of routing (its unanswered requests are
+    # retried elsewhere); 0 = off
     max_retries: int = 2  # extra workers tried before anything reached the client; 0 = no retry
     # (SGLang's --retry-max-retries N counts all attempts: max_retries = N - 1)
     retry_initial_backoff_ms: float = 0.0  # pause before the first retry; 0 = retry at once (another worker)
@@ -196,6 +209,7 @@ class RouterConfig:
             raise ConfigError(f"port out of range: {self.port}")
         for name in (
             "max_body_bytes",
+            "max_connections",
             "max_retries",
             "prometheus_port",
             "health_check_port",

@@ -87,12 +87,15 @@ def error_body(err: ApiError, *, openai: bool) -> bytes:
 def error_response(err: ApiError, *, openai: bool, headers: dict[str, str] | None = None) -> web.Response:
     if err.headers:
         headers = {**err.headers, **(headers or {})}
-    return web.Response(
+    resp = web.Response(
         status=err.status,
         body=error_body(err, openai=openai),
         content_type="application/json",
         headers=headers,
     )
+    if headers and headers.get("Connection", "").lower() == "close":
+        resp.force_close()  # e.g. a body that never fully arrived: the connection's state is unknown
+    return resp
 
 
 def sse_error_event(err: ApiError, *, openai: bool) -> bytes:

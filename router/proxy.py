@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -134,14 +135,18 @@ class Proxy:
         # replicas like a random id, without a getrandom() syscall per request (~4% of the proxy's CPU).
         self._rid_prefix = os.urandom(8).hex()
         self._rid_seq = itertools.count()
-        self.timeout = Timeouts(
+        self.timeout = Timeouts(  # streamed answers: the head comes at once, then chunks
             connect=config.connect_timeout_s or None,
             idle=config.stream_idle_timeout_s or None,
             total=config.request_timeout_s or None,
         )
+        # Non-streamed answers: the head comes when generation ends; only the total bounds the wait (a hung
+        # engine is found by the registry's stall detection, not by guessing a generation's length).
+        self.timeout_unary = dataclasses.replace(self.timeout, idle_head=False)
         self._background: set[asyncio.Task[None]] = set()
         self.tenants: Any = None  # router.tenants.runtime.TenantRuntime when admission is on
         self.backoff = RetryBackoff.from_config(config)
+        self.in_flight = 0  # client requests being handled (the shutdown log says how many it waits for)
 
     async def close(self) -> None:
         """Wait for the abort notices still being sent."""
@@ -155,6 +160,7 @@ class Proxy:
             request.headers.get(cfg.request_id_header) or f"{self._rid_prefix}{next(self._rid_seq):016x}"
         )
         ph = self.obs.start(request, spec.path, rid_header, t0)
+        self.in_flight += 1
         try:
             return await self._handle(request, spec, rid_header, t0)
         except asyncio.CancelledError:
@@ -172,6 +178,7 @@ class Proxy:
             )
         finally:
             self.obs.finish(ph)
+            self.in_flight -= 1
 
     def _policy_name(self) -> str:
         return str(getattr(self.router.policy, "name", self.config.policy))
@@ -186,7 +193,18 @@ class Proxy:
                 "body_too_large",
             )
         try:
-            return await request.read()
+            if not self.config.body_timeout_s:
+                return await request.read()
+            async with asyncio.timeout(self.config.body_timeout_s):
+                return await request.read()
+        except TimeoutError as exc:
+            raise ApiError(
+                408,
+                f"request body not received within {self.config.body_timeout_s:g}s",
+                "invalid_request_error",
+                "body_timeout",
+                headers={"Connection": "close"},
+            ) from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise ApiError(
                 413,
@@ -236,22 +254,17 @@ class Proxy:
             raise bad_request(f"cannot route this prompt: {exc}", "invalid_prompt") from exc
         if self.pd is not None:
             return await self._handle_pd(request, spec, body, data, rr, rid_header, t0)
+        stream = data.get("stream") is True
         if self.tenants is not None:  # admission: identify, quota, maybe queue; 401/429 as ApiError
             async with self.tenants.admit(request.headers, rr, rid_header) as grant:
                 body = self.tenants.with_priority(body, data, grant)
                 return await self._forward(
-                    request, spec, body, rr, grant.decision, rid_header, f.rid, t0, via, grant
+                    request, spec, body, rr, grant.decision, rid_header, f.rid, t0, via, grant, stream=stream
                 )
-        try:
-            decision = self.router.select(rr)
-        except NoWorkerAvailable as exc:
-            raise ApiError(
-                503,
-                f"no worker available: {exc}" if str(exc) else "no worker available",
-                "service_unavailable",
-                "no_worker",
-            ) from exc
-        return await self._forward(request, spec, body, rr, decision, rid_header, f.rid, t0, via)
+        decision = await self._select(rr)
+        return await self._forward(
+            request, spec, body, rr, decision, rid_header, f.rid, t0, via, stream=stream
+        )
 
     async def _forward(
         self,
@@ -265,6 +278,8 @@ class Proxy:
         t0: float,
         via: str,
         grant: Any = None,
+        *,
+        stream: bool = False,
     ) -> web.StreamResponse:
         """Send to `decision.worker`, then down `decision.ranked` while nothing reached the client."""
         if grant is not None:
@@ -272,6 +287,7 @@ class Proxy:
             if ph is not None:
                 ph.admission_s = grant.queue_wait_s
         self.obs.routed(request, decision)
+        timeout = self.timeout if stream else self.timeout_unary
         headers = forward_headers(request.headers, self.config.request_id_header, rid_header)
         headers[VIA_HEADER] = via
         # Workers whose breaker admits a request, best first; if none does, the policy's pick anyway.
@@ -295,7 +311,18 @@ class Proxy:
             tried += 1
             try:
                 return await self._attempt(
-                    request, spec, body, headers, url, rr, decision, rid_header, rid, t0, grant
+                    request,
+                    spec,
+                    body,
+                    headers,
+                    url,
+                    rr,
+                    decision,
+                    rid_header,
+                    rid,
+                    t0,
+                    grant,
+                    timeout=timeout,
                 )
             except UpstreamError as exc:  # raised only while nothing reached the client
                 last = exc
@@ -315,6 +342,30 @@ class Proxy:
                 headers={"Retry-After": "1"},
             )
         raise from_upstream(last) from last
+
+    async def _select(self, rr: Any) -> Decision:
+        """The policy's pick; while workers are still registering (a router just restarted), a request
+        waits up to `no_worker_wait_s` for one instead of getting 503 at once."""
+        try:
+            return self.router.select(rr)  # type: ignore[no-any-return]
+        except NoWorkerAvailable as exc:
+            err = exc
+        wait = self.config.no_worker_wait_s
+        if wait > 0 and self.registry.registering():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.registry.ready_event.wait()
+            try:
+                return self.router.select(rr)  # type: ignore[no-any-return]
+            except NoWorkerAvailable as exc:
+                err = exc
+        raise ApiError(
+            503,
+            f"no worker available: {err}" if str(err) else "no worker available",
+            "service_unavailable",
+            "no_worker",
+            headers={"Retry-After": "1"},
+        ) from err
 
     async def _handle_pd(
         self,
@@ -369,6 +420,7 @@ class Proxy:
         rid: str | None,
         t0: float,
         grant: Any = None,
+        timeout: Timeouts | None = None,
     ) -> web.StreamResponse:
         policy = decision.policy
         prio = grant.priority if grant is not None else 0
@@ -381,7 +433,7 @@ class Proxy:
         status = 0
         headers = self.obs.before_send(request, url, headers, cached_blocks)
         try:
-            resp = await self.registry.client(url).open(spec.path, body, headers, self.timeout)
+            resp = await self.registry.client(url).open(spec.path, body, headers, timeout or self.timeout)
             self.obs.head(request, resp.content_type == "text/event-stream")
             try:
                 status = resp.status

@@ -70,6 +70,10 @@ class _Entry:
     reported_blind: bool = False
     reopen_handle: asyncio.TimerHandle | None = None
     retire_task: asyncio.Task[None] | None = None  # `retire`: removes the worker once it is idle
+    stalled: bool = False  # taken out by stall detection; back only once /health_generate passes
+    stalled_probe_at: float = 0.0
+    added_at: float = field(default_factory=time.monotonic)
+    stall_probe: asyncio.Task[None] | None = None
 
 
 class WorkerRegistry:
@@ -84,6 +88,7 @@ class WorkerRegistry:
         self._session: aiohttp.ClientSession | None = None
         self._pool = Http1Pool()
         self._blind_task: asyncio.Task[None] | None = None
+        self._stall_task: asyncio.Task[None] | None = None
         self.ready_event = asyncio.Event()
         self.instance_id = ""  # this router's id (app sets it); a worker answering /health with it is us
         self.ejection_cap = EjectionCap(config.circuit_max_ejection_percent, config.circuit_min_in_rotation)
@@ -103,11 +108,14 @@ class WorkerRegistry:
             self.add(url, WorkerRole.DECODE)
         if self.config.blind_check_interval_s > 0:
             self._blind_task = asyncio.create_task(self._blind_loop(), name="kvroute-blind-check")
+        if self.config.stall_timeout_s > 0:
+            self._stall_task = asyncio.create_task(self._stall_loop(), name="kvroute-stall-check")
 
     async def close(self) -> None:
-        if self._blind_task:
-            self._blind_task.cancel()
-            await asyncio.gather(self._blind_task, return_exceptions=True)
+        for t in (self._blind_task, self._stall_task):
+            if t:
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
         for url in list(self._entries):
             await self.remove(url)
 
@@ -173,14 +181,15 @@ class WorkerRegistry:
             entry.reopen_handle.cancel()
         if entry.retire_task and entry.retire_task is not asyncio.current_task():
             entry.retire_task.cancel()
-        if entry.task:
-            entry.task.cancel()
-            await asyncio.gather(entry.task, return_exceptions=True)
+        for t in (entry.task, entry.stall_probe):
+            if t:
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
         if entry.subscribed:
             with contextlib.suppress(Exception):
                 await self.router.unsubscribe(url)
         self.router.remove_worker(url)
-        self._pool.close_host(entry.client.key)  # idle keep-alive connections go with the worker
+        self._pool.forget_host(entry.client.key)  # idle keep-alive connections go with the worker
         self.metrics.forget_worker(url)
         self._update_ready()
         log.info("worker %s removed", url)
@@ -243,6 +252,14 @@ class WorkerRegistry:
     def client(self, url: str) -> SGLangClient:
         return self._get(url).client
 
+    def registering(self) -> bool:
+        """Some worker added in the last minute is still registering: it may become routable soon (a
+        worker pending for longer is down, and holding requests for it would only delay their 503)."""
+        cutoff = time.monotonic() - 60.0
+        return any(
+            e.worker.state is WorkerState.PENDING and e.added_at > cutoff for e in self._entries.values()
+        )
+
     def healthy_urls(self) -> list[str]:
         return [u for u, e in self._entries.items() if e.worker.state is WorkerState.HEALTHY]
 
@@ -282,6 +299,7 @@ class WorkerRegistry:
             "circuit_probes_in_flight": e.breaker.probes,
             "circuit_openings_vetoed": e.breaker.vetoed,
             "last_health_error": e.last_health_error,
+            "stalled": e.stalled,
             "load": {
                 "in_flight": w.load.in_flight,
                 "pending_prefill_tokens": w.load.pending_prefill_tokens,
@@ -375,6 +393,7 @@ class WorkerRegistry:
         e.reopen_handle = None
         if (
             e.breaker.poll() == "half_open"
+            and not e.stalled
             and e.worker.state is WorkerState.UNHEALTHY
             and e.health_failures < max(1, self.config.health_failure_threshold)
         ):
@@ -540,6 +559,7 @@ class WorkerRegistry:
             if (
                 w.state is WorkerState.UNHEALTHY
                 and e.breaker.poll() != "open"
+                and not e.stalled
                 and e.health_successes >= self.config.health_success_threshold
             ):
                 self._set_state(e, WorkerState.HEALTHY, None)
@@ -561,6 +581,60 @@ class WorkerRegistry:
             except UpstreamError:
                 continue
             self.router.update_engine_load(e.worker.url, load.running, load.queued, load.token_usage)
+
+    # ---- stall and wedge detection
+
+    async def _stall_loop(self) -> None:
+        """A worker with exchanges in flight and no byte from it for `stall_timeout_s` is suspect: one
+        `/health_generate` (a real one-token generation; `/health` stays 200 on a wedged engine) decides.
+        Failed: out of routing, its exchanges failed (retried elsewhere where nothing reached the client).
+        Passed: only slow (e.g. a long non-streamed answer); the stall clock restarts. A stalled worker is
+        probed again every half period and comes back when a probe passes."""
+        bound = self.config.stall_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, bound / 4))
+            now = loop.time()
+            for e in list(self._entries.values()):
+                if e.stall_probe is not None and not e.stall_probe.done():
+                    continue
+                if e.stalled:
+                    if now - e.stalled_probe_at >= bound / 2:
+                        e.stalled_probe_at = now
+                        e.stall_probe = asyncio.create_task(self._probe_stalled(e))
+                elif self._pool.stalled_for(e.client.key, now) >= bound:
+                    e.stall_probe = asyncio.create_task(self._probe_suspect(e))
+
+    async def _probe_suspect(self, e: _Entry) -> None:
+        key = e.client.key
+        waited = self._pool.stalled_for(key, asyncio.get_running_loop().time())
+        try:
+            await e.client.health_generate(timeout=self.config.control_timeout_s or None)
+        except UpstreamError as exc:
+            if e.worker.url not in self._entries:
+                return
+            n = self._pool.in_flight(key)
+            why = f"stalled: {n} requests in flight, no byte for {waited:.0f}s; /health_generate: "
+            why += exc.message
+            e.stalled = True
+            e.stalled_probe_at = asyncio.get_running_loop().time()
+            self.metrics.stalls.labels(e.worker.url).inc()
+            if e.worker.state in (WorkerState.HEALTHY, WorkerState.DRAINING):
+                self._set_state(e, WorkerState.UNHEALTHY, why)
+            failed = self._pool.fail_busy(key, f"worker {e.worker.url} stalled")
+            log.warning("worker %s out of routing: %s (%d requests failed over)", e.worker.url, why, failed)
+            return
+        self._pool.mark_progress(key, asyncio.get_running_loop().time())
+
+    async def _probe_stalled(self, e: _Entry) -> None:
+        try:
+            await e.client.health_generate(timeout=self.config.control_timeout_s or None)
+        except UpstreamError:
+            return
+        e.stalled = False
+        if e.worker.state is WorkerState.UNHEALTHY and e.breaker.poll() != "open":
+            self._set_state(e, WorkerState.HEALTHY, None)
+        log.info("worker %s generates again: back in routing", e.worker.url)
 
     async def _blind_loop(self) -> None:
         while True:

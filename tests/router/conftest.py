@@ -19,8 +19,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from engines.sim.fleet import SimFleet, free_port
-from router.app import REGISTRY, ROUTER, create_app
+from router.app import METRICS, REGISTRY, ROUTER, create_app
 from router.config import RouterConfig
+from router.server import RouterRunner
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -273,6 +274,7 @@ def test_config(**kw: Any) -> RouterConfig:
         connect_timeout_s=2.0,
         request_timeout_s=10.0,
         stream_idle_timeout_s=5.0,
+        no_worker_wait_s=0,  # answer 503 at once (tests of the start-up hold set it)
     )
     base.update(kw)
     return RouterConfig(**base)
@@ -287,8 +289,9 @@ async def start_router() -> AsyncIterator[Callable[..., Awaitable[RunningRouter]
     sessions: list[aiohttp.ClientSession] = []
 
     async def make(config: RouterConfig | None = None, **kw: Any) -> RunningRouter:
-        app = create_app(config or test_config(**kw))
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        cfg = config or test_config(**kw)
+        app = create_app(cfg)
+        runner = RouterRunner(app, cfg, app[METRICS])  # what `kvroute serve` runs: the server's limits
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
