@@ -101,12 +101,6 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         "open client connections (503 past it); at most half the descriptor limit (0 = that half)",
     ),
     (
-        ("--shutdown-timeout-secs",),
-        "shutdown_timeout_s",
-        float,
-        "seconds SIGTERM waits for requests in flight (default 30)",
-    ),
-    (
         ("--no-worker-wait-secs",),
         "no_worker_wait_s",
         float,
@@ -630,7 +624,7 @@ async def serve(
     (`--prometheus-port`, `--health-check-port`) serve the same state."""
     from aiohttp import web
 
-    from router.app import METRICS, PROXY, create_app
+    from router.app import METRICS, PROXY, create_app, create_side_app
     from router.server import RouterRunner, raise_descriptor_limit
 
     nofile = raise_descriptor_limit()
@@ -679,10 +673,10 @@ async def serve(
         proxy = app.get(PROXY)
         log.info(
             "shutting down: %d client connections open, %d requests in flight; waiting up to %.0fs "
-            "(--shutdown-timeout-secs) for them",
+            "(--shutdown-grace-period-secs) for them",
             runner.open_connections(),
             proxy.in_flight if proxy is not None else 0,
-            config.shutdown_timeout_s,
+            config.shutdown_grace_period_s,
         )
     finally:
         for side in side_runners:

@@ -65,7 +65,6 @@ class RouterConfig:
     keepalive_timeout_s: float = 75.0  # seconds an idle client keep-alive connection stays; 0 = aiohttp's
     max_connections: int = 0  # open client connections; past it new ones get 503 + Retry-After and close.
     # Never above half the descriptor limit (kvroute serve raises the soft limit first); 0 = that half
-    shutdown_timeout_s: float = 30.0  # seconds SIGTERM waits for requests in flight before closing them
     no_worker_wait_s: float = 10.0  # seconds a request that finds no routable worker waits while workers
     # register or recover (a restarted router), instead of 503 at once; 0 = answer 503 at once
     processes: int = 1  # serving processes on one port (SO_REUSEPORT), replicas sharing state through

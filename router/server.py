@@ -215,7 +215,7 @@ class RouterRunner(web.AppRunner):
     ) -> None:
         kwargs.setdefault("handler_cancellation", True)
         kwargs.setdefault("access_log", None)
-        kwargs.setdefault("shutdown_timeout", config.shutdown_timeout_s)
+        kwargs.setdefault("shutdown_timeout", config.shutdown_grace_period_s)
         if config.keepalive_timeout_s:
             kwargs.setdefault("keepalive_timeout", config.keepalive_timeout_s)
         super().__init__(app, **kwargs)

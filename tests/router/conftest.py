@@ -291,7 +291,8 @@ async def start_router() -> AsyncIterator[Callable[..., Awaitable[RunningRouter]
     async def make(config: RouterConfig | None = None, **kw: Any) -> RunningRouter:
         cfg = config or test_config(**kw)
         app = create_app(cfg)
-        runner = RouterRunner(app, cfg, app[METRICS])  # what `kvroute serve` runs: the server's limits
+        # What `kvroute serve` runs (the server's limits); a short drain keeps teardown bounded.
+        runner = RouterRunner(app, cfg, app[METRICS], shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
