@@ -170,6 +170,20 @@ class AdminApi:
             raise bad_request(
                 "'bootstrap_port' must be an integer, for a prefill worker", "invalid_bootstrap_port"
             )
+        worker = await self.register_worker(request, url, role, kv, bp)
+        return _json({"worker": self.registry.describe(worker.url)}, status=202)
+
+    async def register_worker(
+        self,
+        request: web.Request,
+        url: str,
+        role: WorkerRole,
+        kv: str | None = None,
+        bp: int | None = None,
+        api_key: str | None = None,
+    ) -> Any:
+        """Add a worker for an admin call (here and smg's /workers API): refuses this router's own
+        address, maps registry errors to 400/409, tells the other replicas."""
         sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
         if isinstance(sock, tuple) and await points_at_self(url, sock[:2]):
             raise bad_request(
@@ -178,7 +192,7 @@ class AdminApi:
                 "self_url",
             )
         try:
-            worker = self.registry.add(url, role=role, kv_events=kv, bootstrap_port=bp)
+            worker = self.registry.add(url, role=role, kv_events=kv, bootstrap_port=bp, api_key=api_key)
         except RegistryError as exc:
             raise ApiError(
                 409 if "already" in str(exc) else 400,
@@ -188,17 +202,21 @@ class AdminApi:
             ) from exc
         if self.replicas is not None:
             self.replicas.notify_add(worker.url, role.value, kv, bp)
-        return _json({"worker": self.registry.describe(worker.url)}, status=202)
+        return worker
 
     async def remove_worker(self, request: web.Request) -> web.Response:
         url = _url_arg(request, await _body(request))
+        await self.unregister_worker(url)
+        return _json({"removed": url})
+
+    async def unregister_worker(self, url: str) -> None:
+        """Remove a worker for an admin call (404 if unknown) and tell the other replicas."""
         try:
             await self.registry.remove(url)
         except RegistryError as exc:
             raise _unknown_worker(exc) from exc
         if self.replicas is not None:
             self.replicas.notify_remove(url)
-        return _json({"removed": url})
 
     async def drain_worker(self, request: web.Request) -> web.Response:
         return await self._set_draining(request, True)

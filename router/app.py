@@ -35,7 +35,8 @@ from router.observability import Observability
 from router.observability.http import ObservabilityApi
 from router.pd import PDConfig, PDContext, PDSelector
 from router.pd_metrics import PDMetrics
-from router.proxy import CHAT, COMPLETIONS, GENERATE, RID_KEY, Proxy, RouteSpec
+from router.peer_routes import PeerRoutes
+from router.proxy import CHAT, COMPLETIONS, GENERATE, PLAIN_ROUTES, RID_KEY, Proxy, RouteSpec
 from router.shared import replica_context
 from router.tenants.runtime import TenantRuntime
 from router.types import WorkerRole
@@ -186,7 +187,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
         return handler
 
     r = app.router
-    for spec in (GENERATE, COMPLETIONS, CHAT):
+    for spec in (GENERATE, COMPLETIONS, CHAT, *PLAIN_ROUTES):
         r.add_post(spec.path, gen(spec))
     r.add_get("/v1/models", models)
     r.add_get("/health", liveness)
@@ -201,6 +202,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     for path in ("/server_info", "/get_server_info"):
         r.add_get(path, worker_info)
     admin.add_routes(app)
+    PeerRoutes(core, registry, admin).add_routes(app)
     ObservabilityApi(app[OBSERVABILITY], admin).add_routes(app)
     return app
 

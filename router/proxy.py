@@ -87,16 +87,29 @@ class RouteSpec:
     """One client-facing generation route and the engine path it forwards to."""
 
     path: str
-    kind: str  # "generate" | "completions" | "chat"
+    kind: str  # "generate" | "completions" | "chat" | one of `router.wire.PLAIN_KINDS`
 
     @property
     def openai(self) -> bool:
         return self.kind != "generate"
 
+    @property
+    def generation(self) -> bool:
+        """Generation routes can run prefill/decode disaggregated; the forwarded-only ones cannot."""
+        return self.kind in ("generate", "completions", "chat")
+
 
 GENERATE = RouteSpec("/generate", "generate")
 COMPLETIONS = RouteSpec("/v1/completions", "completions")
 CHAT = RouteSpec("/v1/chat/completions", "chat")
+# Forwarded as they are, routed by their prompt with load accounting (SGLang's OpenAI-compatible extras).
+PLAIN_ROUTES = (
+    RouteSpec("/v1/embeddings", "embeddings"),
+    RouteSpec("/v1/responses", "responses"),
+    RouteSpec("/v1/rerank", "rerank"),
+    RouteSpec("/v1/classify", "classify"),
+    RouteSpec("/v1/score", "score"),
+)
 
 
 def _kind(exc: UpstreamError) -> str:
@@ -238,6 +251,13 @@ class Proxy:
         if not body:
             raise bad_request("empty request body; expected a JSON object", "empty_body")
         data = json_object(body)
+        if self.pd is not None and not spec.generation:
+            raise ApiError(
+                501,
+                f"{spec.path} is not served in prefill/decode mode (engines run disaggregated generation)",
+                "invalid_request_error",
+                "not_supported_in_pd_mode",
+            )
         f = extract_fields(spec.kind, data)
         session_key = request.headers.get(self.config.session_header) or f.user
         try:

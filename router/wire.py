@@ -68,6 +68,41 @@ def _token_list(v: Any, key: str) -> list[int]:
     return list(v)
 
 
+# Forwarded-only OpenAI/SGLang routes (embeddings, responses, rerank, classify, score): the field that
+# carries the prompt, in the order looked for. Routed by it (prefix affinity and load), never checked: the
+# engine validates these bodies.
+PLAIN_KINDS = frozenset({"embeddings", "responses", "rerank", "classify", "score"})
+_PLAIN_PROMPT_FIELDS = ("input", "query", "text", "text_1", "prompt", "items")
+_PLAIN_KEY_CHARS = 65536  # a structured prompt's routing key: its JSON, cut here
+
+
+def _plain_fields(
+    body: Mapping[str, Any], model: str | None, user: str | None, rid: str | None
+) -> RoutingFields:
+    """The routing fields of a forwarded-only route: the first prompt-like field as text or token ids; a
+    structured one (Responses API items, lists of documents) by its JSON, so equal prefixes stay together."""
+    mt = body.get("max_output_tokens", body.get("max_tokens"))
+    max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt >= 0 else None
+    for key in _PLAIN_PROMPT_FIELDS:
+        v = body.get(key)
+        if isinstance(v, list) and v and isinstance(v[0], str | list):
+            v = v[0]  # a batch is routed by its first item
+        if isinstance(v, str) and v:
+            return RoutingFields(text=v, model=model, max_tokens=max_tokens, user=user, rid=rid)
+        if (
+            isinstance(v, list)
+            and v
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+        ):
+            return RoutingFields(input_ids=list(v), model=model, max_tokens=max_tokens, user=user, rid=rid)
+        if v:
+            key_text = orjson.dumps(v).decode()[:_PLAIN_KEY_CHARS]
+            return RoutingFields(text=key_text, model=model, max_tokens=max_tokens, user=user, rid=rid)
+    raise bad_request(
+        f"the request has no prompt field (one of {', '.join(_PLAIN_PROMPT_FIELDS)})", "missing_prompt"
+    )
+
+
 def extract_fields(kind: str, body: Mapping[str, Any]) -> RoutingFields:
     """Read and type-check the routing fields; a batch is routed by its first item."""
     _opt(body, "stream", bool, "a boolean")
@@ -75,6 +110,8 @@ def extract_fields(kind: str, body: Mapping[str, Any]) -> RoutingFields:
     user = _opt(body, "user", str, "a string")
     rid = body.get("rid")
     rid = rid if isinstance(rid, str) else None
+    if kind in PLAIN_KINDS:
+        return _plain_fields(body, model, user, rid)
     if kind == "generate":
         sp = _opt(body, "sampling_params", dict, "an object")
         max_tokens = _opt(sp, "max_new_tokens", int, "an integer") if sp else None

@@ -127,8 +127,10 @@ class WorkerRegistry:
         role: WorkerRole = WorkerRole.REGULAR,
         kv_events: str | None = None,
         bootstrap_port: int | None = None,
+        api_key: str | None = None,
     ) -> Worker:
         """Register `url`; returns at once (PENDING), the checks run in the background.
+        `api_key`: this engine's key when it differs from `--api-key` (smg's per-worker key).
 
         `role`: PD pools (`prefill` / `decode`); a REGULAR worker takes the engine's own
         `disaggregation_mode`. `bootstrap_port`: a prefill server's KV bootstrap port, overriding the
@@ -152,7 +154,7 @@ class WorkerRegistry:
                 url,
                 control_timeout_s=self.config.control_timeout_s,
                 pool=self._pool,
-                api_key=self.config.engine_api_key,
+                api_key=api_key or self.config.engine_api_key,
                 health_path=self.config.health_check_endpoint,
                 health_timeout_s=self.config.health_check_timeout_s,
             ),

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from cache_index.hashing import Tokenizer
 from engines.core import EngineCore
-from engines.http_api import native, openai
+from engines.http_api import extra, native, openai
 from engines.http_api.common import STATE, ApiState, byte_tokenizer
 from engines.http_api.metrics import EngineCollector, metrics
 
@@ -61,6 +61,7 @@ def create_app(
     r.add_post("/v1/completions", openai.completions)
     r.add_post("/v1/chat/completions", openai.chat_completions)
     r.add_get("/v1/models", openai.models)
+    extra.add_routes(app)
     r.add_get("/health", native.health)
     r.add_get("/health_generate", native.health_generate)
     r.add_get("/server_info", native.server_info)
