@@ -50,6 +50,7 @@ from bench.workloads.ceiling import (
     ttft_lower_bounds,
 )
 from engines.sim.fleet import free_port as free_port  # the benches import it from here
+from router.autoscale.cost import cost_per_million_goodput
 
 REPO = Path(__file__).resolve().parent.parent
 KVROUTE_POLICIES = ("round_robin", "least_load", "cache_aware", "kv_aware")
@@ -113,6 +114,8 @@ class BenchConfig:
     out_dir: Path = REPO / "bench" / "results" / "latest"
     sla_ttft_s: float = 2.0
     sla_itl_s: float = 0.1
+    gpu_hour_cost: float = 2.5  # per GPU-hour, for cost per million goodput tokens (0 = GPU-seconds only)
+    gpus_per_worker: int = 1
     sweep: tuple[float, ...] = ()  # rate factors for the load sweep (empty: no sweep)
     request_timeout_wall: float = 300.0
     max_concurrency: int = 2048
@@ -563,6 +566,8 @@ class Summary:
     wall_s: float
     host_overhead_s: float  # mean client e2e minus the engine's own e2e: router + host, in engine s
     owner_affinity: float  # continuations sent to their prefix's last worker (NaN: router doesn't say)
+    gpu_seconds: float = math.nan  # engines x GPUs per engine x the run's span (engine seconds)
+    cost_per_m_goodput: float = math.nan  # GPU cost per million output tokens of requests within the SLA
 
 
 def summarize(
@@ -576,12 +581,15 @@ def summarize(
     out_tok = sum(r.output_tokens for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
-    good = 0
+    good = good_tokens = 0
     for r in ok:
         tpot = sum(r.itl_s) / len(r.itl_s) if r.itl_s else 0.0
         if r.ttft_s is not None and r.ttft_s <= cfg.sla_ttft_s and tpot <= cfg.sla_itl_s:
             good += 1
+            good_tokens += r.output_tokens
     hit = cached / prompt if prompt else 0.0
+    # every engine of the fleet is paid for over the whole run, serving or not
+    gpu_s = cfg.fleet.workers * cfg.gpus_per_worker * span if span and span > 0 else math.nan
     pw = run.per_worker
     mean_pw = sum(pw) / len(pw) if pw else 0.0
     return Summary(
@@ -612,6 +620,8 @@ def summarize(
         host_overhead_s=_mean(
             [r.e2e_s - r.engine_e2e_s for r in ok if r.e2e_s and r.engine_e2e_s is not None]
         ),
+        gpu_seconds=gpu_s,
+        cost_per_m_goodput=cost_per_million_goodput(gpu_s, cfg.gpu_hour_cost, good_tokens),
     )
 
 
@@ -623,8 +633,8 @@ def markdown_table(sums: Sequence[Summary]) -> str:
     head = (
         "| router | ok | TTFT mean (s) | TTFT p50 | TTFT p99 | ITL p50 (ms) | ITL p99 (ms) | tok/s | req/s "
         "| cache hit | of ceiling | owner affinity | req/worker max/mean | goodput "
-        "| router+host overhead (s) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| router+host overhead (s) | GPU-s | cost per M goodput tokens |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for s in sums:
@@ -632,9 +642,14 @@ def markdown_table(sums: Sequence[Summary]) -> str:
             f"| {s.router} | {s.ok}/{s.requests} | {s.ttft_mean:.3f} | {s.ttft_p50:.3f} | {s.ttft_p99:.3f} "
             f"| {s.itl_p50 * 1000:.1f} | {s.itl_p99 * 1000:.1f} | {s.throughput_tok_s:.0f} | {s.req_s:.2f} "
             f"| {s.hit_ratio:.1%} | {s.hit_share_of_ceiling:.1%} | {_pct(s.owner_affinity)} "
-            f"| {s.worker_max_over_mean:.2f} | {s.goodput_fraction:.1%} | {s.host_overhead_s:.3f} |"
+            f"| {s.worker_max_over_mean:.2f} | {s.goodput_fraction:.1%} | {s.host_overhead_s:.3f} "
+            f"| {s.gpu_seconds:.0f} | {_money(s.cost_per_m_goodput)} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def _money(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.2f}"
 
 
 def _pct(x: float) -> str:
@@ -755,7 +770,9 @@ def write_report(
         f"Goodput: requests with TTFT <= {cfg.sla_ttft_s:g} s and mean ITL <= {cfg.sla_itl_s * 1000:g} ms. "
         "Times in engine seconds. Owner affinity: of the requests whose ceiling is >= 25% of their prompt, "
         "the share sent to the worker holding their prefix (routers that name the worker only). "
-        "Router+host overhead: mean client e2e minus the engine's own e2e.",
+        "Router+host overhead: mean client e2e minus the engine's own e2e. "
+        f"GPU-s: engines x {cfg.gpus_per_worker} GPU x the run's span; cost per million goodput tokens "
+        f"(output tokens of requests within the SLA) at {cfg.gpu_hour_cost:g} per GPU-hour.",
         "",
         markdown_table(base),
     ]
@@ -835,6 +852,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     ap.add_argument("--api", choices=["generate", "completions", "chat"], default="generate")
     ap.add_argument("--sla-ttft", type=float, default=2.0, help="goodput: TTFT SLA (engine s)")
     ap.add_argument("--sla-itl", type=float, default=0.1, help="goodput: mean ITL SLA (engine s)")
+    ap.add_argument("--gpu-hour-cost", type=float, default=2.5, help="price of a GPU-hour (0 = unknown)")
+    ap.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs each engine holds")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "latest"))
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -891,6 +910,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         out_dir=Path(a.out),
         sla_ttft_s=a.sla_ttft,
         sla_itl_s=a.sla_itl,
+        gpu_hour_cost=a.gpu_hour_cost,
+        gpus_per_worker=a.gpus_per_worker,
         sweep=tuple(float(x) for x in a.sweep.split(",") if x.strip()),
         progress=not a.no_progress,
     )

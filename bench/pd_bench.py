@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import random
 import sys
 import time
@@ -48,6 +49,7 @@ from bench.compare import (
 )
 from bench.loadgen import LoadgenConfig, RequestResult, run_load
 from bench.workloads import Request, block_text, poisson_arrivals
+from router.autoscale.cost import CostModel, cost_per_million_goodput, within_sla
 from router.core import Router
 from router.pd import PDConfig, PDContext, forward_pd
 from router.types import Worker, WorkerRole, WorkerState
@@ -76,6 +78,9 @@ class PDBenchConfig:
     kv_events: bool = True  # kvroute subscribes to the engines' KV events
     local_max_tokens: int = 512  # kvroute-pd-conditional: uncached prompts up to this go to the regular GPU
     configs: tuple[str, ...] = ("kvroute-aggregated", "kvroute-pd", "kvroute-pd-conditional", "sglang-pd")
+    sla_ttft_s: float = 2.0  # cost per million goodput tokens: a request within both targets counts
+    sla_itl_s: float = 0.1
+    gpu_hour_cost: float = 2.5  # per GPU-hour (every configuration holds `gpus` GPUs for the whole run)
 
 
 def build_workload(cfg: PDBenchConfig) -> tuple[list[Request], set[str], list[list[str]]]:
@@ -262,10 +267,17 @@ class Summary:
     burst_ttft_p50_ms: float
     burst_ttft_p99_ms: float
     burst_windows_s: list[tuple[float, float]]
+    sla_attainment: float = math.nan
+    gpu_seconds: float = math.nan
+    cost_per_m_goodput: float = math.nan
 
 
 def summarize(
-    name: str, results: Sequence[RequestResult], chat: set[str], bursts: list[list[str]]
+    name: str,
+    results: Sequence[RequestResult],
+    chat: set[str],
+    bursts: list[list[str]],
+    cfg: PDBenchConfig | None = None,
 ) -> Summary:
     by_rid = {r.rid: r for r in results}
     windows: list[tuple[float, float]] = []
@@ -303,6 +315,11 @@ def summarize(
     burst_ttft = [r.ttft_s for r in results if r.rid not in chat and r.ok and r.ttft_s is not None]
     ms = 1000.0
     p99_calm = percentile(calm, 99)
+    c = cfg if cfg is not None else PDBenchConfig()
+    model = CostModel(c.gpu_hour_cost, {}, c.sla_ttft_s, c.sla_itl_s)
+    good = [r for r in results if r.ok and within_sla(r.ttft_s, r.itl_s, model)]
+    span = max((r.done_s or 0.0) for r in results) if results else math.nan
+    gpu_s = c.gpus * span
     return Summary(
         name,
         sum(r.ok for r in results),
@@ -318,23 +335,36 @@ def summarize(
         percentile(burst_ttft, 50) * ms,
         percentile(burst_ttft, 99) * ms,
         windows,
+        len(good) / len(results) if results else math.nan,
+        gpu_s,
+        cost_per_million_goodput(gpu_s, c.gpu_hour_cost, sum(r.output_tokens for r in good)),
     )
+
+
+def _money(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "-"
 
 
 def table(sums: Sequence[Summary]) -> str:
     head = (
         "| config | ok/failed | ITL p50 calm | ITL p99 calm | ITL p50 burst | ITL p99 burst | p99 ratio "
-        "| chat TTFT p50 | chat TTFT p99 | chat TTFT p99 (burst) | burst TTFT p50 | burst TTFT p99 |"
+        "| chat TTFT p50 | chat TTFT p99 | chat TTFT p99 (burst) | burst TTFT p50 | burst TTFT p99 "
+        "| SLA attainment | GPU-s | cost per M goodput tokens |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 15]
     for s in sums:
         lines.append(
             f"| {s.name} | {s.ok}/{s.failed} | {s.itl_p50_calm_ms:.1f} | {s.itl_p99_calm_ms:.1f} | "
             f"{s.itl_p50_burst_ms:.1f} | {s.itl_p99_burst_ms:.1f} | {s.itl_p99_ratio:.2f}x | "
             f"{s.chat_ttft_p50_ms:.0f} | {s.chat_ttft_p99_ms:.0f} | {s.chat_ttft_p99_burst_ms:.0f} | "
-            f"{s.burst_ttft_p50_ms:.0f} | {s.burst_ttft_p99_ms:.0f} |"
+            f"{s.burst_ttft_p50_ms:.0f} | {s.burst_ttft_p99_ms:.0f} | {s.sla_attainment:.1%} | "
+            f"{s.gpu_seconds:.0f} | {_money(s.cost_per_m_goodput)} |"
         )
-    return "\n".join(lines) + "\n(latencies in engine milliseconds: wall / time_scale)"
+    return "\n".join(lines) + (
+        "\n(latencies in engine milliseconds: wall / time_scale; SLA: TTFT and mean ITL within the targets; "
+        "GPU-s: the configuration's GPUs x the run's span; cost at the GPU-hour price, per million output "
+        "tokens of requests within the SLA)"
+    )
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -373,7 +403,7 @@ async def run_one(name: str, cfg: PDBenchConfig, log: IO[str]) -> Summary:
             results = await run_load(reqs, lg)
             wall = time.perf_counter() - t0
             print(f"# {name}: {len(results)} requests in {wall:.0f} s wall", file=sys.stderr)
-    return summarize(name, results, chat, bursts)
+    return summarize(name, results, chat, bursts, cfg)
 
 
 async def main_async(cfg: PDBenchConfig, out: Path | None) -> list[Summary]:
@@ -411,6 +441,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
     p.add_argument("--profile", default=d.profile)
     p.add_argument("--time-scale", type=float, default=d.time_scale)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sla-ttft", type=float, default=d.sla_ttft_s, help="cost: TTFT target (engine s)")
+    p.add_argument("--sla-itl", type=float, default=d.sla_itl_s, help="cost: mean ITL target (engine s)")
+    p.add_argument("--gpu-hour-cost", type=float, default=d.gpu_hour_cost, help="price of a GPU-hour")
     p.add_argument("--no-sglang", action="store_true")
     p.add_argument("--no-kv-events", action="store_true", help="kvroute routes without KV events")
     p.add_argument("--configs", default=",".join(d.configs), help="comma-separated subset to run")
@@ -430,6 +463,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
         profile=a.profile,
         time_scale=a.time_scale,
         seed=a.seed,
+        sla_ttft_s=a.sla_ttft,
+        sla_itl_s=a.sla_itl,
+        gpu_hour_cost=a.gpu_hour_cost,
         include_sglang=not a.no_sglang,
         kv_events=not a.no_kv_events,
         configs=tuple(c for c in a.configs.split(",") if c),

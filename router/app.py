@@ -355,6 +355,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
     app[REGISTRY].check_blind()
     replicas = app[ADMIN].replicas
     app[METRICS].refresh_replicas(replicas.status() if replicas is not None else None)
+    if app[ADMIN].autoscale is not None:  # PD: GPU-seconds and cost gauges (router/autoscale)
+        app[ADMIN].autoscale.cost(core.workers())
     resp = web.Response(body=app[METRICS].exposition())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

@@ -157,6 +157,7 @@ class RouterConfig:
     autoscale_scaler: str = "sim"  # sim (in-process simulated engines) | command | kubernetes
     autoscale_interval_s: float = 10.0  # seconds between decisions; must be > 0
     autoscale_window_s: float = 30.0  # seconds of traffic each decision reads; must be > 0
+    autoscale_up_window_s: float = 10.0  # a shorter look at the arrival rate for growth; 0 = window only
     autoscale_min_prefill: int = 1  # prefill workers kept at least
     autoscale_max_prefill: int = 8  # prefill workers at most
     autoscale_min_decode: int = 1
@@ -165,6 +166,7 @@ class RouterConfig:
     autoscale_down_cooldown_s: float = 120.0  # seconds after a pool changed before it shrinks; 0 = none
     autoscale_hysteresis: float = 0.2  # shrink only if the plan for rate x (1 + this) needs fewer; 0 = none
     autoscale_down_intervals: int = 3  # decisions in a row that must want fewer before one worker goes
+    autoscale_max_step_down: int = 1  # workers one decision removes from a pool at most (>= 1)
     autoscale_profile: str = "h100-llama3-8b"  # GPU cost profile the planner models the engines with
     autoscale_max_utilization: float = 0.8  # prefill utilisation planned for, (0, 1)
     autoscale_command: str | None = None  # scaler=command: the hook (JSON on stdin; docs/autoscale.md)
@@ -359,10 +361,10 @@ def _check_autoscale(c: RouterConfig) -> None:
     for name in ("gpus_per_prefill_worker", "gpus_per_decode_worker", "gpus_per_worker"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be >= 1")
-    if c.gpu_hour_cost < 0 or c.autoscale_hysteresis < 0 or c.autoscale_down_intervals < 1:
-        raise ConfigError(
-            "gpu_hour_cost and autoscale_hysteresis must be >= 0, autoscale_down_intervals >= 1"
-        )
+    if c.gpu_hour_cost < 0 or c.autoscale_hysteresis < 0:
+        raise ConfigError("gpu_hour_cost and autoscale_hysteresis must be >= 0")
+    if c.autoscale_down_intervals < 1 or c.autoscale_max_step_down < 1:
+        raise ConfigError("autoscale_down_intervals and autoscale_max_step_down must be >= 1")
     if not 0.0 < c.autoscale_max_utilization < 1.0:
         raise ConfigError("autoscale_max_utilization must be in (0, 1)")
     if c.autoscale_scaler not in ("sim", "command", "kubernetes"):

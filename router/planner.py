@@ -10,9 +10,11 @@ Capacity model: the simulator's GPU cost profile (`engines/sim/profiles.py`, mea
 - Decode: the largest batch `B` whose step (B sequences at the mean context) fits the ITL target, the
   KV pool (`B x (prompt + output) <= max_total_tokens`) and `max_running_requests`, gives a worker's
   decode rate `B / step(B)` tokens/s; the count covers `rate x output` tokens/s.
-- Feedback: when the fleet's current counts and measured TTFT/ITL are known, the model's prediction at
-  the current counts is compared with the measurement and the ratio (clamped to [0.5, 4]) scales the
-  modelled costs, as Dynamo's planner corrects its profile with observed latencies.
+- Feedback: when the fleet's current counts and measured TTFT/ITL are known, the model is corrected
+  by the measurement (clamped to [0.5, 4]), as Dynamo's planner corrects its profile with observed
+  latencies: decode by the ratio of measured to modelled ITL; prefill by the ratio of the service time
+  that makes the queue model give the measured TTFT at the current rate and count to the modelled one
+  (a long queue after a surge then scales the plan by what it says about capacity, not by its length).
 
 Pure functions plus `main(argv)` for `kvroute plan`; `--scale-hook CMD` runs CMD only when given.
 """
@@ -121,6 +123,23 @@ def prefill_ttft_s(rate: float, n: int, service_s: float, tail_s: float) -> floa
     return md1_wait_s(rate / n, service_s) + service_s + tail_s
 
 
+def service_for_ttft(rate: float, n: int, ttft_s: float, tail_s: float) -> float:
+    """The prefill service time S for which `prefill_ttft_s(rate, n, S, tail_s)` equals `ttft_s`
+    (bisection: the modelled TTFT grows with S up to saturation at S = n / rate)."""
+    hi = n / rate
+    lo = 0.0
+    want = ttft_s - tail_s
+    if want <= 0:
+        return 1e-9
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if md1_wait_s(rate / n, mid) + mid < want:
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, 1e-9)
+
+
 def decode_step_s(profile: GpuProfile, batch: int, context: float) -> float:
     return profile.step_ms([], batch, int(batch * context)) / 1000.0
 
@@ -203,10 +222,14 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
     transfer = profile.transfer_ms(int(load.prompt_tokens)) / 1000.0
     tail = transfer + step_one
     p_scale = 1.0
-    if load.measured_ttft_s and load.current_prefill and load.request_rate > 0:
+    if load.measured_ttft_s and load.current_prefill and load.request_rate > 0 and service > 0:
         predicted = prefill_ttft_s(load.request_rate, load.current_prefill, service, tail)
         if math.isfinite(predicted) and predicted > 0:
-            p_scale = _clamp_ratio(load.measured_ttft_s / predicted)
+            # The service time that makes the queue model give the measured TTFT: a queue grown long
+            # (a surge, heavy-tailed prompts) raises the wait steeply near saturation, so this scales the
+            # service by far less than measured/modelled TTFT would (no over-reaction to a transient).
+            effective = service_for_ttft(load.request_rate, load.current_prefill, load.measured_ttft_s, tail)
+            p_scale = _clamp_ratio(effective / service)
             why.append(
                 f"prefill correction x{p_scale:.2f}: measured TTFT "
                 f"{load.measured_ttft_s * 1e3:.0f} ms vs modelled {predicted * 1e3:.0f} ms "

@@ -2,6 +2,8 @@
 
 Observe: the PD window (`router.pd_metrics.PDWindow`) over the last `window_s` seconds: arrival rate,
 mean prompt and output lengths, cache-hit ratio, measured TTFT and ITL, and the routable workers per pool.
+The rate planned for is the larger of that window's and of the last `up_window_s` seconds' (fast up on
+a surge, slow down: the shrink must also hold with the hysteresis margin for several decisions).
 Plan: `router.planner.plan` (pure) for that load, and again for the load plus the hysteresis margin.
 Decide: `router.autoscale.decide` (min/max, cooldowns, hysteresis).
 Act, through the `Scaler` and the registry:
@@ -43,6 +45,7 @@ class AutoscaleSettings:
 
     interval_s: float = 10.0  # between decisions
     window_s: float = 30.0  # traffic each decision reads (the newest part of the PD window)
+    up_window_s: float = 10.0  # a shorter look at the arrival rate: growth follows the larger of the two
     limits: Mapping[WorkerRole, PoolLimits] = field(
         default_factory=lambda: {WorkerRole.PREFILL: PoolLimits(), WorkerRole.DECODE: PoolLimits()}
     )
@@ -159,6 +162,7 @@ class Autoscaler:
             self._task = None
         await self._abandon_removals()
         if self.leadership is not None:
+            self.leader = False
             with contextlib.suppress(Exception):
                 await self.leadership.release()
 
@@ -283,6 +287,10 @@ class Autoscaler:
             routable[WorkerRole.PREFILL], routable[WorkerRole.DECODE], self.settings.window_s
         )
         load: ObservedLoad = s.load
+        if 0 < self.settings.up_window_s < self.settings.window_s:
+            short = self.window.summary(None, None, self.settings.up_window_s).load.request_rate
+            if short > load.request_rate:
+                load = dataclasses.replace(load, request_rate=short)
         if s.requests:
             self._lengths = (load.prompt_tokens, load.output_tokens)
             return load
@@ -522,6 +530,7 @@ class Autoscaler:
             "scaler": self.scaler.name,
             "interval_s": s.interval_s,
             "window_s": s.window_s,
+            "up_window_s": s.up_window_s,
             "rules": dataclasses.asdict(s.rules),
             "pools": pools,
             "last": {**self.last, "at": None} if self.last else None,

@@ -31,6 +31,7 @@ def settings_from_config(c: RouterConfig) -> AutoscaleSettings:
     return AutoscaleSettings(
         interval_s=c.autoscale_interval_s,
         window_s=c.autoscale_window_s,
+        up_window_s=c.autoscale_up_window_s,
         limits={
             WorkerRole.PREFILL: PoolLimits(c.autoscale_min_prefill, c.autoscale_max_prefill),
             WorkerRole.DECODE: PoolLimits(c.autoscale_min_decode, c.autoscale_max_decode),
@@ -40,6 +41,7 @@ def settings_from_config(c: RouterConfig) -> AutoscaleSettings:
             down_cooldown_s=c.autoscale_down_cooldown_s,
             hysteresis=c.autoscale_hysteresis,
             down_intervals=c.autoscale_down_intervals,
+            max_step_down=c.autoscale_max_step_down,
         ),
         targets=PlanTargets(c.slo_ttft_s, c.slo_itl_s, c.autoscale_max_utilization),
         drain_settle_s=2 * c.replica_ttl_s if c.redis_url else 0.0,

@@ -63,8 +63,11 @@ def test_summary_figures() -> None:
     assert s.ttft_lower_bound_mean == pytest.approx(0.375)
     assert s.goodput_fraction == pytest.approx(1 / 3)
     assert s.throughput_tok_s == pytest.approx(4 / 4.0)  # 4 output tokens over 4 engine seconds
+    # 8 engines (the default fleet) x 1 GPU x a 4 s span; 2 goodput tokens (request a) at 2.5 per GPU-hour
+    assert s.gpu_seconds == pytest.approx(32.0)
+    assert s.cost_per_m_goodput == pytest.approx(32.0 / 3600 * 2.5 / 2e-6)
     table = markdown_table([s])
-    assert "| r | 2/3 | 2.000 |" in table and "40.0%" in table
+    assert "| r | 2/3 | 2.000 |" in table and "40.0%" in table and "| 32 | 11111.11 |" in table
 
     fast = summarize(RunResult("r", 2.0, results[:1], [1, 0], [], 1.0), ceiling, [0.5], cfg)
     sweep = sweep_table([s, fast], sla_ttft=2.0)

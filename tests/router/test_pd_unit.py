@@ -228,6 +228,30 @@ def test_window_summarises_the_planners_inputs() -> None:
     assert m.requests.labels("disaggregated", "upstream_error")._value.get() == 1
 
 
+def test_window_rate_counts_arrivals_and_a_shorter_horizon() -> None:
+    """The planner's rate is what arrives (counted as requests enter the decode pool), not what an
+    overloaded fleet finishes; a shorter horizon reads the newest part of the window."""
+    from prometheus_client import CollectorRegistry
+
+    from router.pd import PDRecord
+    from router.pd_metrics import PDMetrics, PDWindow
+
+    now = [0.0]
+    window = PDWindow(horizon_s=60.0, clock=lambda: now[0])
+    m = PDMetrics(CollectorRegistry(), window)
+    for t in range(60):  # 1 request/s for 50 s, then 5/s for 10 s; only 3 ever finish
+        now[0] = float(t)
+        for _ in range(1 if t < 50 else 5):
+            m.pool_enter("decode")
+            m.pool_enter("prefill")  # the prefill side of the same request: not demand twice
+    now[0] = 60.0
+    for t in (58.0, 59.0, 59.5):
+        m.observe(PDRecord("disaggregated", "ok", 1000, 0, 10, ttft_s=3.0, finished_at=t))
+    assert window.summary().load.request_rate == pytest.approx(100 / 60)
+    assert window.summary(horizon_s=10).load.request_rate == pytest.approx(5.0)
+    assert window.summary(horizon_s=10).requests == 3  # lengths and latencies still from finished ones
+
+
 @pytest.mark.parametrize("prefill_policy", ["kv_aware", "least_load", "round_robin", "cache_aware"])
 def test_any_policy_can_serve_the_prefill_pool(prefill_policy: str) -> None:
     router = _router()

@@ -1,0 +1,543 @@
+"""Autoscaling benchmark: a demand surge on a disaggregated fleet of simulated H100 engines, in real time.
+
+Workload: a slice of the Mooncake conversation trace (`bench/workloads/mooncake.py`) replayed in order,
+its arrival rate `surge_factor` times higher for `surge_s` seconds after `warmup_s` seconds, then back
+to the trace's own rate for `tail_s` seconds. Three runs on that same load:
+- `static-mean`: a fixed fleet sized by the planner for the run's mean arrival rate;
+- `static-peak`: a fixed fleet sized for the surge's rate;
+- `autoscaled`: starts at the mean size; kvroute's autoscaler (`--autoscale`, sim scaler) grows and
+  shrinks the prefill and decode pools; a new engine answers 503 for `startup_s` seconds (model load).
+Each run: the router (the real app, PD mode) and its simulated engines share one child process (the sim
+scaler starts and stops engines in-process); the load generator runs in this one. The static fleets run
+the same loop with min = max, so every run takes the same code path.
+
+Per run: TTFT and ITL SLA attainment (a request meets the SLA when its TTFT <= `sla_ttft_s` and its mean
+inter-token gap <= `sla_itl_s`; failed requests miss it), GPU-seconds (workers of each pool x GPUs per
+worker, integrated over the run from the router's `GET /admin/plan`, booting and draining engines
+included), cost per million goodput tokens (output tokens of requests within the SLA) at
+`gpu_hour_cost`, and plots of the pool sizes and of TTFT over time (`bench/report/autoscale/`).
+
+    python -m bench.autoscale                 # the recorded run (~20 minutes)
+    python -m bench.autoscale --quick         # a short, time-compressed smoke run (~3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+
+from bench.compare import REPO, json_child, percentile
+from bench.loadgen import LoadgenConfig, RequestResult, run_load
+from bench.workloads import Request, Workload, mooncake
+from bench.workloads.ceiling import prefix_reuse_ceiling
+from engines.sim.profiles import get_profile
+from router.autoscale.cost import CostModel, cost_figures, within_sla
+from router.planner import ObservedLoad, PlanTargets, plan
+
+CONFIGS = ("static-mean", "static-peak", "autoscaled")
+
+
+@dataclass(frozen=True)
+class AutoscaleBenchConfig:
+    """Times in engine seconds (= wall seconds at time_scale 1)."""
+
+    trace_start: int = 0
+    output_scale: float = 0.5  # Mooncake outputs halved: streamed tokens bounded on a 2-core host
+    rate: float = 1.0  # the trace's own arrival rate times this, outside the surge
+    surge_factor: float = 3.0
+    warmup_s: float = 60.0
+    surge_s: float = 120.0
+    tail_s: float = 180.0
+    page_size: int = 64
+    profile: str = "h100-llama3-8b"
+    time_scale: float = 1.0
+    sla_ttft_s: float = 5.0  # long prompts (mean 14k tokens, p99 100k): 2.3% cannot make 5 s even unqueued
+    sla_itl_s: float = 0.1
+    gpu_hour_cost: float = (
+        2.5  # per H100-hour (an on-demand cloud price; the ratio between runs is what counts)
+    )
+    gpus_per_worker: int = 1
+    startup_s: float = 15.0  # a new engine's /health answers 503 this long (weights from local disk)
+    interval_s: float = 5.0
+    window_s: float = 30.0
+    up_window_s: float = 10.0
+    up_cooldown_s: float = 10.0
+    down_cooldown_s: float = 30.0
+    down_intervals: int = 3
+    max_step_down: int = 2
+    hysteresis: float = 0.2
+    max_prefill: int = 8
+    max_decode: int = 4
+    configs: tuple[str, ...] = CONFIGS
+    out_dir: Path = REPO / "bench" / "report" / "autoscale"
+
+    @property
+    def duration_s(self) -> float:
+        return self.warmup_s + self.surge_s + self.tail_s
+
+
+# ---- workload ------------------------------------------------------------------------------------
+def surge_workload(cfg: AutoscaleBenchConfig) -> Workload:
+    """Trace requests in order; gaps divided by `surge_factor` inside the surge, by 1 outside, until the
+    run's duration is filled (the trace's own gaps, bursts and lengths are kept)."""
+    base = mooncake.load(start=cfg.trace_start, count=None, output_scale=cfg.output_scale)
+    src = base.requests
+    out: list[Request] = []
+    t = 0.0
+    s0, s1 = cfg.warmup_s, cfg.warmup_s + cfg.surge_s
+    for prev, cur in zip(src, src[1:], strict=False):
+        if t > cfg.duration_s:
+            break
+        out.append(replace(prev, arrival_s=t))
+        gap = (cur.arrival_s - prev.arrival_s) / cfg.rate
+        t += gap / (cfg.surge_factor if s0 <= t < s1 else 1.0)
+    params = {**base.params, "count": len(out), "surge": [s0, s1, cfg.surge_factor], "rate": cfg.rate}
+    return Workload("mooncake-surge", tuple(out), params)
+
+
+def rate_in(wl: Workload, a: float, b: float) -> float:
+    n = sum(1 for r in wl.requests if a <= r.arrival_s < b)
+    return n / max(1e-9, b - a)
+
+
+def size_fleet(wl: Workload, rate: float, cfg: AutoscaleBenchConfig, hit: float) -> tuple[int, int]:
+    """(prefill, decode) workers the planner gives for the workload's mean lengths at `rate`."""
+    reqs = wl.requests
+    load = ObservedLoad(
+        rate,
+        sum(r.prompt_tokens for r in reqs) / len(reqs),
+        sum(r.output_tokens for r in reqs) / len(reqs),
+        hit,
+    )
+    p = plan(load, PlanTargets(cfg.sla_ttft_s, cfg.sla_itl_s), get_profile(cfg.profile))
+    return p.prefill_workers, p.decode_workers
+
+
+# ---- the router and its engines, in a child process -----------------------------------------------
+async def _serve_child(spec: dict[str, Any]) -> None:
+    """PD router with the autoscaler over an in-process SimFleet; prints {"url"} once every engine is
+    healthy; runs until stdin closes."""
+    import logging
+
+    from aiohttp import web
+
+    from engines.sim.fleet import SimFleet
+    from router.app import REGISTRY, create_app
+    from router.autoscale.runtime import SCALER
+    from router.autoscale.sim import SimScaler
+    from router.config import RouterConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fleet = SimFleet(
+        0,
+        prefill=spec["prefill"],
+        decode=spec["decode"],
+        profile=spec["profile"],
+        page_size=spec["page_size"],
+        time_scale=spec["time_scale"],
+        bootstrap_timeout_s=120.0,
+    )
+    await fleet.start()
+    config = RouterConfig(
+        port=0,
+        block_size=spec["page_size"],
+        pd_disaggregation=True,
+        prefill_urls=tuple((u, None) for u in fleet.prefill_urls),
+        decode_urls=tuple(fleet.decode_urls),
+        request_timeout_s=900.0,
+        stream_idle_timeout_s=600.0,
+        health_check_interval_s=5.0,
+        registration_retry_s=0.5,
+        load_poll_interval_s=0.0,
+        log_level="info",
+        **spec["router"],
+    )
+    app = create_app(config)
+    app[SCALER] = SimScaler(fleet, startup_s=spec["startup_s"])
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        n = spec["prefill"] + spec["decode"]
+        deadline = time.monotonic() + 60
+        while len(app[REGISTRY].healthy_urls()) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fleet did not become healthy in 60 s")
+            await asyncio.sleep(0.05)
+        print(json.dumps({"url": f"http://{host}:{port}"}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await runner.cleanup()
+        await fleet.close()
+
+
+@contextlib.asynccontextmanager
+async def router_child(spec: dict[str, Any], log: IO[str]) -> AsyncIterator[str]:
+    argv = ["-m", "bench.autoscale", "--serve-child", json.dumps(spec)]
+    async with json_child(argv, log, 120, "the router child exited before serving (see autoscale.log)") as r:
+        yield str(r["url"])
+
+
+def child_spec(cfg: AutoscaleBenchConfig, name: str, size: tuple[int, int]) -> dict[str, Any]:
+    p, d = size
+    autoscaled = name == "autoscaled"
+    router = {
+        "autoscale": True,
+        "autoscale_interval_s": cfg.interval_s,
+        "autoscale_window_s": cfg.window_s,
+        "autoscale_up_window_s": cfg.up_window_s,
+        "autoscale_min_prefill": 1 if autoscaled else p,
+        "autoscale_max_prefill": cfg.max_prefill if autoscaled else p,
+        "autoscale_min_decode": 1 if autoscaled else d,
+        "autoscale_max_decode": cfg.max_decode if autoscaled else d,
+        "autoscale_up_cooldown_s": cfg.up_cooldown_s,
+        "autoscale_down_cooldown_s": cfg.down_cooldown_s,
+        "autoscale_down_intervals": cfg.down_intervals,
+        "autoscale_max_step_down": cfg.max_step_down,
+        "autoscale_hysteresis": cfg.hysteresis,
+        "autoscale_profile": cfg.profile,
+        "slo_ttft_s": cfg.sla_ttft_s,
+        "slo_itl_s": cfg.sla_itl_s,
+        "gpu_hour_cost": cfg.gpu_hour_cost,
+        "gpus_per_prefill_worker": cfg.gpus_per_worker,
+        "gpus_per_decode_worker": cfg.gpus_per_worker,
+    }
+    return {
+        "prefill": p,
+        "decode": d,
+        "profile": cfg.profile,
+        "page_size": cfg.page_size,
+        "time_scale": cfg.time_scale,
+        "startup_s": cfg.startup_s,
+        "router": router,
+    }
+
+
+# ---- one run --------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    name: str
+    start_size: tuple[int, int]
+    results: list[RequestResult]
+    series: list[dict[str, Any]]  # polled /admin/plan: t (engine s), pools, gpu_seconds
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+async def poll_plan(
+    http: aiohttp.ClientSession,
+    url: str,
+    t0: float,
+    ts: float,
+    stop: asyncio.Event,
+    out: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Pool sizes every second (engine time); returns the last decisions seen."""
+    last: list[dict[str, Any]] = []
+    while not stop.is_set():
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with http.get(url + "/admin/plan", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                body = await r.json()
+            pools = body["autoscale"]["pools"]
+            out.append(
+                {
+                    "t": (time.perf_counter() - t0) / ts,
+                    "prefill": pools["prefill"]["registered"],
+                    "decode": pools["decode"]["registered"],
+                    "prefill_routable": pools["prefill"]["routable"],
+                    "decode_routable": pools["decode"]["routable"],
+                }
+            )
+            last = body["autoscale"]["decisions"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0 * ts)
+    return last
+
+
+async def run_one(
+    name: str, size: tuple[int, int], wl: Workload, cfg: AutoscaleBenchConfig, log: IO[str]
+) -> Run:
+    spec = child_spec(cfg, name, size)
+    async with aiohttp.ClientSession() as http, router_child(spec, log) as url:
+        stop = asyncio.Event()
+        series: list[dict[str, Any]] = []
+        t0 = time.perf_counter() + 0.05  # the load generator's own start, to within a few ms
+        poller = asyncio.create_task(poll_plan(http, url, t0, cfg.time_scale, stop, series))
+        lg = LoadgenConfig(
+            url, api="generate", time_scale=cfg.time_scale, label=name, progress=False, request_timeout_s=900
+        )
+        try:
+            results = await run_load(wl.requests, lg)
+        finally:
+            stop.set()
+            decisions = await poller
+        wall = time.perf_counter() - t0
+    print(f"# {name}: {len(results)} requests in {wall:.0f} s wall", file=sys.stderr)
+    return Run(name, size, results, series, [d for d in decisions if d["action"] != "hold"], wall)
+
+
+# ---- analysis ------------------------------------------------------------------------------------
+def gpu_seconds(series: Sequence[dict[str, Any]], end: float, gpus: int) -> float:
+    """Integrate the polled pool sizes (step function, each sample held until the next) over [0, end]."""
+    total = 0.0
+    pts = [s for s in series if s["t"] <= end]
+    for a, b in zip(pts, [*pts[1:], None], strict=False):
+        t_next = b["t"] if b is not None else end
+        total += max(0.0, t_next - max(0.0, a["t"])) * (a["prefill"] + a["decode"]) * gpus
+    if pts and pts[0]["t"] > 0:  # before the first sample: the starting sizes
+        total += pts[0]["t"] * (pts[0]["prefill"] + pts[0]["decode"]) * gpus
+    return total
+
+
+def summarize(run: Run, cfg: AutoscaleBenchConfig) -> dict[str, Any]:
+    rs = run.results
+    model = CostModel(cfg.gpu_hour_cost, {"prefill": cfg.gpus_per_worker, "decode": cfg.gpus_per_worker},
+                      cfg.sla_ttft_s, cfg.sla_itl_s)  # fmt: skip
+    ok = [r for r in rs if r.ok]
+    good = [r for r in ok if within_sla(r.ttft_s, r.itl_s, model)]
+    ttft_ok = sum(1 for r in ok if r.ttft_s is not None and r.ttft_s <= cfg.sla_ttft_s)
+    itl_ok = sum(1 for r in ok if not r.itl_s or sum(r.itl_s) / len(r.itl_s) <= cfg.sla_itl_s)
+    end = max((r.done_s or 0.0) for r in ok) if ok else cfg.duration_s
+    gs = gpu_seconds(run.series, end, cfg.gpus_per_worker)
+    fig = cost_figures(gs, model, sum(r.output_tokens for r in ok), sum(r.output_tokens for r in good),
+                       len(rs), len(good))  # fmt: skip
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    itl = [g for r in ok for g in r.itl_s]
+    surge = [r for r in ok if cfg.warmup_s <= r.scheduled_s < cfg.warmup_s + cfg.surge_s]
+    surge_good = sum(1 for r in surge if within_sla(r.ttft_s, r.itl_s, model))
+    return {
+        "config": run.name,
+        "start_prefill": run.start_size[0],
+        "start_decode": run.start_size[1],
+        "max_prefill": max((s["prefill"] for s in run.series), default=run.start_size[0]),
+        "max_decode": max((s["decode"] for s in run.series), default=run.start_size[1]),
+        "requests": len(rs),
+        "failed": len(rs) - len(ok),
+        "attainment": len(good) / len(rs) if rs else math.nan,
+        "ttft_attainment": ttft_ok / len(rs) if rs else math.nan,
+        "itl_attainment": itl_ok / len(rs) if rs else math.nan,
+        "surge_attainment": surge_good / len(surge) if surge else math.nan,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "itl_p50_ms": percentile(itl, 50) * 1e3,
+        "itl_p99_ms": percentile(itl, 99) * 1e3,
+        "span_s": end,
+        **fig,
+        "scaling_actions": len(run.decisions),
+        "wall_s": run.wall_s,
+    }
+
+
+def table(sums: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| fleet | start P+D | max P+D | ok/failed | SLA attainment | TTFT att. | ITL att. | surge att. "
+        "| TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | GPU-seconds | cost per M goodput tokens |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for s in sums:
+        per_m = s["cost_per_million_goodput_tokens"]
+        lines.append(
+            f"| {s['config']} | {s['start_prefill']}+{s['start_decode']} "
+            f"| {s['max_prefill']}+{s['max_decode']} | {s['requests'] - s['failed']}/{s['failed']} "
+            f"| {s['attainment']:.1%} | {s['ttft_attainment']:.1%} "
+            f"| {s['itl_attainment']:.1%} | {s['surge_attainment']:.1%} | {s['ttft_p50_s']:.2f} / "
+            f"{s['ttft_p99_s']:.2f} | {s['itl_p50_ms']:.0f} / {s['itl_p99_ms']:.0f} | {s['gpu_seconds']:.0f} "
+            f"| {'-' if per_m is None else f'{per_m:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(sums: Sequence[dict[str, Any]]) -> list[str]:
+    by = {s["config"]: s for s in sums}
+    a, peak = by.get("autoscaled"), by.get("static-peak")
+    if a is None or peak is None:
+        return []
+    saved = 1.0 - a["gpu_seconds"] / peak["gpu_seconds"] if peak["gpu_seconds"] else math.nan
+    gap = (peak["attainment"] - a["attainment"]) * 100
+    checks = [
+        (a["attainment"] >= 0.95, f"autoscaled attainment {a['attainment']:.1%} (target >= 95%)"),
+        (gap <= 3.0, f"{gap:.1f} points below the peak-sized fleet's {peak['attainment']:.1%} (target <= 3)"),
+        (saved >= 0.30, f"{saved:.0%} fewer GPU-seconds than the peak-sized fleet (target >= 30%)"),
+    ]
+    return [f"- {'meets' if ok else 'MISSES'}: {text}" for ok, text in checks]
+
+
+def plots(runs: Sequence[Run], cfg: AutoscaleBenchConfig, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"static-mean": "tab:orange", "static-peak": "tab:green", "autoscaled": "tab:blue"}
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for run in runs:
+        t = [s["t"] for s in run.series]
+        c = colors.get(run.name)
+        axes[0].step(t, [s["prefill"] for s in run.series], where="post", color=c, label=run.name)
+        axes[1].step(t, [s["decode"] for s in run.series], where="post", color=c, label=run.name)
+    for ax, what in zip(axes, ("prefill workers", "decode workers"), strict=True):
+        ax.axvspan(cfg.warmup_s, cfg.warmup_s + cfg.surge_s, color="0.9", label="surge")
+        ax.set_ylabel(what)
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[1].set_xlabel("time (s)")
+    fig.suptitle("Pool sizes over time (registered engines, booting and draining included)")
+    fig.tight_layout()
+    fig.savefig(out / "pools.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for run in runs:
+        pts = sorted((r.scheduled_s, r.ttft_s) for r in run.results if r.ok and r.ttft_s is not None)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=3, alpha=0.35, color=colors.get(run.name),
+                   label=run.name)  # fmt: skip
+    ax.axhline(cfg.sla_ttft_s, color="red", lw=1, ls="--", label=f"TTFT SLA {cfg.sla_ttft_s:g} s")
+    ax.axvspan(cfg.warmup_s, cfg.warmup_s + cfg.surge_s, color="0.9")
+    ax.set_yscale("log")
+    ax.set_xlabel("arrival time (s)")
+    ax.set_ylabel("TTFT (s)")
+    ax.legend(loc="upper right", fontsize=8, markerscale=4)
+    ax.set_title("TTFT by arrival time")
+    fig.tight_layout()
+    fig.savefig(out / "ttft.png", dpi=110)
+    plt.close(fig)
+
+
+async def main_async(cfg: AutoscaleBenchConfig) -> list[dict[str, Any]]:
+    wl = surge_workload(cfg)
+    hit = prefix_reuse_ceiling(wl.requests, cfg.page_size).ratio
+    mean_rate = len(wl.requests) / cfg.duration_s
+    peak_rate = rate_in(wl, cfg.warmup_s, cfg.warmup_s + cfg.surge_s)
+    sizes = {
+        "static-mean": size_fleet(wl, mean_rate, cfg, hit),
+        "static-peak": size_fleet(wl, peak_rate, cfg, hit),
+    }
+    sizes["autoscaled"] = sizes["static-mean"]
+    load_avg = os.getloadavg()
+    print(
+        f"# {len(wl.requests)} requests over {cfg.duration_s:.0f} s; mean rate {mean_rate:.2f}/s, surge "
+        f"{peak_rate:.2f}/s; prefix ceiling {hit:.1%}; sizes {sizes}; load average {load_avg}",
+        file=sys.stderr,
+    )
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[Run] = []
+    with open(cfg.out_dir / "autoscale.log", "w", encoding="utf-8") as log:
+        for name in cfg.configs:
+            runs.append(await run_one(name, sizes[name], wl, cfg, log))
+            with open(cfg.out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for r in runs[-1].results:
+                    f.write(r.to_json() + "\n")
+    sums = [summarize(r, cfg) for r in runs]
+    text = table(sums)
+    lines = verdict(sums)
+    print(text)
+    print("\n".join(lines))
+    header = (
+        f"Workload: {len(wl.requests)} Mooncake conversation requests from #{cfg.trace_start}, outputs "
+        f"x{cfg.output_scale}, {cfg.duration_s:.0f} s: the trace's rate x{cfg.rate} "
+        f"({mean_rate:.2f}/s mean), "
+        f"x{cfg.surge_factor} from {cfg.warmup_s:.0f} s to {cfg.warmup_s + cfg.surge_s:.0f} s "
+        f"({peak_rate:.2f}/s). SLA: TTFT <= {cfg.sla_ttft_s:g} s and mean ITL <= "
+        f"{cfg.sla_itl_s * 1e3:.0f} ms. "
+        f"{cfg.gpu_hour_cost:g} per GPU-hour, {cfg.gpus_per_worker} GPU per worker. New engines boot "
+        f"{cfg.startup_s:g} s. Load average before: {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}."
+    )
+    (cfg.out_dir / "results.md").write_text(f"{header}\n\n{text}\n\n" + "\n".join(lines) + "\n")
+    (cfg.out_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "config": {**asdict(cfg), "out_dir": str(cfg.out_dir)},
+                "sizes": sizes,
+                "mean_rate": mean_rate,
+                "peak_rate": peak_rate,
+                "load_average": load_avg,
+                "results": sums,
+                "series": {r.name: r.series for r in runs},
+                "decisions": {r.name: r.decisions for r in runs},
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    plots(runs, cfg, cfg.out_dir)
+    return sums
+
+
+def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
+    d = AutoscaleBenchConfig()
+    p = argparse.ArgumentParser(prog="python -m bench.autoscale", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short time-compressed smoke run")
+    p.add_argument("--trace-start", type=int, default=d.trace_start)
+    p.add_argument("--rate", type=float, default=d.rate)
+    p.add_argument("--surge-factor", type=float, default=d.surge_factor)
+    p.add_argument("--warmup", type=float, default=d.warmup_s)
+    p.add_argument("--surge", type=float, default=d.surge_s)
+    p.add_argument("--tail", type=float, default=d.tail_s)
+    p.add_argument("--output-scale", type=float, default=d.output_scale)
+    p.add_argument("--startup", type=float, default=d.startup_s, help="seconds a new engine boots")
+    p.add_argument("--sla-ttft", type=float, default=d.sla_ttft_s)
+    p.add_argument("--sla-itl", type=float, default=d.sla_itl_s)
+    p.add_argument("--gpu-hour-cost", type=float, default=d.gpu_hour_cost)
+    p.add_argument("--interval", type=float, default=d.interval_s)
+    p.add_argument("--configs", default=",".join(d.configs))
+    p.add_argument("--out", type=Path, default=d.out_dir)
+    a = p.parse_args(argv)
+    cfg = replace(
+        d,
+        trace_start=a.trace_start,
+        rate=a.rate,
+        surge_factor=a.surge_factor,
+        warmup_s=a.warmup,
+        surge_s=a.surge,
+        tail_s=a.tail,
+        output_scale=a.output_scale,
+        startup_s=a.startup,
+        sla_ttft_s=a.sla_ttft,
+        sla_itl_s=a.sla_itl,
+        gpu_hour_cost=a.gpu_hour_cost,
+        interval_s=a.interval,
+        configs=tuple(c for c in a.configs.split(",") if c),
+        out_dir=a.out,
+    )
+    unknown = set(cfg.configs) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
+    if a.quick:
+        quick_out = a.out if a.out != d.out_dir else REPO / "bench" / "results" / "autoscale-quick"
+        cfg = replace(
+            cfg, warmup_s=15, surge_s=30, tail_s=45, startup_s=3, interval_s=2, window_s=10, up_window_s=4,
+            up_cooldown_s=4, down_cooldown_s=8, out_dir=quick_out,
+        )  # fmt: skip
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--serve-child"]:
+        try:
+            import uvloop
+
+            uvloop.run(_serve_child(json.loads(args[1])))
+        except ImportError:  # pragma: no cover
+            asyncio.run(_serve_child(json.loads(args[1])))
+        return 0
+    cfg = parse_args(args)
+    asyncio.run(main_async(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""A replica set acts through one autoscaler at a time: a lease in (real) Redis, taken over when its
+holder goes away, and given up when its holder loses Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from router.autoscale.decide import DecisionRules, PoolLimits
+from router.autoscale.lease import RedisLease
+from router.autoscale.loop import Autoscaler, AutoscaleSettings
+from router.planner import ObservedLoad
+from router.shared.common import connect
+from router.types import WorkerRole
+from tests.router.conftest import refused_url
+from tests.router.test_autoscale import MOONCAKE, PROFILE, FakeRegistry, FakeWindow, RecordingScaler
+
+P, D = WorkerRole.PREFILL, WorkerRole.DECODE
+
+
+CLIENTS: list[Any] = []
+
+
+def _replica(redis_url: str, key: str, name: str, shared: RecordingScaler, ttl: float) -> Autoscaler:
+    reg = FakeRegistry()
+    reg.add(f"http://{name}-p:1", P)
+    reg.add(f"http://{name}-d:1", D)
+    client = connect(redis_url, 1.0)
+    CLIENTS.append(client)
+    lease = RedisLease(client, key, name, ttl_s=ttl)
+    settings = AutoscaleSettings(
+        interval_s=0.05,
+        limits={P: PoolLimits(1, 64), D: PoolLimits(1, 64)},
+        rules=DecisionRules(up_cooldown_s=0, down_cooldown_s=0),
+    )
+    return Autoscaler(settings, shared, reg, lambda: reg.workers, FakeWindow(ObservedLoad(6.0, **MOONCAKE)),
+                      PROFILE, leadership=lease)  # fmt: skip
+
+
+async def test_exactly_one_replica_acts_and_another_takes_over(redis_url: str) -> None:
+    try:
+        await _one_acts(redis_url)
+    finally:
+        for c in CLIENTS:
+            await c.aclose()
+        CLIENTS.clear()
+
+
+async def _one_acts(redis_url: str) -> None:
+    key = f"test-{uuid.uuid4().hex}:autoscale:leader"
+    calls: list[str] = []
+
+    class Tagged(RecordingScaler):
+        async def scale(self, request: Any) -> Any:
+            calls.append(self.name)
+            return await super().scale(request)
+
+    a_scaler, b_scaler = Tagged(name="a"), Tagged(name="b")
+    a = _replica(redis_url, key, "a", a_scaler, ttl=1.0)
+    b = _replica(redis_url, key, "b", b_scaler, ttl=1.0)
+    leaders = []
+    for _ in range(10):  # both loops decide at once, ten times
+        await asyncio.gather(a.step(), b.step())
+        leaders.append((a.leader, b.leader))
+        a.pools[P].last_change_at = b.pools[P].last_change_at = None  # no cooldown: act each time if leader
+    assert all(x != y for x, y in leaders), leaders  # exactly one leader at every interval
+    first = "a" if leaders[0][0] else "b"
+    assert set(calls) == {first}  # only the leader's scaler was ever called
+    assert await (a if first == "a" else b).leadership.holder_now() == first  # type: ignore[union-attr]
+    # the leader goes away (closes, releasing the lease): the other takes over at its next interval
+    gone, other = (a, b) if first == "a" else (b, a)
+    await gone.close()
+    await other.step()
+    assert other.leader and not gone.leader
+    # the lease of a replica that dies without releasing expires: simulated by a third one waiting out the TTL
+    c = _replica(redis_url, key, "c", Tagged(name="c"), ttl=1.0)
+    await c.step()
+    assert not c.leader  # `other` holds it
+    other.leadership = None  # "other" is gone without a word (its lease is left to expire)
+    await asyncio.sleep(1.1)
+    await c.step()
+    assert c.leader
+    await c.close()
+
+
+async def test_a_leader_that_loses_redis_stops_acting() -> None:
+    lease = RedisLease(connect(refused_url().replace("http", "redis"), 0.2), "k", "a", ttl_s=1.0)
+    scaler = RecordingScaler()
+    reg = FakeRegistry()
+    reg.add("http://p:1", P)
+    reg.add("http://d:1", D)
+    settings = AutoscaleSettings(limits={P: PoolLimits(2, 4), D: PoolLimits(2, 4)})
+    loop = Autoscaler(settings, scaler, reg, lambda: reg.workers, FakeWindow(ObservedLoad(6.0, **MOONCAKE)),
+                      PROFILE, leadership=lease)  # fmt: skip
+    try:
+        assert await loop.step() == [] and not loop.leader
+        assert scaler.calls == []  # below min, but not the leader: nothing done
+        assert not lease.held
+    finally:
+        await lease.client.aclose()
