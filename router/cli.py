@@ -82,14 +82,19 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         "seconds a worker with requests in flight may send nothing before a /health_generate probe (0 = off)",
     ),
     (
-        ("--header-timeout-secs",),
+        ("--header-timeout-secs", "--header-read-timeout-secs"),
         "header_timeout_s",
         float,
         "seconds for a client's request head (408 past it; 0 = none)",
     ),
-    (("--body-timeout-secs",), "body_timeout_s", float, "seconds for a client's request body (0 = none)"),
     (
-        ("--keepalive-timeout-secs",),
+        ("--body-timeout-secs", "--stream-body-stall-timeout-secs"),
+        "body_timeout_s",
+        float,
+        "seconds for a client's request body (0 = none)",
+    ),
+    (
+        ("--keepalive-timeout-secs", "--idle-connection-timeout-secs"),
         "keepalive_timeout_s",
         float,
         "seconds an idle client connection stays open (default 75)",

@@ -85,16 +85,18 @@ PEER_FLAGS: dict[str, PeerFlag] = {
     "--health-check-port": PeerFlag(
         SAME, "also serve /health, /liveness and /readiness on this port (default: the main port only)"
     ),
-    "--header-read-timeout-secs": PeerFlag(INERT, "aiohttp's own request-head limits apply"),
+    "--header-read-timeout-secs": PeerFlag(
+        SAME, "seconds for a client's request head, 408 past it (kvroute default 10 s; smg 30 s)"
+    ),
     "--idle-connection-timeout-secs": PeerFlag(
-        INERT, "client keep-alive connections close after aiohttp's 75 s of idleness"
+        SAME, "seconds an idle client keep-alive connection stays open (kvroute default 75 s; smg 90 s)"
     ),
     "--max-buffered-request-bytes": PeerFlag(
         INERT, "kvroute reads every request body whole (up to --max-payload-size) and can always retry it"
     ),
     "--stream-body-stall-timeout-secs": PeerFlag(
-        INERT,
-        "kvroute reads request bodies whole before routing; engine-side stalls: --stream-idle-timeout-secs",
+        SAME,
+        "seconds to receive a request body, 408 past it (kvroute --body-timeout-secs, default 30 s; smg 300 s)",
     ),
     "--sse-keepalive-secs": PeerFlag(
         INERT, "kvroute relays the engine's stream chunk by chunk and adds no keep-alive frames"
