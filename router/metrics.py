@@ -34,7 +34,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from router._version import __version__
@@ -60,6 +69,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess_dir = os.environ.get(MULTIPROC_DIR_ENV) or None
+        _runtime_collectors(r)
         self._children: dict[tuple[str, str, str, int], _Children] = {}
         self.requests = Counter(
             "kvroute_requests",
@@ -186,20 +196,20 @@ class Metrics:
             registry=r,
             multiprocess_mode=LATEST,
         )
-        self.event_gaps = Gauge(
+        # Counters (exposed as *_total), advanced at scrape time by what the subscriber counted since.
+        self.event_gaps = Counter(
             "kvroute_event_gaps",
-            "Sequence gaps seen in a worker's KV event stream since it registered (count).",
+            "Sequence gaps seen in a worker's KV event stream.",
             ["worker"],
             registry=r,
-            multiprocess_mode=LATEST,
         )
-        self.events = Gauge(
+        self.events = Counter(
             "kvroute_events",
-            "KV events applied per worker since it registered (count).",
+            "KV events applied per worker.",
             ["worker"],
             registry=r,
-            multiprocess_mode=LATEST,
         )
+        self._stream_seen: dict[tuple[str, str], float] = {}  # (counter, worker) -> subscriber count seen
         self.blind_workers = Gauge(
             "kvroute_blind_workers",
             "Workers serving traffic whose KV events never arrived (routing blind).",
@@ -468,9 +478,20 @@ class Metrics:
                 stream = st.get("stream")
                 if isinstance(stream, Mapping):
                     _set(self.event_lag, u, stream, "lag_s")
-                    _set(self.event_gaps, u, stream, "gaps")
-                    _set(self.events, u, stream, "events")
+                    self._advance(self.event_gaps, "gaps", u, stream.get("gaps"))
+                    self._advance(self.events, "events", u, stream.get("events"))
         self.blind_workers.set(len(blind_set))
+
+    def _advance(self, counter: Counter, name: str, url: str, count: Any) -> None:
+        """Move `counter` to the subscriber's running `count`: by the difference, or by the whole count
+        when the subscriber restarted (the worker re-registered, its count went back)."""
+        if not isinstance(count, int | float) or isinstance(count, bool):
+            return
+        seen = self._stream_seen.get((name, url), 0.0)
+        delta = count - seen if count >= seen else count
+        if delta > 0:
+            counter.labels(url).inc(delta)
+        self._stream_seen[(name, url)] = float(count)
 
     def refresh_circuits(self, states: Mapping[str, str]) -> None:
         """Breaker states from the registry (scrape time)."""
@@ -492,10 +513,10 @@ class Metrics:
             self.worker_blind,
             self.index_blocks,
             self.event_lag,
-            self.event_gaps,
-            self.events,
         ):
             self._drop(g, url)
+        for seen in [k for k in self._stream_seen if k[1] == url]:
+            del self._stream_seen[seen]
         for s in WorkerState:
             self._drop(self.worker_state, url, s.value)
         for c in CIRCUIT_STATES:
@@ -515,6 +536,7 @@ class Metrics:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        _runtime_collectors(merged)  # process_* and python_* of the process answering the scrape
         return generate_latest(merged)
 
 
@@ -531,6 +553,14 @@ class _Children:
     cached: Any
     ratio: Any
     predicted: Any
+
+
+def _runtime_collectors(registry: CollectorRegistry) -> None:
+    """`process_*` (CPU, memory, descriptors, start time) and `python_*` (version, GC) series, as every
+    Prometheus client exports by default (ours is a per-app registry, so they are added here)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 def observe_n(child: Any, amount: float, n: int) -> None:
