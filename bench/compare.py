@@ -568,6 +568,11 @@ class Summary:
     owner_affinity: float  # continuations sent to their prefix's last worker (NaN: router doesn't say)
     gpu_seconds: float = math.nan  # engines x GPUs per engine x the run's span (engine seconds)
     cost_per_m_goodput: float = math.nan  # GPU cost per million output tokens of requests within the SLA
+    # Where TTFT goes, means over answered requests in engine seconds (NaN: the engine reported no timings,
+    # e.g. the OpenAI APIs): the engine's queue, its prefill, and the rest (router, network, host).
+    ttft_queue_mean: float = math.nan
+    ttft_prefill_mean: float = math.nan
+    ttft_rest_mean: float = math.nan
 
 
 def summarize(
@@ -622,7 +627,43 @@ def summarize(
         ),
         gpu_seconds=gpu_s,
         cost_per_m_goodput=cost_per_million_goodput(gpu_s, cfg.gpu_hour_cost, good_tokens),
+        **ttft_phases(ok),
     )
+
+
+def ttft_phases(ok: Sequence[RequestResult]) -> dict[str, float]:
+    """Mean TTFT split of requests whose engine reported its timings: queue + prefill + rest = TTFT
+    (each part clamped to what is left of the TTFT, as router.observability.phases does)."""
+    q_sum = p_sum = rest_sum = 0.0
+    n = 0
+    for r in ok:
+        if r.ttft_s is None or r.engine_queue_s is None:
+            continue
+        q = min(r.engine_queue_s, r.ttft_s)
+        p = min(r.engine_prefill_s or 0.0, r.ttft_s - q)
+        q_sum, p_sum, rest_sum, n = q_sum + q, p_sum + p, rest_sum + r.ttft_s - q - p, n + 1
+    if not n:
+        return {}
+    return {"ttft_queue_mean": q_sum / n, "ttft_prefill_mean": p_sum / n, "ttft_rest_mean": rest_sum / n}
+
+
+def phase_table(sums: Sequence[Summary]) -> str:
+    """Which phase dominates TTFT, per router (engine-reported queue and prefill, the rest)."""
+    head = (
+        "| router | TTFT mean (s) | engine queue | prefill | router+network+other | dominant |\n"
+        "|---|---:|---:|---:|---:|---|\n"
+    )
+    rows = []
+    for s in sums:
+        parts = {"engine queue": s.ttft_queue_mean, "prefill": s.ttft_prefill_mean, "other": s.ttft_rest_mean}
+        if any(math.isnan(v) for v in parts.values()):
+            rows.append(f"| {s.router} | {s.ttft_mean:.3f} | n/a | n/a | n/a | (no engine timings) |")
+            continue
+        total = sum(parts.values()) or 1.0
+        top = max(parts, key=lambda k: parts[k])
+        cells = " | ".join(f"{v:.3f} ({v / total:.0%})" for v in parts.values())
+        rows.append(f"| {s.router} | {s.ttft_mean:.3f} | {cells} | {top} |")
+    return head + "\n".join(rows) + "\n"
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -775,6 +816,13 @@ def write_report(
         f"(output tokens of requests within the SLA) at {cfg.gpu_hour_cost:g} per GPU-hour.",
         "",
         markdown_table(base),
+        "## Where TTFT goes",
+        "",
+        "Means in engine seconds over answered requests; the engine's queue and prefill as it reports them "
+        "in `meta_info` (SGLang's `queue_time` + `prefill_waiting_latency`, `prefill_launch_latency`), the "
+        "rest is the router, the network and the host.",
+        "",
+        phase_table(base),
     ]
     if cfg.sweep:
         lines += ["## Load sweep (p99 TTFT / goodput)", "", sweep_table(summaries, cfg.sla_ttft_s)]

@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 
 from bench.workloads import Request, build
+from router.observability.phases import engine_timings
 
 Api = Literal["generate", "completions", "chat"]
 WORKER_HEADER = "X-Kvroute-Worker"
@@ -73,6 +74,8 @@ class RequestResult:
     error: str | None = None
     done_s: float | None = None  # completion time from the run start (engine seconds)
     engine_e2e_s: float | None = None  # the engine's own e2e_latency (meta_info), when it reports one
+    engine_queue_s: float | None = None  # engine-reported queueing before prefill (meta_info; native API)
+    engine_prefill_s: float | None = None  # engine-reported prefill time (meta_info; native API)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -173,9 +176,16 @@ async def send_one(
                     res.error = str(obj["error"])[:200]
                     return res
                 n, cached = _chunk_tokens(obj, cfg.api, res.output_tokens)
-                e2e = (obj.get("meta_info") or {}).get("e2e_latency")
-                if isinstance(e2e, int | float):
-                    res.engine_e2e_s = float(e2e)
+                meta = obj.get("meta_info")
+                if meta:
+                    e2e = meta.get("e2e_latency")
+                    if isinstance(e2e, int | float):
+                        res.engine_e2e_s = float(e2e)
+                    queue, prefill = engine_timings(meta)  # SGLang's names (router.observability)
+                    if queue is not None:
+                        res.engine_queue_s = queue
+                    if prefill is not None:
+                        res.engine_prefill_s = prefill
                 if cached is not None:
                     res.cached_tokens = int(cached)
                 if n <= 0:
