@@ -281,18 +281,20 @@ async def throughput_run(port: int, concurrency: int, seconds: float, warmup_s: 
     raw = raw_request(port)
     conns = [await _connect(port) for _ in range(concurrency)]
     done = 0
+    total = 0  # every 200, warm-up included (the router's CPU time is divided by it)
     errors = 0
     measuring = False
     stop = False
 
     async def loop_one(c: ClientProtocol) -> None:
-        nonlocal done, errors
+        nonlocal done, errors, total
         while not stop:
             try:
                 status = await c.request(raw)
             except ConnectionError:
                 errors += 1
                 return
+            total += status == 200
             if measuring:
                 if status == 200:
                     done += 1
@@ -311,7 +313,7 @@ async def throughput_run(port: int, concurrency: int, seconds: float, warmup_s: 
     for c in conns:
         assert c.transport is not None
         c.transport.close()
-    return {"rps": done / dt, "errors": errors, "concurrency": concurrency}
+    return {"rps": done / dt, "errors": errors, "concurrency": concurrency, "total": total}
 
 
 # ------------------------------------------------------------------------------------ orchestration
@@ -408,22 +410,12 @@ def orchestrate(args: argparse.Namespace) -> int:
             port = free_port()
             cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", policy, *kv_common, *extra]
             targets.append(Target(_kv_name(policy, n), port, cmd))
-        if args.tracing:  # kv_aware with every request traced and exported over OTLP/HTTP
+        for ratio in args.tracing:  # kv_aware with tracing on, spans exported over OTLP/HTTP to the sink
             port = free_port()
             otlp = ["--otlp-traces-endpoint", f"http://127.0.0.1:{sport}/v1/traces"]
-            cmd = [
-                py,
-                "-m",
-                "router",
-                "serve",
-                "--port",
-                str(port),
-                "--policy",
-                "kv_aware",
-                *kv_common,
-                *extra,
-            ]
-            targets.append(Target(_kv_name("kv_aware", n) + " +tracing", port, cmd + otlp))
+            otlp += ["--trace-sample-ratio", str(ratio)]
+            cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", "kv_aware", *kv_common]
+            targets.append(Target(_kv_name("kv_aware", n) + f" +tracing {ratio:g}", port, cmd + extra + otlp))
     if args.baseline_src:  # the same kvroute targets from another checkout, interleaved with these
         base = Path(args.baseline_src).resolve()
         for policy in ("round_robin", "kv_aware"):
@@ -439,19 +431,25 @@ def orchestrate(args: argparse.Namespace) -> int:
     runs: dict[str, list[dict[str, dict[str, float]]]] = {t.name: [] for t in targets}
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        pgid: dict[str, int] = {}
         for t in targets:  # every router starts now and idles while the others are measured
             if t.cmd:
                 procs.append(_spawn(t.cmd, logdir / f"{t.name.split()[0]}-{t.port}.log", t.cwd))
+                pgid[t.name] = procs[-1].pid  # its own session: pgid == pid
         for t in targets:
             asyncio.run(_routes(t.port, 60))
         for rnd in range(args.repeat):
             for t in targets:  # interleaved rounds: slow drifts of a shared machine hit every target alike
                 lat = _loadgen(args, t.port, "latency")
+                cpu0 = group_cpu_s(pgid[t.name]) if t.name in pgid else 0.0
                 tput = _loadgen(args, t.port, "throughput")
+                cpu = group_cpu_s(pgid[t.name]) - cpu0 if t.name in pgid else 0.0
+                tput["cpu_us_per_req"] = cpu / tput["total"] * 1e6 if tput.get("total") else 0.0
                 runs[t.name].append({"latency": lat, "throughput": tput})
                 print(
                     f"  round {rnd + 1} {t.name:<34} p50 {lat['p50_ms']:.3f} ms  p99 {lat['p99_ms']:.3f} ms  "
-                    f"{tput['rps']:.0f} req/s  (errors {lat['errors'] + tput['errors']:.0f})",
+                    f"{tput['rps']:.0f} req/s  {tput['cpu_us_per_req']:.0f} CPU us/req  "
+                    f"(errors {lat['errors'] + tput['errors']:.0f})",
                     flush=True,
                 )
     finally:
@@ -463,6 +461,24 @@ def orchestrate(args: argparse.Namespace) -> int:
     results = {name: _median_run(rs) for name, rs in runs.items() if rs}
     _report(results, args)
     return 0
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of a process group (Linux /proc): the
+    router's cost per request, far less sensitive to a busy machine than its request rate."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rfind(")") + 2 :].split()  # fields after the command name
+        if int(f[2]) == pgid:  # field 5: pgrp
+            total += (int(f[11]) + int(f[12])) / tick  # fields 14, 15: utime, stime
+    return total
 
 
 def _kv_name(policy: str, processes: int) -> str:
@@ -486,14 +502,17 @@ def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Name
         f"({args.latency_seconds:g} s), sustained rate closed loop ({args.concurrency} connections, "
         f"{args.tput_seconds:g} s). Machine: {os.cpu_count()} CPUs."
     )
-    print(f"{'target':<34} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'req/s':>8}")
+    print(
+        f"{'target':<34} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'req/s':>8} "
+        f"{'CPU us/req':>10}"
+    )
     for name, r in results.items():
         lat, tput = r["latency"], r["throughput"]
         add50 = lat["p50_ms"] - base["latency"]["p50_ms"] if base and name != "direct (no router)" else 0.0
         add99 = lat["p99_ms"] - base["latency"]["p99_ms"] if base and name != "direct (no router)" else 0.0
         print(
             f"{name:<34} {lat['p50_ms']:>8.3f} {lat['p99_ms']:>8.3f} {add50:>8.3f} {add99:>8.3f} "
-            f"{tput['rps']:>8.0f}"
+            f"{tput['rps']:>8.0f} {tput.get('cpu_us_per_req', 0.0):>10.0f}"
         )
     print()
     pairs = [
@@ -505,11 +524,19 @@ def _report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Name
             ("kv_aware", "cache_aware"),
         )
     ]
-    pairs += [(_kv_name("kv_aware", n) + " +tracing", _kv_name("kv_aware", n)) for n in args.processes]
+    pairs += [
+        (_kv_name("kv_aware", n) + f" +tracing {r:g}", _kv_name("kv_aware", n))
+        for n in args.processes
+        for r in args.tracing
+    ]
     pairs += [(f"{_kv_name(p, 1)}", f"{_kv_name(p, 1)} @baseline") for p in ("round_robin", "kv_aware")]
     for ours, theirs in pairs:
         if ours in results and theirs in results:
             ratio = results[ours]["throughput"]["rps"] / results[theirs]["throughput"]["rps"]
+            c_ours = results[ours]["throughput"].get("cpu_us_per_req", 0.0)
+            c_theirs = results[theirs]["throughput"].get("cpu_us_per_req", 0.0)
+            if c_ours and c_theirs:
+                print(f"router CPU per request {ours} / {theirs}: {c_ours / c_theirs:.2f}")
             target = "" if "sglang" not in theirs else " (target >= 0.5)"
             target = " (target >= 0.9)" if "+tracing" in ours else target
             print(f"sustained-rate ratio {ours} / {theirs}: {ratio:.2f}{target}")
@@ -539,8 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument(
         "--tracing",
-        action="store_true",
-        help="also kvroute kv_aware with OpenTelemetry tracing on (OTLP/HTTP)",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[],
+        metavar="RATIOS",
+        help="also kvroute kv_aware with tracing on at these sample ratios, comma-separated (e.g. 1,0.1)",
     )
     p.add_argument(
         "--baseline-src",
