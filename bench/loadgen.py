@@ -52,6 +52,7 @@ class LoadgenConfig:
     model: str = "default"
     label: str = ""  # copied into every result (e.g. the router's name)
     progress: bool = True  # tqdm bar on stderr
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request (e.g. a tenant's API key)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RequestResult:
     engine_e2e_s: float | None = None  # the engine's own e2e_latency (meta_info), when it reports one
     engine_queue_s: float | None = None  # engine-reported queueing before prefill (meta_info; native API)
     engine_prefill_s: float | None = None  # engine-reported prefill time (meta_info; native API)
+    retry_after: str | None = None  # the Retry-After header of a 429/503
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -156,10 +158,12 @@ async def send_one(
         async with session.post(
             cfg.base_url.rstrip("/") + path,
             json=body,
+            headers=dict(cfg.headers) or None,
             timeout=aiohttp.ClientTimeout(total=cfg.request_timeout_s),
         ) as resp:
             res.status = resp.status
             res.worker = resp.headers.get(WORKER_HEADER)
+            res.retry_after = resp.headers.get("Retry-After")
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res

@@ -277,7 +277,7 @@ class Proxy:
         stream = data.get("stream") is True
         if self.tenants is not None:  # admission: identify, quota, maybe queue; 401/429 as ApiError
             async with self.tenants.admit(request.headers, rr, rid_header) as grant:
-                body = self.tenants.with_priority(body, data, grant)
+                body = self.tenants.with_priority(body, data, grant, spec.kind)
                 return await self._forward(
                     request, spec, body, rr, grant.decision, rid_header, f.rid, t0, via, grant, stream=stream
                 )

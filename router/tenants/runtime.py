@@ -87,11 +87,13 @@ class TenantRuntime:
         finally:
             self.admission.release(grant)
 
-    def with_priority(self, body: bytes, data: dict[str, Any], grant: Grant) -> bytes:
+    def with_priority(self, body: bytes, data: dict[str, Any], grant: Grant, kind: str = "generate") -> bytes:
         """The body with SGLang's `priority` set to the class's (int, higher first with the engines'
         `--enable-priority-scheduling`); a client's own value is replaced (a class is never raised).
-        Appended before the closing brace, so the client's bytes are otherwise kept as sent."""
-        if not self.config.engine_priority:
+        Appended before the closing brace, so the client's bytes are otherwise kept as sent. Only
+        generation routes (`kind` generate | completions | chat) carry it: SGLang's other request
+        types (embeddings, rerank, ...) do not all accept the field."""
+        if not self.config.engine_priority or kind not in ("generate", "completions", "chat"):
             return body
         prio = grant.priority
         if "priority" in data or not data:
