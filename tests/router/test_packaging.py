@@ -21,6 +21,12 @@ from router.config import ConfigError, RouterConfig, build_config, unknown_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# After scripts/rename_imports.py the folders install under `kvroute` (package-dir mapping); before, at
+# the top level. The wheel test checks whichever layout pyproject.toml declares.
+MAPPED = "package-dir" in PYPROJECT["tool"]["setuptools"]
+PREFIX = "kvroute/" if MAPPED else ""
+API = "kvroute" if MAPPED else "router"  # where `Router` is imported from
+TYPES = "kvroute.router.types" if MAPPED else "router.types"
 
 
 def test_version_has_one_source(capsys) -> None:
@@ -134,8 +140,18 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert "router/py.typed" in names and "cache_index/py.typed" in names
+    assert f"{PREFIX}router/py.typed" in names and f"{PREFIX}cache_index/py.typed" in names
     assert not any(n.startswith(("tests/", "scripts/", "docs/")) for n in names)
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    if MAPPED:  # one import name, nothing that collides; every package of the tree is in the wheel
+        assert tops == {"kvroute"}, tops
+        in_tree = {
+            str(p.parent.relative_to(ROOT))
+            for folder in ("router", "engines", "cache_index", "bench")
+            for p in (ROOT / folder).rglob("__init__.py")
+        }
+        in_wheel = {n[len(PREFIX) :].rpartition("/")[0] for n in names if n.endswith("/__init__.py")}
+        assert in_tree <= in_wheel, f"not in the wheel (re-run scripts/rename_imports.py): {in_tree - in_wheel}"
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert f"Version: {__version__}" in meta and "License-Expression: Apache-2.0" in meta
     runtime = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
@@ -156,10 +172,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     snippet = (
-        "import router, sys\n"
-        f"assert router.__file__.startswith({str(site)!r}), router.__file__\n"
-        "from router import Router\n"
-        "from router.types import Worker, WorkerState\n"
+        f"import {API}\n"
+        f"assert {API}.__file__.startswith({str(site)!r}), {API}.__file__\n"
+        f"from {API} import Router\n"
+        f"from {TYPES} import Worker, WorkerState\n"
         "r = Router(block_size=16, policy='kv_aware')\n"
         "for u in ('http://10.0.0.1:30000', 'http://10.0.0.2:30000'):\n"
         "    r.add_worker(Worker(u, state=WorkerState.HEALTHY))\n"
@@ -172,7 +188,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     out = subprocess.run([str(py), "-c", snippet], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "http://10.0.0." in out.stdout
-    cli = [str(py), "-c", "import sys; from router.cli import main; sys.exit(main())"]
+    cli = [str(py), "-m", API]  # `python -m kvroute` (before the rename: `python -m router`)
     out = subprocess.run([*cli, "--version"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"kvroute {__version__}", out.stderr
     plan = ["plan", "--request-rate", "2", "--prompt-tokens", "1000", "--output-tokens", "100", "--json"]
