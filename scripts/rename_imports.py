@@ -12,10 +12,15 @@ that collide with PyPI distributions and with any application's own `router/`. A
   `python -m router` / `-m bench.compare` invocation, doc snippet, pyproject entry point, dynamic version,
   package-data key and mypy override uses the `kvroute.` names.
 
-Idempotent: a second run changes nothing. Usage (from the repository root):
-    python scripts/rename_imports.py --check   # what would change; exit 1 if anything would
-    python scripts/rename_imports.py           # apply
-Then: `ruff check --fix --select I . && ruff format .` (import order), `python -m pytest -q`.
+Idempotent: a second run changes nothing (re-run it after adding a subpackage: it refreshes the package
+list in pyproject.toml, which a test of the wheel checks). To apply, on a clean main after everyone landed:
+    python scripts/rename_imports.py --check        # preview; exit 1 if anything would change
+    python scripts/rename_imports.py                # apply; ends "N changes; 0 left over" (exit 1 if not)
+    git diff --name-only -- '*.py' | xargs ruff check --fix --select I   # import order after the rewrite
+    ruff check .                                    # rewrap the few lines that grew past 110 characters
+    python -m mypy -p kvroute.router -p kvroute.cache_index
+    python -m pytest -q && bash scripts/setup.sh    # setup.sh re-installs: the entry point moved
+    git add -A && git commit
 """
 
 from __future__ import annotations
