@@ -173,7 +173,7 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         ("--cb-max-ejection-percent",),
         "circuit_max_ejection_percent",
         float,
-        "most of the fleet breakers may hold open, in % (default 50; 100 = no cap)",
+        "most of the fleet breakers may hold open, in %% (default 50; 100 = no cap)",
     ),
     (
         ("--cb-min-in-rotation",),

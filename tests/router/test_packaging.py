@@ -207,3 +207,17 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     plan = ["plan", "--request-rate", "2", "--prompt-tokens", "1000", "--output-tokens", "100", "--json"]
     out = subprocess.run([*cli, *plan], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and '"prefill_workers"' in out.stdout, out.stderr
+
+
+def test_every_command_help_renders(capsys) -> None:
+    """`kvroute COMMAND --help` prints its flags (argparse %-formats help strings: a bare % breaks it)."""
+    from router.cli import COMMANDS, build_serve_parser
+
+    text = build_serve_parser().format_help()
+    assert "--service-discovery" in text and "--worker-urls" in text
+    for name in ("serve", "sim", "plan"):
+        assert name in COMMANDS
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out
