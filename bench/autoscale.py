@@ -40,7 +40,7 @@ import aiohttp
 
 from bench.compare import REPO, json_child, percentile
 from bench.loadgen import LoadgenConfig, RequestResult, run_load
-from bench.workloads import Request, Workload, mooncake
+from bench.workloads import Workload, mooncake
 from bench.workloads.ceiling import prefix_reuse_ceiling
 from engines.sim.profiles import get_profile
 from router.autoscale.cost import CostModel, cost_figures, within_sla
@@ -92,17 +92,17 @@ class AutoscaleBenchConfig:
 def surge_workload(cfg: AutoscaleBenchConfig) -> Workload:
     """Trace requests in order; gaps divided by `surge_factor` inside the surge, by 1 outside, until the
     run's duration is filled (the trace's own gaps, bursts and lengths are kept)."""
-    base = mooncake.load(start=cfg.trace_start, count=None, output_scale=cfg.output_scale)
-    src = base.requests
-    out: list[Request] = []
-    t = 0.0
     s0, s1 = cfg.warmup_s, cfg.warmup_s + cfg.surge_s
-    for prev, cur in zip(src, src[1:], strict=False):
+    stamps = [r["timestamp"] / 1000.0 for r in mooncake.read_trace()[cfg.trace_start :]]
+    times: list[float] = []  # the warped arrival times, computed first: only that many prompts are built
+    t = 0.0
+    for prev, cur in zip(stamps, stamps[1:], strict=False):
         if t > cfg.duration_s:
             break
-        out.append(replace(prev, arrival_s=t))
-        gap = (cur.arrival_s - prev.arrival_s) / cfg.rate
-        t += gap / (cfg.surge_factor if s0 <= t < s1 else 1.0)
+        times.append(t)
+        t += (cur - prev) / cfg.rate / (cfg.surge_factor if s0 <= t < s1 else 1.0)
+    base = mooncake.load(start=cfg.trace_start, count=len(times), output_scale=cfg.output_scale)
+    out = [replace(r, arrival_s=at) for r, at in zip(base.requests, times, strict=True)]
     params = {**base.params, "count": len(out), "surge": [s0, s1, cfg.surge_factor], "rate": cfg.rate}
     return Workload("mooncake-surge", tuple(out), params)
 
@@ -159,7 +159,7 @@ async def _serve_child(spec: dict[str, Any]) -> None:
         request_timeout_s=900.0,
         stream_idle_timeout_s=600.0,
         health_check_interval_s=5.0,
-        registration_retry_s=0.5,
+        registration_retry_s=0.2,
         load_poll_interval_s=0.0,
         log_level="info",
         **spec["router"],
@@ -197,15 +197,16 @@ def child_spec(cfg: AutoscaleBenchConfig, name: str, size: tuple[int, int]) -> d
     autoscaled = name == "autoscaled"
     router = {
         "autoscale": True,
-        "autoscale_interval_s": cfg.interval_s,
-        "autoscale_window_s": cfg.window_s,
-        "autoscale_up_window_s": cfg.up_window_s,
+        "autoscale_interval_s": cfg.interval_s * cfg.time_scale,  # the router's times are wall seconds
+        "autoscale_window_s": cfg.window_s * cfg.time_scale,
+        "autoscale_up_window_s": cfg.up_window_s * cfg.time_scale,
+        "autoscale_sim_time_scale": cfg.time_scale,
         "autoscale_min_prefill": 1 if autoscaled else p,
         "autoscale_max_prefill": cfg.max_prefill if autoscaled else p,
         "autoscale_min_decode": 1 if autoscaled else d,
         "autoscale_max_decode": cfg.max_decode if autoscaled else d,
-        "autoscale_up_cooldown_s": cfg.up_cooldown_s,
-        "autoscale_down_cooldown_s": cfg.down_cooldown_s,
+        "autoscale_up_cooldown_s": cfg.up_cooldown_s * cfg.time_scale,
+        "autoscale_down_cooldown_s": cfg.down_cooldown_s * cfg.time_scale,
         "autoscale_down_intervals": cfg.down_intervals,
         "autoscale_max_step_down": cfg.max_step_down,
         "autoscale_hysteresis": cfg.hysteresis,
@@ -222,7 +223,7 @@ def child_spec(cfg: AutoscaleBenchConfig, name: str, size: tuple[int, int]) -> d
         "profile": cfg.profile,
         "page_size": cfg.page_size,
         "time_scale": cfg.time_scale,
-        "startup_s": cfg.startup_s,
+        "startup_s": cfg.startup_s * cfg.time_scale,  # wall seconds of /health 503
         "router": router,
     }
 
@@ -492,6 +493,9 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     p.add_argument("--sla-itl", type=float, default=d.sla_itl_s)
     p.add_argument("--gpu-hour-cost", type=float, default=d.gpu_hour_cost)
     p.add_argument("--interval", type=float, default=d.interval_s)
+    p.add_argument(
+        "--time-scale", type=float, default=d.time_scale, help="wall s per engine s (1 = real time)"
+    )
     p.add_argument("--configs", default=",".join(d.configs))
     p.add_argument("--out", type=Path, default=d.out_dir)
     a = p.parse_args(argv)
@@ -509,6 +513,7 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
         sla_itl_s=a.sla_itl,
         gpu_hour_cost=a.gpu_hour_cost,
         interval_s=a.interval,
+        time_scale=a.time_scale,
         configs=tuple(c for c in a.configs.split(",") if c),
         out_dir=a.out,
     )

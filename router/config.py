@@ -175,7 +175,8 @@ class RouterConfig:
     autoscale_k8s_prefill_deployment: str = ""  # scaler=kubernetes: Deployment of the prefill engines
     autoscale_k8s_decode_deployment: str = ""  # scaler=kubernetes: Deployment of the decode engines
     autoscale_sim_startup_s: float = 0.0  # scaler=sim: seconds a new engine answers 503 (model load)
-    autoscale_sim_time_scale: float = 1.0  # scaler=sim: wall seconds per engine second
+    autoscale_sim_time_scale: float = 1.0  # scaler=sim: wall seconds per engine second (the planner reads
+    # the measurements in engine time); intervals, windows and cooldowns stay wall seconds
     slo_ttft_s: float = 1.0  # TTFT target (s): planner target and the "within SLA" test of cost reports
     slo_itl_s: float = 0.05  # mean inter-token latency target (s), likewise
     gpu_hour_cost: float = 0.0  # price of one GPU-hour for cost reports; 0 = unknown (GPU-seconds only)

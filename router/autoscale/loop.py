@@ -13,7 +13,8 @@ Act, through the `Scaler` and the registry:
   them), and a task per worker waits until it has none in flight, then asks the scaler to stop it and
   removes it from the registry. A worker with requests in flight is never removed.
 A failed scaler call is logged, counted and retried with exponential backoff; it never ends the loop.
-With a lease (`router.autoscale.lease`, replicas sharing Redis) only the replica holding it acts.
+With a lease (`router.autoscale.lease`, replicas sharing Redis) only the replica holding it acts, and it
+plans for every replica's window (`router.autoscale.share`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class AutoscaleSettings:
     retry_max_s: float = 60.0
     drain_poll_s: float = 0.1  # how often a draining worker's in-flight count is read
     drain_settle_s: float = 0.0  # replicas: the count must stay 0 this long (other replicas' loads lag)
+    time_scale: float = 1.0  # wall seconds per engine second (simulated engines run slower or faster):
+    # measurements are converted to engine time before planning; 1 for real engines
 
 
 class Observations(Protocol):
@@ -122,6 +125,7 @@ class Autoscaler:
         meter: CostMeter | None = None,
         metrics: Any = None,
         leadership: Leadership | None = None,
+        share: Any = None,
         replicas: Callable[[], Any] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -134,6 +138,7 @@ class Autoscaler:
         self.meter = meter
         self.metrics = metrics
         self.leadership = leadership
+        self.share = share  # router.autoscale.share.ObservationShare with replicas, else None
         self.replicas = replicas
         self.clock = clock
         self.leader = leadership is None
@@ -185,6 +190,12 @@ class Autoscaler:
         """Observe, plan, decide and act once. Returns the decisions (empty when not the leader).
         `bounds_only`: apply min and max, not the plan (the first interval, with no traffic seen yet)."""
         self.steps += 1
+        own, finished = self._own_window()
+        if self.share is not None:  # every replica publishes its window; the leader plans for the sum
+            try:
+                await self.share.publish(own, finished)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the leader plans from what it has
+                log.debug("autoscale: cannot publish this replica's window: %s", exc)
         if not await self._lead():
             return []
         now = self.clock()
@@ -197,7 +208,7 @@ class Autoscaler:
         current = {p: self._current(p, platform, workers) for p in POOLS}
         routable = {p: sum(1 for w in workers if w.role is p and w.routable) for p in POOLS}
         self._update_meter(platform, workers)
-        load = None if bounds_only else self._observe(routable)
+        load = None if bounds_only else await self._observe(own, finished, routable)
         targets = self.settings.targets
         h = self.settings.rules.hysteresis
         now_plan = margin_plan = None
@@ -282,16 +293,38 @@ class Autoscaler:
             if w.role is pool and w.url not in self.removing and w.state is not WorkerState.REJECTED
         )
 
-    def _observe(self, routable: Mapping[WorkerRole, int]) -> ObservedLoad | None:
-        s = self.window.summary(
-            routable[WorkerRole.PREFILL], routable[WorkerRole.DECODE], self.settings.window_s
-        )
+    def _own_window(self) -> tuple[ObservedLoad, int]:
+        """This replica's window: its load (the rate the larger of the long and the short window's) and
+        the number of finished requests behind the means."""
+        s = self.window.summary(None, None, self.settings.window_s)
         load: ObservedLoad = s.load
         if 0 < self.settings.up_window_s < self.settings.window_s:
             short = self.window.summary(None, None, self.settings.up_window_s).load.request_rate
             if short > load.request_rate:
                 load = dataclasses.replace(load, request_rate=short)
-        if s.requests:
+        return load, int(s.requests)
+
+    async def _observe(
+        self, own: ObservedLoad, finished: int, routable: Mapping[WorkerRole, int]
+    ) -> ObservedLoad | None:
+        load = dataclasses.replace(
+            own, current_prefill=routable[WorkerRole.PREFILL], current_decode=routable[WorkerRole.DECODE]
+        )
+        if self.share is not None:
+            try:
+                load = await self.share.fleet_load(load, finished)
+                finished = max(finished, 1) if load.prompt_tokens else finished
+            except Exception as exc:  # noqa: BLE001 - Redis away: plan from this replica's window
+                log.warning("autoscale: cannot read the other replicas' windows (%s): planning on ours", exc)
+        ts = self.settings.time_scale
+        if ts != 1.0:  # the planner's profile is in engine seconds
+            load = dataclasses.replace(
+                load,
+                request_rate=load.request_rate * ts,
+                measured_ttft_s=None if load.measured_ttft_s is None else load.measured_ttft_s / ts,
+                measured_itl_s=None if load.measured_itl_s is None else load.measured_itl_s / ts,
+            )
+        if finished:
             self._lengths = (load.prompt_tokens, load.output_tokens)
             return load
         if self._lengths is None:

@@ -16,6 +16,7 @@ from router.autoscale.decide import DecisionRules, PoolLimits
 from router.autoscale.lease import RedisLease
 from router.autoscale.loop import Autoscaler, AutoscaleSettings, paid_workers
 from router.autoscale.metrics import AutoscaleMetrics
+from router.autoscale.share import ObservationShare
 from router.config import ConfigError, RouterConfig
 from router.planner import PlanTargets
 from router.types import WorkerRole
@@ -45,6 +46,7 @@ def settings_from_config(c: RouterConfig) -> AutoscaleSettings:
         ),
         targets=PlanTargets(c.slo_ttft_s, c.slo_itl_s, c.autoscale_max_utilization),
         drain_settle_s=2 * c.replica_ttl_s if c.redis_url else 0.0,
+        time_scale=c.autoscale_sim_time_scale if c.autoscale_scaler == "sim" else 1.0,
     )
 
 
@@ -141,8 +143,14 @@ async def autoscale_context(
     except ValueError as exc:
         raise ConfigError(f"autoscale_profile: {exc}") from exc
     rep = replicas()
-    lease = None
+    lease = share = None
     if rep is not None:
+        share = ObservationShare(
+            rep.client,
+            f"{config.redis_key_prefix}:autoscale:observations",
+            rep.replica_id,
+            max_age_s=3 * config.autoscale_interval_s,
+        )
         lease = RedisLease(
             rep.client,
             f"{config.redis_key_prefix}:autoscale:leader",
@@ -159,6 +167,7 @@ async def autoscale_context(
         meter=meter,
         metrics=metrics,
         leadership=lease,
+        share=share,
         replicas=replicas,
     )
     loop.start()

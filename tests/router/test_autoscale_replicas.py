@@ -7,6 +7,8 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
+
 from router.autoscale.decide import DecisionRules, PoolLimits
 from router.autoscale.lease import RedisLease
 from router.autoscale.loop import Autoscaler, AutoscaleSettings
@@ -99,3 +101,46 @@ async def test_a_leader_that_loses_redis_stops_acting() -> None:
         assert not lease.held
     finally:
         await lease.client.aclose()
+
+
+async def test_the_leader_plans_for_every_replicas_window(redis_url: str) -> None:
+    """Behind a balancer each replica sees part of the demand: the acting one plans for the sum."""
+    from router.autoscale.share import ObservationShare
+
+    key = f"test-{uuid.uuid4().hex}:autoscale:observations"
+    lease_key = f"test-{uuid.uuid4().hex}:autoscale:leader"
+    clients = [connect(redis_url, 1.0) for _ in range(4)]
+    try:
+        loads = {
+            "a": ObservedLoad(2.0, 10000.0, 100.0, 0.5, measured_ttft_s=1.0),
+            "b": ObservedLoad(4.0, 4000.0, 400.0, 0.0, measured_ttft_s=2.0),
+        }
+        loops = {}
+        for i, name in enumerate(("a", "b")):
+            reg = FakeRegistry()
+            reg.add(f"http://{name}-p:1", P)
+            reg.add(f"http://{name}-d:1", D)
+            loops[name] = Autoscaler(
+                AutoscaleSettings(up_window_s=0),
+                RecordingScaler(name=name),
+                reg,
+                lambda reg=reg: reg.workers,  # type: ignore[misc]
+                FakeWindow(loads[name]),  # 100 finished requests each
+                PROFILE,
+                leadership=RedisLease(clients[i], lease_key, name, ttl_s=5.0),
+                share=ObservationShare(clients[2 + i], key, name, max_age_s=5.0),
+            )
+        await loops["b"].step()  # b publishes (and may lead)
+        await loops["a"].step()
+        await loops["b"].step()  # whoever leads now has both windows
+        leader = next(x for x in loops.values() if x.leader)
+        seen = leader.decisions[-1]["inputs"]
+        assert seen["request_rate"] == pytest.approx(6.0)  # 2 + 4 req/s
+        assert seen["prompt_tokens"] == pytest.approx(7000.0)  # equal weights: 100 requests each
+        assert seen["output_tokens"] == pytest.approx(250.0)
+        assert seen["cache_hit_ratio"] == pytest.approx(5000 / 14000, abs=1e-4)  # weighted by prompt tokens
+        assert seen["measured_ttft_s"] == pytest.approx(1.5)
+        assert leader.share.replicas_seen == 2  # type: ignore[union-attr]
+    finally:
+        for c in clients:
+            await c.aclose()
