@@ -4,18 +4,24 @@ for missing extras and bad paths, the KVROUTE_* environment, and a wheel that wo
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from engines.sim.fleet import free_port
 from router import __version__
 from router.cli import main
 from router.config import ConfigError, RouterConfig, build_config, unknown_env
@@ -207,6 +213,59 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     plan = ["plan", "--request-rate", "2", "--prompt-tokens", "1000", "--output-tokens", "100", "--json"]
     out = subprocess.run([*cli, *plan], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and '"prefill_workers"' in out.stdout, out.stderr
+    _sim_serve_one_request(cli, elsewhere, env)
+
+
+def _sim_serve_one_request(cli: list[str], cwd: Path, env: dict[str, str]) -> None:
+    """`kvroute sim` + `kvroute serve` from the installed wheel, one request through them."""
+    sim_args = [
+        "sim",
+        "--workers",
+        "1",
+        "--base-port",
+        "0",
+        "--profile",
+        "tiny",
+        "--time-scale",
+        "0.01",
+        "--json",
+    ]
+    sim = subprocess.Popen([*cli, *sim_args], cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
+    router: subprocess.Popen[str] | None = None
+    try:
+        assert sim.stdout is not None
+        worker = json.loads(sim.stdout.readline())["url"]
+        port = free_port()
+        router = subprocess.Popen(
+            [*cli, "serve", "--worker-urls", worker, "--port", str(port)], cwd=cwd, env=env
+        )
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # bounded: the router answers /readiness 200 once the worker registered
+            try:
+                with urllib.request.urlopen(base + "/readiness", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert router.poll() is None and time.monotonic() < deadline, "router not ready"
+            time.sleep(0.1)
+        body = json.dumps({"text": "hello", "sampling_params": {"max_new_tokens": 4}}).encode()
+        req = urllib.request.Request(base + "/generate", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 200 and resp.headers["X-Kvroute-Worker"] == worker
+            assert json.loads(resp.read())["meta_info"]["completion_tokens"] == 4
+    finally:
+        for proc in (router, sim):
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(30)
+                if proc.stdout is not None:
+                    proc.stdout.close()
 
 
 def test_every_command_help_renders(capsys) -> None:
