@@ -57,6 +57,8 @@ LATENCY_BUCKETS = (
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 # TTFT phases in seconds: from tens of microseconds (the routing decision) to minutes (a long queue).
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005) + LATENCY_BUCKETS
+# Prompt tokens per request (prefill work), up to long-context prompts.
+TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATEST: Final = "livemostrecent"  # gauges under multiprocess mode (see the module docstring)
 CIRCUIT_STATES = ("closed", "half_open", "open")
@@ -256,6 +258,13 @@ class Metrics:
             "docs/observability.md).",
             ["worker", "phase"],
             buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.new_prompt_tokens = Histogram(
+            "kvroute_new_prompt_tokens",
+            "Per request: prompt tokens the engine had to prefill (prompt - cached_tokens), by worker.",
+            ["worker"],
+            buckets=TOKEN_BUCKETS,
             registry=r,
         )
         self.route_decisions = Counter(

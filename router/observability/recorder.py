@@ -35,6 +35,7 @@ class Observability:
         self.access_log = access_log
         self.tracing = tracing
         self._phase_children: dict[str, tuple[Any, ...]] = {}
+        self._new_tokens_children: dict[str, Any] = {}
         self._decision_children: dict[tuple[str, str], Any] = {}
 
     # ---- hooks, in the order a request meets them
@@ -118,6 +119,12 @@ class Observability:
                 )
             for child, v in zip(children, parts.values(), strict=True):
                 child.observe(v)
+            if ph.prompt_tokens is not None:
+                nt = self._new_tokens_children.get(ph.worker)
+                if nt is None:
+                    nt = self.metrics.new_prompt_tokens.labels(ph.worker)
+                    self._new_tokens_children[ph.worker] = nt
+                nt.observe(ph.prompt_tokens - (ph.cached_tokens or 0))
         self.ring.add(ph)
         if self.access_log is not None:
             self.access_log.write(ph)
@@ -130,9 +137,6 @@ class Observability:
             self.access_log = AccessLog(access_log)
         if otlp_endpoint:
             self.tracing = Tracing(otlp_endpoint, sample_ratio)
-
-    def forget_worker(self, url: str) -> None:
-        self._phase_children.pop(url, None)
 
     async def aclose(self) -> None:
         """Flush the access log and the spans still waiting for export."""

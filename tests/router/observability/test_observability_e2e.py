@@ -93,6 +93,7 @@ async def test_phases_reach_ring_metrics_and_access_log(start_router, tmp_path) 
         for phase in TTFT_PHASES:
             assert f'kvroute_ttft_phase_seconds_count{{phase="{phase}",worker="{w0}"}} 3.0' in text
         assert 'kvroute_route_decisions_total{policy="round_robin",reason="load"} 6.0' in text
+        assert f'kvroute_new_prompt_tokens_count{{worker="{w0}"}} 3.0' in text
         assert f'kvroute_worker_circuit_state{{state="closed",worker="{w0}"}} 1.0' in text
 
     # Lines are flushed within 0.5 s of being written.
