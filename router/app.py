@@ -352,6 +352,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     stats = core.index_stats()
     app[METRICS].refresh(core.workers(), stats.get("workers", {}), stats.get("blind_workers", []))
     app[METRICS].refresh_circuits(app[REGISTRY].circuit_states())
+    app[OBSERVABILITY].flush_metrics()
     app[REGISTRY].check_blind()
     replicas = app[ADMIN].replicas
     app[METRICS].refresh_replicas(replicas.status() if replicas is not None else None)

@@ -587,6 +587,25 @@ def observe_n(child: Any, amount: float, n: int) -> None:
     buckets[bisect.bisect_left(bounds, amount)].inc(n)
 
 
+def add_bucket_counts(child: Any, total: float, counts: list[int]) -> None:
+    """Add observations gathered elsewhere to a histogram child: their sum and, per bucket (the child's
+    upper bounds, +Inf last), how many fell in it. Same internals as `observe_n`; where they are absent,
+    each observation is replayed at its bucket's upper bound (the finite one below +Inf for the last)."""
+    buckets = getattr(child, "_buckets", None)
+    sum_value = getattr(child, "_sum", None)
+    if buckets is None or sum_value is None or len(buckets) != len(counts):
+        bounds = [b for b in getattr(child, "_upper_bounds", None) or [] if b != float("inf")] or [0.0]
+        for i, c in enumerate(counts):
+            v = bounds[min(i, len(bounds) - 1)]
+            for _ in range(c):
+                child.observe(v)
+        return
+    sum_value.inc(total)
+    for b, c in zip(buckets, counts, strict=True):
+        if c:
+            b.inc(c)
+
+
 def _set(gauge: Gauge, url: str, stats: Mapping[str, Any], *keys: str) -> None:
     for k in keys:
         v = stats.get(k)

@@ -11,6 +11,7 @@ from multidict import CIMultiDict
 
 from router.metrics import Metrics
 from router.observability.access_log import AccessLog
+from router.observability.phase_metrics import PhaseMetrics
 from router.observability.phases import RequestPhases, engine_timings, reason_class
 from router.observability.ring import RecentRequests
 from router.observability.tracing import Tracing
@@ -34,8 +35,7 @@ class Observability:
         self.ring = RecentRequests(recent)
         self.access_log = access_log
         self.tracing = tracing
-        self._phase_children: dict[str, tuple[Any, ...]] = {}
-        self._new_tokens_children: dict[str, Any] = {}
+        self.phase_metrics = PhaseMetrics(metrics)
         self._decision_children: dict[tuple[str, str], Any] = {}
 
     # ---- hooks, in the order a request meets them
@@ -112,19 +112,8 @@ class Observability:
             c.inc()
         parts = ph.ttft_breakdown()
         if parts is not None and ph.status < 400:
-            children = self._phase_children.get(ph.worker)
-            if children is None:
-                children = self._phase_children[ph.worker] = tuple(
-                    self.metrics.ttft_phase.labels(ph.worker, p) for p in parts
-                )
-            for child, v in zip(children, parts.values(), strict=True):
-                child.observe(v)
-            if ph.prompt_tokens is not None:
-                nt = self._new_tokens_children.get(ph.worker)
-                if nt is None:
-                    nt = self.metrics.new_prompt_tokens.labels(ph.worker)
-                    self._new_tokens_children[ph.worker] = nt
-                nt.observe(ph.prompt_tokens - (ph.cached_tokens or 0))
+            new = None if ph.prompt_tokens is None else ph.prompt_tokens - (ph.cached_tokens or 0)
+            self.phase_metrics.observe(ph.worker, parts, new)
         self.ring.add(ph)
         if self.access_log is not None:
             self.access_log.write(ph)
@@ -138,8 +127,13 @@ class Observability:
         if otlp_endpoint:
             self.tracing = Tracing(otlp_endpoint, sample_ratio)
 
+    def flush_metrics(self) -> None:
+        """Bring the phase histograms up to date (before a scrape)."""
+        self.phase_metrics.flush()
+
     async def aclose(self) -> None:
-        """Flush the access log and the spans still waiting for export."""
+        """Flush the phase metrics, the access log and the spans still waiting for export."""
+        self.phase_metrics.flush()
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None

@@ -81,6 +81,42 @@ def _attrs(d: dict[str, str | int | float | bool]) -> list[dict[str, Any]]:
     return out
 
 
+# OTLP/JSON span templates, filled with %-formatting (JSON's braces make str.format unreadable)
+# (the fields and order of opentelemetry/proto/trace/v1/trace.proto's Span).
+_ROUTE = (
+    '{"traceId":"%s","spanId":"%016x","parentSpanId":"%s","name":"route","kind":1,'
+    '"startTimeUnixNano":%d,"endTimeUnixNano":%d}'
+)
+_UP = (
+    '{"traceId":"%s","spanId":"%016x","parentSpanId":"%s","name":"upstream","kind":3,'
+    '"startTimeUnixNano":%d,"endTimeUnixNano":%d,"attributes":[%s]%s}'
+)
+_BODY = '{"resourceSpans":[{"resource":%s,"scopeSpans":[{"scope":{"name":"kvroute"},"spans":[%s]}]}]}'
+_ROOT = (
+    '{"traceId":"%s","spanId":"%s"%s,"name":%s,"kind":2,'
+    '"startTimeUnixNano":%d,"endTimeUnixNano":%d,"attributes":[%s]%s}'
+)
+
+
+def _str_attr(key: str, value: str) -> str:
+    return '{"key":"%s","value":{"stringValue":%s}}' % (key, orjson.dumps(value).decode())  # noqa: UP031 (JSON braces)
+
+
+def _int_attr(key: str, value: int) -> str:
+    return '{"key":"%s","value":{"intValue":%d}}' % (key, value)  # noqa: UP031 (JSON braces)
+
+
+def _num_attr(key: str, value: float) -> str:
+    return '{"key":"%s","value":{"doubleValue":%r}}' % (key, float(value))  # noqa: UP031 (JSON braces)
+
+
+def _status(message: str) -> str:
+    return ',"status":{"code":%d,"message":%s}' % (STATUS_ERROR, orjson.dumps(message).decode())  # noqa: UP031 (JSON braces)
+
+
+_RETRIED = _status("attempt failed; retried on another worker")
+
+
 class Tracing:
     """Trace ids for requests, their spans, and the batching OTLP/HTTP exporter.
 
@@ -103,21 +139,21 @@ class Tracing:
         self.endpoint = endpoint
         self._bound = round(min(max(sample_ratio, 0.0), 1.0) * (1 << 64))
         self._rand = random.Random(os.urandom(16))
-        self._resource = {
-            "attributes": _attrs({"service.name": service_name, "telemetry.sdk.name": "kvroute"})
-        }
+        self._resource_json = orjson.dumps(
+            {"attributes": _attrs({"service.name": service_name, "telemetry.sdk.name": "kvroute"})}
+        ).decode()
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
         self.timeout_s = timeout_s
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[str] = []  # encoded spans
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: Any = None
         self.exported = 0  # spans the collector accepted
         self.dropped = 0  # spans dropped: queue full or the collector refused them
         self._warned = False
-        self._consts: dict[tuple[str, str | int], dict[str, Any]] = {}
+        self._consts: dict[tuple[str, str | int], str] = {}
         self._route_names: dict[str, str] = {}
 
     # ---- request hooks -------------------------------------------------------------------------
@@ -159,21 +195,21 @@ class Tracing:
         if ts.tracestate:
             headers["tracestate"] = ts.tracestate
 
-    def _const(self, key: str, value: str | int) -> dict[str, Any]:
-        """An attribute whose values repeat (worker, policy, route, status): built once, shared."""
+    def _const(self, key: str, value: str | int) -> str:
+        """An attribute whose values repeat (worker, policy, route, status): encoded once."""
         a = self._consts.get((key, value))
         if a is None:
-            kind = "intValue" if isinstance(value, int) else "stringValue"
-            a = {"key": key, "value": {kind: value}}
+            a = _int_attr(key, value) if isinstance(value, int) else _str_attr(key, value)
             if len(self._consts) < 4096:
                 self._consts[(key, value)] = a
         return a
 
     def end(self, ph: RequestPhases) -> None:
-        """Build the request's spans (sampled requests only) and queue them for export.
+        """Encode the request's spans (sampled requests only) and queue them for export.
 
-        Few attributes, built directly in OTLP/JSON form: this runs on the event loop per traced
-        request (the phase split is in the span timings and the ring, not repeated as attributes)."""
+        This runs on the event loop for every traced request, so the spans are written straight as
+        OTLP/JSON text from fixed templates (no intermediate objects), with few attributes: the phase
+        split is in the span timings and the ring, not repeated as attributes."""
         ts: TraceState | None = ph.span
         ph.span = None
         if ts is None or not ts.sampled:
@@ -186,83 +222,42 @@ class Tracing:
         ns = self._ns
         end = ns(ph, ph.end_at if ph.end_at is not None else ph.t0)
         failed = ph.error is not None or ph.status >= 500
-        spans = self._pending
+        err = _status(ph.error or str(ph.status)) if failed else ""
+        out = self._pending
         if ph.route_s is not None:
             start = ph.t0 + ph.admission_s
-            spans.append(
-                {
-                    "traceId": trace,
-                    "spanId": f"{self._id64():016x}",
-                    "parentSpanId": root,
-                    "name": "route",
-                    "kind": KIND_INTERNAL,
-                    "startTimeUnixNano": ns(ph, start),
-                    "endTimeUnixNano": ns(ph, start + ph.route_s),
-                }
-            )
-        for span_id, url, start, stop in ts.failed:
-            spans.append(
-                {
-                    "traceId": trace,
-                    "spanId": f"{span_id:016x}",
-                    "parentSpanId": root,
-                    "name": "upstream",
-                    "kind": KIND_CLIENT,
-                    "startTimeUnixNano": ns(ph, start),
-                    "endTimeUnixNano": ns(ph, stop),
-                    "attributes": [self._const("kvroute.worker", url)],
-                    "status": {"code": STATUS_ERROR, "message": "attempt failed; retried on another worker"},
-                }
-            )
+            out.append(_ROUTE % (trace, self._id64(), root, ns(ph, start), ns(ph, start + ph.route_s)))
+        for span_id, url, t_start, t_stop in ts.failed:
+            attrs = self._const("kvroute.worker", url)
+            out.append(_UP % (trace, span_id, root, ns(ph, t_start), ns(ph, t_stop), attrs, _RETRIED))
         if ts.upstream_id is not None:
-            up: list[dict[str, Any]] = [self._const("kvroute.worker", ts.upstream_url)]
+            attrs = self._const("kvroute.worker", ts.upstream_url)
             if ph.engine_queue_s is not None:
-                up.append({"key": "kvroute.engine.queue_s", "value": {"doubleValue": ph.engine_queue_s}})
+                attrs += "," + _num_attr("kvroute.engine.queue_s", ph.engine_queue_s)
             if ph.engine_prefill_s is not None:
-                up.append({"key": "kvroute.engine.prefill_s", "value": {"doubleValue": ph.engine_prefill_s}})
-            span: dict[str, Any] = {
-                "traceId": trace,
-                "spanId": f"{ts.upstream_id:016x}",
-                "parentSpanId": root,
-                "name": "upstream",
-                "kind": KIND_CLIENT,
-                "startTimeUnixNano": ns(ph, ts.upstream_start),
-                "endTimeUnixNano": end,
-                "attributes": up,
-            }
-            if failed:
-                span["status"] = {"code": STATUS_ERROR, "message": ph.error or str(ph.status)}
-            spans.append(span)
-        attrs = [
+                attrs += "," + _num_attr("kvroute.engine.prefill_s", ph.engine_prefill_s)
+            out.append(_UP % (trace, ts.upstream_id, root, ns(ph, ts.upstream_start), end, attrs, err))
+        parts = [
             self._const("http.response.status_code", ph.status),
             self._const("kvroute.worker", ph.worker),
             self._const("kvroute.policy", ph.policy),
-            {"key": "kvroute.request_id", "value": {"stringValue": ph.rid}},
-            {"key": "kvroute.decision_reason", "value": {"stringValue": ph.reason}},
+            _str_attr("kvroute.request_id", ph.rid),
+            _str_attr("kvroute.decision_reason", ph.reason),
         ]
         if ph.cached_tokens is not None:
-            attrs.append({"key": "kvroute.cached_tokens", "value": {"intValue": ph.cached_tokens}})
+            parts.append(_int_attr("kvroute.cached_tokens", ph.cached_tokens))
         if ph.prompt_tokens is not None:
-            attrs.append({"key": "kvroute.prompt_tokens", "value": {"intValue": ph.prompt_tokens}})
+            parts.append(_int_attr("kvroute.prompt_tokens", ph.prompt_tokens))
         ttft = ph.ttft_s
         if ttft is not None:
-            attrs.append({"key": "kvroute.ttft_s", "value": {"doubleValue": ttft}})
-        span = {
-            "traceId": trace,
-            "spanId": root,
-            "name": self._route_names.get(ph.route)
-            or self._route_names.setdefault(ph.route, f"POST {ph.route}"),
-            "kind": KIND_SERVER,
-            "startTimeUnixNano": ns(ph, ph.t0),
-            "endTimeUnixNano": end,
-            "attributes": attrs,
-        }
-        if ts.parent_id is not None:
-            span["parentSpanId"] = f"{ts.parent_id:016x}"
+            parts.append(_num_attr("kvroute.ttft_s", ttft))
         if failed:
-            span["status"] = {"code": STATUS_ERROR, "message": ph.error or str(ph.status)}
-            attrs.append({"key": "kvroute.error", "value": {"stringValue": ph.error or str(ph.status)}})
-        spans.append(span)
+            parts.append(_str_attr("kvroute.error", ph.error or str(ph.status)))
+        name = self._route_names.get(ph.route)
+        if name is None:
+            name = self._route_names[ph.route] = orjson.dumps(f"POST {ph.route}").decode()
+        parent = f',"parentSpanId":"{ts.parent_id:016x}"' if ts.parent_id is not None else ""
+        out.append(_ROOT % (trace, root, parent, name, ns(ph, ph.t0), end, ",".join(parts), err))
         self._schedule()
 
     # ---- export ------------------------------------------------------------------------------------
@@ -283,18 +278,9 @@ class Tracing:
         if self._pending and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._export_loop(), name="otlp-export")
 
-    def body(self, spans: list[dict[str, Any]]) -> bytes:
-        """An OTLP/HTTP JSON ExportTraceServiceRequest."""
-        return orjson.dumps(
-            {
-                "resourceSpans": [
-                    {
-                        "resource": self._resource,
-                        "scopeSpans": [{"scope": {"name": "kvroute"}, "spans": spans}],
-                    }
-                ]
-            }
-        )
+    def body(self, spans: list[str]) -> bytes:
+        """An OTLP/HTTP JSON ExportTraceServiceRequest of encoded spans."""
+        return (_BODY % (self._resource_json, ",".join(spans))).encode()
 
     async def _export_loop(self, drain: bool = False) -> None:
         """POST batches while a whole one waits (everything when `drain`); a remainder waits for the

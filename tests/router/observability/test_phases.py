@@ -130,3 +130,36 @@ async def test_access_log_writes_one_json_line_per_request(tmp_path) -> None:  #
     assert lines[1]["status"] == 502
     assert set(lines[0]["phases"]) == set(TTFT_PHASES)
     assert lines[0]["new_tokens"] == 60
+
+
+def test_batched_phase_metrics_equal_direct_observations() -> None:
+    """The bulk path (bucket counts added at flush) gives the histogram exactly what `observe` would."""
+    from router.metrics import Metrics
+    from router.observability.phase_metrics import PhaseMetrics
+
+    batched, direct = Metrics(), Metrics()
+    pm = PhaseMetrics(batched)
+    reqs = [_req(ttft=t, queue=q) for t, q in ((0.05, 0.01), (1.0, 0.5), (3.0, 2.9), (70.0, 60.0))]
+    for ph in reqs:
+        parts = ph.ttft_breakdown()
+        assert parts is not None
+        pm.observe("w0", parts, 60)
+        for phase, v in parts.items():
+            direct.ttft_phase.labels("w0", phase).observe(v)
+        direct.new_prompt_tokens.labels("w0").observe(60)
+    pm.flush()
+    pm.flush()  # nothing new: adds nothing
+
+    def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in m.registry.collect()
+            if fam.name in ("kvroute_ttft_phase_seconds", "kvroute_new_prompt_tokens")
+            for s in fam.samples
+            if not s.name.endswith("_created")
+        }
+
+    got, want = samples(batched), samples(direct)
+    assert got.keys() == want.keys() and len(got) > 50
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v), k
