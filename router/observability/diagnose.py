@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -49,13 +50,14 @@ class WorkerDiagnosis:
     dominant_phase: str | None
     dominant_share: float | None  # of the p99 tail's TTFT
     causes: list[Cause] = field(default_factory=list)
+    source: str = "window"  # "metrics": figures since the router started (no request in the window)
 
     def line(self) -> str:
         head = f"{self.url}: "
         if self.ttft_p99_s is None:
             head += "no requests in the window"
         else:
-            head += f"TTFT p99 {self.ttft_p99_s:.3g} s"
+            head += f"TTFT p99 {self.ttft_p99_s:.3g} s" + (" since start" if self.source == "metrics" else "")
             if self.slowdown is not None:
                 head += f" ({self.slowdown:.1f}x the median worker)"
         return head + "".join(f"; {c.text}" for c in self.causes)
@@ -91,10 +93,83 @@ class Diagnosis:
         return "\n".join(lines)
 
 
-def diagnose(status: dict[str, Any]) -> Diagnosis:
-    """Rank workers (slowest TTFT p99 first) and each worker's causes (most severe first)."""
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (upper bound, count) pairs, +Inf last."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_b, prev_c = 0.0, 0.0
+    for b, c in buckets:
+        if c >= rank:
+            if math.isinf(b):
+                return prev_b
+            return prev_b + (b - prev_b) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 1.0)
+        prev_b, prev_c = b, c
+    return prev_b
+
+
+def windows_from_metrics(text: str) -> dict[str, dict[str, Any]]:
+    """Per worker, a window-shaped summary since the router started, from /metrics (for when the
+    recent-requests ring is off or empty): TTFT quantiles from `kvroute_ttft_seconds`, the mean phase
+    split from `kvroute_ttft_phase_seconds`, hit ratio and uncached tokens from the token series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, dict[float, float]] = {}
+    phase_sum: dict[str, dict[str, float]] = {}
+    phase_cnt: dict[str, float] = {}
+    tok: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            w = smp.labels.get("worker")
+            if w is None:
+                continue
+            if smp.name == "kvroute_ttft_seconds_bucket":
+                le = float(smp.labels["le"])
+                per = buckets.setdefault(w, {})
+                per[le] = per.get(le, 0.0) + smp.value  # summed over policies
+            elif smp.name == "kvroute_ttft_phase_seconds_sum":
+                phase_sum.setdefault(w, {})[smp.labels["phase"]] = smp.value
+            elif smp.name == "kvroute_ttft_phase_seconds_count" and smp.labels.get("phase") == "route":
+                phase_cnt[w] = smp.value
+            elif smp.name in (
+                "kvroute_prompt_tokens_total",
+                "kvroute_cached_tokens_total",
+                "kvroute_new_prompt_tokens_sum",
+                "kvroute_new_prompt_tokens_count",
+            ):
+                tok.setdefault(w, {})[smp.name] = smp.value
+    out: dict[str, dict[str, Any]] = {}
+    for w in set(buckets) | set(phase_sum):
+        cum = sorted(buckets.get(w, {}).items())
+        n = phase_cnt.get(w, 0.0)
+        t = tok.get(w, {})
+        prompt, cached = t.get("kvroute_prompt_tokens_total", 0.0), t.get("kvroute_cached_tokens_total", 0.0)
+        new_n = t.get("kvroute_new_prompt_tokens_count", 0.0)
+        out[w] = {
+            "requests": int(cum[-1][1]) if cum else 0,
+            "ttft_p50_s": _quantile(cum, 0.5),
+            "ttft_p99_s": _quantile(cum, 0.99),
+            "p99_phases_s": {k: v / n for k, v in phase_sum.get(w, {}).items()} if n else {},
+            "hit_ratio": cached / prompt if prompt else None,
+            "new_tokens_mean": t.get("kvroute_new_prompt_tokens_sum", 0.0) / new_n if new_n else None,
+            "source": "metrics",
+        }
+    return out
+
+
+def diagnose(status: dict[str, Any], since_start: dict[str, dict[str, Any]] | None = None) -> Diagnosis:
+    """Rank workers (slowest TTFT p99 first) and each worker's causes (most severe first).
+
+    `since_start` (`windows_from_metrics`): used for workers with no request in the status window (the
+    ring off or idle): their figures then cover the router's life, and the phase split is the mean, not
+    the tail's."""
     fleet = status.get("fleet", {})
-    workers = status.get("workers", [])
+    workers = [dict(w) for w in status.get("workers", [])]
+    for w in workers:
+        if not w.get("window", {}).get("requests") and since_start and w["url"] in since_start:
+            w["window"] = since_start[w["url"]]
+    if not fleet.get("requests") and since_start:
+        fleet = {**fleet, "hit_ratio": _fleet_hit(since_start)}
     p99s = [w["window"]["ttft_p99_s"] for w in workers if w["window"].get("ttft_p99_s") is not None]
     median_p99 = statistics.median(p99s) if p99s else None
     fleet_hit = fleet.get("hit_ratio")
@@ -110,6 +185,7 @@ def diagnose(status: dict[str, Any]) -> Diagnosis:
         d = WorkerDiagnosis(
             w["url"], win.get("requests", 0), p99, win.get("ttft_p50_s"), slowdown, None, None
         )
+        d.source = win.get("source", "window")
         weight = slowdown or 1.0
         tail = win.get("p99_phases_s") or {}
         total = sum(tail.values())
@@ -120,7 +196,9 @@ def diagnose(status: dict[str, Any]) -> Diagnosis:
                 Cause(
                     "phase",
                     weight * (1.0 + d.dominant_share),
-                    f"{d.dominant_share:.0%} of TTFT p99 in {PHASE_WORDS.get(phase, phase)}",
+                    f"{d.dominant_share:.0%} of "
+                    + ("TTFT p99" if d.source == "window" else "mean TTFT since start")
+                    + f" in {PHASE_WORDS.get(phase, phase)}",
                     phase,
                 )
             )
@@ -183,6 +261,11 @@ def diagnose(status: dict[str, Any]) -> Diagnosis:
     )
 
 
+def _fleet_hit(since_start: dict[str, dict[str, Any]]) -> float | None:
+    ratios = [w["hit_ratio"] for w in since_start.values() if w.get("hit_ratio") is not None]
+    return statistics.mean(ratios) if ratios else None
+
+
 async def fetch_status(
     url: str, token: str | None, window_s: float, timeout_s: float = 10.0
 ) -> dict[str, Any]:
@@ -202,6 +285,21 @@ async def fetch_status(
         return data
 
 
+async def fetch(url: str, token: str | None, window_s: float) -> tuple[dict[str, Any], str | None]:
+    """The status snapshot and the /metrics text (None when it cannot be read: the status suffices)."""
+    import aiohttp
+
+    status = await fetch_status(url, token, window_s)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as s,
+            s.get(url.rstrip("/") + "/metrics") as r,
+        ):
+            return status, (await r.text()) if r.status == 200 else None
+    except (TimeoutError, OSError, aiohttp.ClientError):
+        return status, None
+
+
 def main(argv: Sequence[str]) -> int:
     import os
 
@@ -214,11 +312,11 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(list(argv))
     try:
-        status = asyncio.run(fetch_status(args.url, args.admin_token, args.window))
+        status, metrics = asyncio.run(fetch(args.url, args.admin_token, args.window))
     except (TimeoutError, OSError, RuntimeError, ValueError, aiohttp.ClientError) as exc:
         print(f"kvroute diagnose: cannot read {args.url}: {exc}", file=sys.stderr)
         return 1
-    d = diagnose(status)
+    d = diagnose(status, windows_from_metrics(metrics) if metrics else None)
     if args.json:
         sys.stdout.write(orjson.dumps(d.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

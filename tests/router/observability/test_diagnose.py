@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from engines.sim.fleet import SimFleet
-from router.observability.diagnose import diagnose, fetch_status
+from router.observability.diagnose import _quantile, diagnose, fetch, fetch_status, windows_from_metrics
 
 
 def _body(i: int) -> dict[str, object]:
@@ -50,6 +50,17 @@ async def test_diagnose_names_the_slow_engine_and_its_queue(start_router) -> Non
         assert top.slowdown is not None and top.slowdown > 1.5
         line = next(ln for ln in d.report().splitlines() if ln.strip().startswith(slow))
         assert "of TTFT p99 in the engine's queue" in line
+
+        # With the ring off (an empty window), /metrics since start tells the same story.
+        status, metrics = await fetch(r.url, None, 60.0)
+        assert metrics is not None
+        for w in status["workers"]:
+            w["window"] = {"requests": 0}
+        status["fleet"] = {"requests": 0}
+        d2 = diagnose(status, windows_from_metrics(metrics))
+        assert d2.worst == slow and d2.workers[0].dominant_phase == "engine_queue"
+        assert d2.workers[0].source == "metrics" and d2.workers[0].requests == 8
+        assert "mean TTFT since start in the engine's queue" in d2.report()
 
         # The command itself, against the live router (a subprocess: its own event loop).
         proc = await asyncio.create_subprocess_exec(
@@ -118,3 +129,11 @@ def test_diagnose_ranks_cache_miss_and_prefill_load_on_a_recorded_snapshot() -> 
     report = d.report()
     assert "80% of TTFT p99 in prefill" in report and "look first at http://w3" in report
     print(report)
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    cum = [(0.1, 10.0), (1.0, 90.0), (10.0, 100.0), (float("inf"), 100.0)]
+    assert _quantile(cum, 0.5) == pytest.approx(0.1 + 0.9 * (50 - 10) / 80)
+    assert _quantile(cum, 0.99) == pytest.approx(1.0 + 9.0 * (99 - 90) / 10)
+    assert _quantile([(1.0, 0.0), (float("inf"), 0.0)], 0.5) is None
+    assert _quantile([(1.0, 5.0), (float("inf"), 10.0)], 0.99) == 1.0  # in +Inf: the last finite bound
