@@ -30,6 +30,9 @@ def namespace_seed(model: str = "", lora: str | None = None) -> int:
     return xxhash.xxh3_64_intdigest(f"{model}\x00{lora or ''}".encode())
 
 
+_PIECE = 1 << 17  # elements converted per C call on large inputs (~2 ms each: the GIL can switch between)
+
+
 def _chain(parent: int, payload: bytes, seed: int) -> int:
     return xxhash.xxh3_64_intdigest(_U64.pack(parent) + payload, seed=seed)
 
@@ -44,9 +47,15 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, seed: int = 0, parent
     n_full = len(token_ids) // block_size
     if n_full == 0:
         return []
-    # One u32 LE conversion for the whole prompt, then slices: no per-token Python work.
+    # One u32 LE conversion for the whole prompt, then slices: no per-token Python work. In pieces of
+    # _PIECE ids: one C call over a 30 M-token prompt would hold the GIL for ~0.3 s, and the router hashes
+    # large prompts on a thread so that its event loop keeps running (router/proxy.py).
+    ids = token_ids[: n_full * block_size]
     try:
-        buf = array("I", token_ids[: n_full * block_size]).tobytes()
+        arr = array("I")
+        for i in range(0, len(ids), _PIECE):
+            arr.extend(ids[i : i + _PIECE])
+        buf = arr.tobytes()
     except OverflowError as exc:
         raise ValueError("token ids must be in [0, 2**32)") from exc
     if array("I").itemsize != 4:  # pragma: no cover - every supported platform has 4-byte unsigned int
@@ -115,7 +124,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         data = text.encode("utf-8")
         if self.offset == 0:
-            return list(data)
+            if len(data) <= _PIECE:
+                return list(data)
+            out: list[int] = []
+            for i in range(0, len(data), _PIECE):  # in pieces: see hash_blocks (the GIL)
+                out.extend(data[i : i + _PIECE])
+            return out
         return [b + self.offset for b in data]
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> list[int]:

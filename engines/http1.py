@@ -37,6 +37,8 @@ from engines.errors import (
 MAX_HEAD_BYTES = 65536  # a response head (status line + headers) above this is refused
 _MAX_BUFFER = 256 * 1024  # body bytes buffered before reading from the engine pauses
 _SPLIT_WRITE = 16384  # bodies at least this big are written separately (no head + body copy)
+_PIECEWISE_WRITE = 4 << 20  # bodies at least this big are written in pieces, yielding between them
+_WRITE_PIECE = 1 << 20
 
 # Parser phases.
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = 0, 1, 2, 3, 4
@@ -553,9 +555,15 @@ class Http1Pool:
             conn.activity = act
             if len(body) < _SPLIT_WRITE:
                 transport.write(head + body)
-            else:
+            elif len(body) < _PIECEWISE_WRITE:
                 transport.write(head)
                 transport.write(body)
+            else:  # a body of many MB: in pieces, a loop turn between (the transport copies what it buffers)
+                transport.write(head)
+                view = memoryview(body)
+                for i in range(0, len(body), _WRITE_PIECE):
+                    transport.write(view[i : i + _WRITE_PIECE])
+                    await asyncio.sleep(0)
             head_wait = timeouts.idle if timeouts.idle_head else None
             while conn._phase == _HEAD and conn._exc is None:
                 try:

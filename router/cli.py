@@ -94,6 +94,12 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
         "seconds for a client's request body (0 = none)",
     ),
     (
+        ("--offload-body-bytes",),
+        "offload_body_bytes",
+        int,
+        "bodies this large are parsed and hashed off the event loop (default 1 MiB; 0 = never)",
+    ),
+    (
         ("--keepalive-timeout-secs", "--idle-connection-timeout-secs"),
         "keepalive_timeout_s",
         float,

@@ -61,6 +61,8 @@ class RouterConfig:
     session_header: str = "X-Session-Id"  # consistent_hash affinity key; the OpenAI `user` field otherwise
     header_timeout_s: float = 10.0  # seconds for a client's request head (from connect or its first byte);
     # 408 and close past it; 0 = no limit
+    offload_body_bytes: int = 1024 * 1024  # request bodies this large are parsed, tokenized and hashed on
+    # a worker thread, off the event loop (a 30 MB prompt takes ~1 s); 0 = always on the loop
     body_timeout_s: float = 30.0  # seconds to receive a request body after its head (408); 0 = no limit
     keepalive_timeout_s: float = 75.0  # seconds an idle client keep-alive connection stays; 0 = aiohttp's
     max_connections: int = 0  # open client connections; past it new ones get 503 + Retry-After and close.
@@ -212,6 +214,7 @@ class RouterConfig:
         for name in (
             "max_body_bytes",
             "max_connections",
+            "offload_body_bytes",
             "max_retries",
             "prometheus_port",
             "health_check_port",

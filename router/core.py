@@ -61,12 +61,15 @@ class Router:
         text_chunk_bytes: int = 64,
         text_fallback: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        max_prompt_blocks: int = 8192,
     ) -> None:
         """`tokenizer` None: the byte tokenizer (what the simulated engine uses). `text_fallback`: hash
         text/messages as chunks of `text_chunk_bytes` UTF-8 bytes instead of tokenizing (fleets with no
         tokenizer: approximate, self-consistent for cache_aware, never matching engine events).
         `model_seed`: namespace of the block hashes (the model name), equal to the one events are hashed
-        with, so prompts and events agree."""
+        with, so prompts and events agree. `max_prompt_blocks`: only a prompt's first blocks are hashed
+        and tracked (8,192 x 16 = 128 K tokens): the prefix is what matches, and the per-request work on
+        the event loop (load tracking, index lookups) must stay small for a 30 MB prompt; 0 = no cap."""
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if text_chunk_bytes <= 0:
@@ -75,6 +78,7 @@ class Router:
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.text_fallback = text_fallback
         self.text_chunk_bytes = text_chunk_bytes
+        self.max_prompt_blocks = max_prompt_blocks
         self.seed = namespace_seed(model_seed)
         self.clock = clock
         self._workers: dict[str, Worker] = {}
@@ -145,6 +149,10 @@ class Router:
 
     # --- requests ------------------------------------------------------------------------------
 
+    def _capped(self, ids: Sequence[int]) -> Sequence[int]:
+        n = self.max_prompt_blocks * self.block_size
+        return ids[:n] if n and len(ids) > n else ids
+
     def routing_request(
         self,
         *,
@@ -175,7 +183,7 @@ class Router:
         hashes: list[BlockHash]
         if input_ids is not None:
             ids = _check_ids(input_ids)
-            hashes = hash_blocks(ids, self.block_size, self.seed) if with_blocks else []
+            hashes = hash_blocks(self._capped(ids), self.block_size, self.seed) if with_blocks else []
             n_tokens = len(ids)
         else:
             if text is not None:
@@ -188,14 +196,17 @@ class Router:
                 raise ValueError("the request has no prompt (input_ids, text or messages)")
             if self.text_fallback:
                 text = text if text is not None else render_plain_chat(messages or ())
-                hashes = hash_text_blocks(text, self.text_chunk_bytes, self.seed) if with_blocks else []
+                capped = (
+                    text[: self.max_prompt_blocks * self.text_chunk_bytes] if self.max_prompt_blocks else text
+                )
+                hashes = hash_text_blocks(capped, self.text_chunk_bytes, self.seed) if with_blocks else []
                 # Blocks count as block_size tokens each so that loads stay in one unit.
                 n_tokens = len(text.encode("utf-8")) * self.block_size // self.text_chunk_bytes
                 n_tokens = max(n_tokens, 1 if text else 0)
             else:
                 tok = self.tokenizer
                 toks = tok.encode(text) if text is not None else tok.apply_chat_template(messages or ())
-                hashes = hash_blocks(toks, self.block_size, self.seed) if with_blocks else []
+                hashes = hash_blocks(self._capped(toks), self.block_size, self.seed) if with_blocks else []
                 n_tokens = len(toks)
         if n_tokens == 0:
             raise ValueError("the prompt is empty")

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +34,13 @@ from router.errors import (
     bad_request,
     error_response,
     from_upstream,
-    json_object,
     sse_error_event,
 )
 from router.metrics import Metrics
 from router.observability import PHASES, Observability
 from router.pd import PDContext, forward_pd
 from router.policies.base import NoWorkerAvailable
+from router.prompt_parse import Parsed, helper_pool, parse, parse_in_helper, spec_of, unwrap
 from router.retry import RetryBackoff
 from router.types import Decision
 from router.wire import (
@@ -159,12 +160,19 @@ class Proxy:
         self._background: set[asyncio.Task[None]] = set()
         self.tenants: Any = None  # router.tenants.runtime.TenantRuntime when admission is on
         self.backoff = RetryBackoff.from_config(config)
+        self._parse_pool: ProcessPoolExecutor | None = None  # large bodies are parsed and hashed here
+        self._parse_thread: ThreadPoolExecutor | None = None  # ... or here (tokenizer not rebuildable)
         self.in_flight = 0  # client requests being handled (the shutdown log says how many it waits for)
 
     async def close(self) -> None:
         """Wait for the abort notices still being sent."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        for pool in (self._parse_pool, self._parse_thread):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._parse_pool = None
+        self._parse_thread = None
 
     async def handle(self, request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -250,7 +258,6 @@ class Proxy:
         body = await self._read_body(request)
         if not body:
             raise bad_request("empty request body; expected a JSON object", "empty_body")
-        data = json_object(body)
         if self.pd is not None and not spec.generation:
             raise ApiError(
                 501,
@@ -258,20 +265,12 @@ class Proxy:
                 "invalid_request_error",
                 "not_supported_in_pd_mode",
             )
-        f = extract_fields(spec.kind, data)
-        session_key = request.headers.get(self.config.session_header) or f.user
-        try:
-            rr = self.router.routing_request(
-                input_ids=f.input_ids,
-                text=f.text,
-                messages=f.messages,
-                session_key=session_key,
-                model=f.model,
-                max_tokens=f.max_tokens,
-                with_blocks=True if self.pd is not None else None,  # PD's per-role policies read blocks
-            )
-        except ValueError as exc:
-            raise bad_request(f"cannot route this prompt: {exc}", "invalid_prompt") from exc
+        session_header = request.headers.get(self.config.session_header)
+        offload = self.config.offload_body_bytes
+        if offload and len(body) >= offload:  # ~1 s for 30 MB: not on the loop
+            data, f, rr = await self._parse_large(spec, body, session_header)
+        else:
+            data, f, rr = self._parse(spec, body, session_header)
         if self.pd is not None:
             return await self._handle_pd(request, spec, body, data, rr, rid_header, t0)
         stream = data.get("stream") is True
@@ -285,6 +284,28 @@ class Proxy:
         return await self._forward(
             request, spec, body, rr, decision, rid_header, f.rid, t0, via, stream=stream
         )
+
+    def _parse(self, spec: RouteSpec, body: bytes, session_header: str | None) -> Parsed:
+        # PD's per-role policies read blocks; else the policy says (None).
+        return parse(self.router, spec.kind, body, session_header, True if self.pd is not None else None)
+
+    async def _parse_large(self, spec: RouteSpec, body: bytes, session_header: str | None) -> Parsed:
+        """A large body is parsed and hashed in the helper process (router/prompt_parse.py): the loop
+        keeps serving meanwhile. Without a rebuildable tokenizer, on a thread (frees the loop between
+        the big C calls only)."""
+        loop = asyncio.get_running_loop()
+        pspec = spec_of(self.router, self.config.tokenizer)
+        if pspec is None:
+            if self._parse_thread is None:
+                self._parse_thread = ThreadPoolExecutor(1, thread_name_prefix="kvroute-parse")
+            return await loop.run_in_executor(self._parse_thread, self._parse, spec, body, session_header)
+        if self._parse_pool is None:
+            self._parse_pool = helper_pool()
+        with_blocks = True if self.pd is not None else bool(getattr(self.router.policy, "needs_blocks", True))
+        result = await loop.run_in_executor(
+            self._parse_pool, parse_in_helper, pspec, spec.kind, body, session_header, with_blocks
+        )
+        return unwrap(result)
 
     async def _forward(
         self,
