@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 import tomllib
 import urllib.error
@@ -146,6 +147,13 @@ def _build_wheel(out: Path) -> Path:
         timeout=180,
     )
     (wheel,) = out.glob("kvroute-*.whl")
+    sdist_cmd = f"from setuptools import build_meta as b; b.build_sdist({str(out / 'sdist')!r})"
+    subprocess.run([sys.executable, "-c", sdist_cmd], check=True, cwd=src, timeout=180, capture_output=True)
+    (sdist,) = (out / "sdist").glob("kvroute-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        assert (
+            f"{sdist.name[: -len('.tar.gz')]}/LICENSE" in tar.getnames()
+        )  # the licence ships in the sdist too
     return wheel
 
 
