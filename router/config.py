@@ -22,7 +22,7 @@ from router.peer_flags import POLICY_ALIASES
 ENV_PREFIX = "KVROUTE_"
 CONFIG_ENV = "KVROUTE_CONFIG"  # the config file's path, when no --config is given
 # KVROUTE_* variables that are not settings of the router (read by tests and scripts).
-OTHER_ENV = frozenset({"KVROUTE_SGLANG_CACHE"})
+OTHER_ENV = frozenset({"KVROUTE_SGLANG_CACHE", "KVROUTE_STATUS_SCREENSHOT"})
 _BOOL_WORDS = {
     "1": True,
     "true": True,

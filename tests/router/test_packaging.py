@@ -288,3 +288,24 @@ def test_every_command_help_renders(capsys) -> None:
             main([name, "--help"])
         assert exc.value.code == 0, name
         assert "usage:" in capsys.readouterr().out
+
+
+def test_every_kvroute_variable_the_repository_reads_is_known() -> None:
+    """A KVROUTE_* variable read anywhere in the repository (tests and scripts too) is a setting or listed
+    in OTHER_ENV, so setting it never draws an 'unknown environment variable' warning."""
+    import re
+
+    read = set()
+    for path in ROOT.rglob("*"):
+        if path.suffix in (".py", ".sh") and not set(path.relative_to(ROOT).parts) & {
+            ".venv",
+            "build",
+            ".git",
+        }:
+            text = path.read_text(errors="replace")
+            read |= set(
+                re.findall(r"""(?:environ(?:\.get)?[\[(]\s*|getenv\(\s*|\$\{?)["']?(KVROUTE_[A-Z_]+)""", text)
+            )
+            read |= set(re.findall(r"""^\s*[A-Z_]*ENV\w* = "(KVROUTE_[A-Z_]+)\"""", text, re.M))
+    assert "KVROUTE_SGLANG_CACHE" in read and "KVROUTE_CONFIG" in read
+    assert unknown_env({name: "1" for name in read}) == []
