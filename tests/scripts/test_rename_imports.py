@@ -135,3 +135,12 @@ def test_rename_on_a_copy_of_the_tree(tmp_path) -> None:
         "tests/router/test_discovery_config.py",
     )
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_module_paths_built_at_run_time_are_flagged(tmp_path) -> None:
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "__init__.py").write_text("")
+    (tmp_path / "router" / "m.py").write_text('x = f"router.policies.{name}"\ny = "router.m"\n')
+    assert rename.to_check(tmp_path, rename.Tree(tmp_path)) == [
+        'router/m.py:1: x = f"router.policies.{name}"'
+    ]
