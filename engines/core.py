@@ -87,6 +87,9 @@ class KvEventsInfo:
     topic: str
     block_size: int
     dp_rank: int = 0
+    configured: str | None = None
+    """The endpoint as configured (`--kv-events-config`), when it differs from the bound one: SGLang's
+    `/server_info` reports the server argument as given, and its form says which side binds."""
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

@@ -52,6 +52,17 @@ def resolve_endpoint(advertised: str, worker_host: str) -> str:
     return f"tcp://{wh}:{port}"
 
 
+def _bind(sock: zmq.asyncio.Socket, endpoint: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EADDRNOTAVAIL or not endpoint.startswith("tcp://"):
+            raise
+        port = endpoint.rpartition(":")[2]
+        log.info("kv events: %s is not an address of this host; binding tcp://*:%s", endpoint, port)
+        sock.bind(f"tcp://*:{port}")
+
+
 @dataclass
 class WorkerStreamStats:
     """Per-worker counters for metrics. Times: `last_event_time` is time.monotonic(); `lag_s` is the
@@ -134,12 +145,21 @@ class KvEventSubscriber:
         return list(self._streams)
 
     async def add(
-        self, worker: str, endpoint: str, *, replay_endpoint: str | None = None, topic: str = ""
+        self,
+        worker: str,
+        endpoint: str,
+        *,
+        replay_endpoint: str | None = None,
+        topic: str = "",
+        bind: bool = False,
     ) -> None:
         """Start following `worker`'s stream (replacing any previous subscription of that worker).
 
-        Returns once the worker's buffered history has been replayed into `on_batch` (or the replay
-        failed, or there is no replay endpoint): bounded by `replay_timeout` of silence.
+        `bind`: the publisher connects to `endpoint` (SGLang does for an endpoint naming a concrete
+        address), so the SUB binds it; an address this host does not have is bound on every interface
+        (`tcp://*:PORT`) instead. Returns once the worker's buffered history has been replayed into
+        `on_batch` (or the replay failed, or there is no replay endpoint): bounded by `replay_timeout`
+        of silence.
         """
         if worker in self._streams:
             await self.remove(worker)
@@ -148,7 +168,10 @@ class KvEventSubscriber:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         try:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
-            sock.connect(endpoint)
+            if bind:
+                _bind(sock, endpoint)
+            else:
+                sock.connect(endpoint)
         except zmq.ZMQError:
             sock.close(linger=0)
             raise

@@ -342,7 +342,16 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
         nargs="*",
         default=None,
         metavar="URL=ENDPOINT",
-        help="event endpoint of a worker, overriding /server_info (e.g. http://w:30000=tcp://w:5557)",
+        help="event endpoint of a worker, overriding /server_info (e.g. http://w:30000=tcp://w:5557; "
+        "prefix bind: when the engine's publisher connects to it: http://w:30000=bind:tcp://*:5557)",
+    )
+    p.add_argument(
+        "--kv-events-socket",
+        dest="kv_events_socket",
+        choices=("auto", "connect", "bind"),
+        default=None,
+        help="which side binds the event sockets: auto (from the engine's --kv-events-config, as SGLang: a "
+        "wildcard endpoint is bound by the engine, a concrete address is connected to by it), connect, bind",
     )
     p.add_argument(
         "--policy-param",
@@ -519,6 +528,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cli["config"] = args.config
     cli["worker_urls"] = args.worker_urls
     cli["kv_events"] = args.kv_events
+    cli["kv_events_socket"] = args.kv_events_socket
     cli["policy_params"] = args.policy_param
     cli["pd_disaggregation"] = args.pd_disaggregation
     cli["prefill_urls"] = args.prefill

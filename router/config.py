@@ -73,7 +73,10 @@ class RouterConfig:
     # Redis (router/supervisor.py); > 1 needs redis_url and a fixed port
     # --- fleet
     worker_urls: tuple[str, ...] = ()  # engines registered at start-up (more via the admin API)
-    kv_events: tuple[tuple[str, str], ...] = ()  # (worker url, zmq endpoint) overrides of /server_info
+    kv_events: tuple[tuple[str, str], ...] = ()  # (worker url, zmq endpoint) overrides of /server_info;
+    # an endpoint prefixed `bind:` / `connect:` says which side binds
+    kv_events_socket: str = "auto"  # auto: bind when the engine's publisher connects (SGLang: a concrete
+    # endpoint address), else connect | connect | bind: for every discovered stream
     block_size: int = 16  # tokens per KV block; a multiple of every engine's --page-size (checked)
     tokenizer: str | None = None  # local Hugging Face tokenizer dir/file; None = built-in byte tokenizer
     model_seed: str = ""  # namespace of block hashes (model identity); "" = one shared namespace
@@ -244,6 +247,10 @@ class RouterConfig:
             raise ConfigError(f"recent_requests must be >= 0, got {self.recent_requests}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
+        if self.kv_events_socket not in ("auto", "connect", "bind"):
+            raise ConfigError(
+                f"kv_events_socket must be auto, connect or bind, got {self.kv_events_socket!r}"
+            )
         if self.health_success_threshold < 1:
             raise ConfigError(f"health_success_threshold must be >= 1, got {self.health_success_threshold}")
         if self.retry_backoff_multiplier < 1:
@@ -423,9 +430,13 @@ def parse_kv_events(items: Any) -> tuple[tuple[str, str], ...]:
     out = []
     for item in items:
         s = str(item)
-        cut = max(s.rfind("=tcp://"), s.rfind("=ipc://"), s.rfind("=inproc://"))
+        cut = max(
+            s.rfind(f"={mode}{scheme}")
+            for mode in ("", "bind:", "connect:")
+            for scheme in ("tcp://", "ipc://", "inproc://")
+        )
         if cut <= 0:
-            raise ConfigError(f"kv_events: expected WORKER_URL=tcp://HOST:PORT, got {s!r}")
+            raise ConfigError(f"kv_events: expected WORKER_URL=[bind:|connect:]tcp://HOST:PORT, got {s!r}")
         out.append((normalize_url(s[:cut]), s[cut + 1 :]))
     return tuple(out)
 

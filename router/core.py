@@ -36,6 +36,7 @@ from cache_index.hashing import (
 )
 from cache_index.radix import RadixIndex
 from engines.kv_events import KvEventSubscriber
+from router.dp import RankFoldedIndex, RankLoad, choose_rank, owner, rank_key
 from router.load import LoadTracker, Ticket, TicketState, WorkerStats
 from router.policies import POLICIES, make_policy
 from router.policies.base import NoWorkerAvailable, Policy, PolicyContext
@@ -84,10 +85,15 @@ class Router:
         self._workers: dict[str, Worker] = {}
         self._stats: dict[str, WorkerStats] = {}
         self.index = RadixIndex()
+        self.ranked = RankFoldedIndex(self.index)  # what policies read: data-parallel ranks folded in
+        self.rank_load = RankLoad()
         self._applier = KvEventApplier(self.index, block_size=block_size, seed=self.seed)
         self.load = LoadTracker(self._workers, clock)
         self._context = PolicyContext(
-            kv_index=self.index, inflight=self.load.inflight, clock=clock, block_counts=self.index.block_count
+            kv_index=self.ranked,
+            inflight=self.load.inflight,
+            clock=clock,
+            block_counts=self.ranked.block_count,
         )
         self._policy_name = policy
         self._policy: Policy = make_policy(policy, policy_params, self._context)
@@ -128,18 +134,27 @@ class Router:
         if worker is None:
             return None
         self._stats.pop(url, None)
-        self.index.remove_worker(url)
-        self._applier.remove_worker(url)
+        keys = self._keys(url)
+        for key in keys:
+            self.index.remove_worker(key)
+            self._applier.remove_worker(key)
+        self.ranked.ranks.pop(url, None)
+        self.rank_load.forget(url)
         self.load.remove_worker(url)
         self._policy.on_worker_removed(url)
-        if self._subscriber is not None and url in self._subscriber.workers:
+        if self._subscriber is not None:
             # remove_worker is sync; the socket closes on the loop (awaited by `close`). Batches that
             # arrive before it does are dropped by `apply_kv_events` (unknown worker).
-            with contextlib.suppress(RuntimeError):  # no running loop: `close` removes it
-                task = asyncio.get_running_loop().create_task(self._subscriber.remove(url))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            for key in (k for k in keys if k in self._subscriber.workers):
+                with contextlib.suppress(RuntimeError):  # no running loop: `close` removes it
+                    task = asyncio.get_running_loop().create_task(self._subscriber.remove(key))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         return worker
+
+    def _keys(self, url: str) -> list[str]:
+        """`url`'s index/stream keys: its own and, for a data-parallel worker, one per rank."""
+        return [url, *(rank_key(url, r) for r in range(self.ranked.ranks.get(url, 0)))]
 
     def get_worker(self, url: str) -> Worker | None:
         return self._workers.get(url)
@@ -357,14 +372,24 @@ class Router:
     def overlap(self, url: str, block_hashes: Sequence[BlockHash]) -> int:
         """Leading blocks of the prompt believed held by `url` (events, or its in-flight prompts)."""
         return max(
-            self.index.match(block_hashes).get(url, 0), self.load.inflight.match(block_hashes).get(url, 0)
+            self.ranked.match(block_hashes).get(url, 0), self.load.inflight.match(block_hashes).get(url, 0)
         )
+
+    def dp_rank_for(self, url: str, block_hashes: Sequence[BlockHash]) -> int | None:
+        """The data-parallel rank of `url` to send a prompt to (`router.dp.choose_rank`); None when the
+        worker has one rank. The caller counts the request in `rank_load` while it runs."""
+        w = self._workers.get(url)
+        if w is None or w.dp_size <= 1:
+            return None
+        overlaps = self.ranked.rank_overlaps(url, block_hashes)
+        return choose_rank(overlaps, [self.rank_load.get(url, r) for r in range(w.dp_size)])
 
     # --- KV events -------------------------------------------------------------------------------
 
     def apply_kv_events(self, url: str, batch: KvEventBatch) -> None:
-        """Apply one decoded batch of `url`'s events to the index (dropped if `url` is unknown)."""
-        st = self._stats.get(url)
+        """Apply one decoded batch of `url`'s events to the index (dropped if `url` is unknown). `url` may
+        be a rank's key (`router.dp.rank_key`): the batch goes to that rank's entries."""
+        st = self._stats.get(url) or self._stats.get(owner(url))
         if st is None:
             self.dropped_batches += 1
             return
@@ -373,25 +398,40 @@ class Router:
         st.last_event_at = self.clock()
 
     def reset_worker_index(self, url: str) -> None:
-        """Forget what `url` holds (after an event gap that could not be replayed)."""
+        """Forget what `url` (or one rank's key) holds (after an event gap that could not be replayed)."""
         self._applier.forget(url)
-        st = self._stats.get(url)
+        st = self._stats.get(owner(url))
         if st is not None:
             st.resets += 1
 
     async def subscribe(
-        self, url: str, endpoint: str, replay_endpoint: str | None = None, topic: str = ""
+        self,
+        url: str,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = "",
+        *,
+        bind: bool = False,
+        rank: int | None = None,
+        ranks: int = 0,
     ) -> None:
-        """Follow `url`'s KV-event stream (ZeroMQ SUB) into the index; replaces an earlier subscription."""
+        """Follow `url`'s KV-event stream (ZeroMQ SUB) into the index; replaces an earlier subscription.
+        `bind`: the engine's publisher connects, so the SUB binds `endpoint`. `rank` (of `ranks`): one
+        data-parallel rank's stream, indexed under its own key (`router.dp`)."""
         if url not in self._workers:
             raise KeyError(f"unknown worker {url!r}")
         if self._subscriber is None:
             self._subscriber = KvEventSubscriber(self.apply_kv_events, self.reset_worker_index)
-        await self._subscriber.add(url, endpoint, replay_endpoint=replay_endpoint, topic=topic)
+        key = url
+        if rank is not None:
+            key = rank_key(url, rank)
+            self.ranked.ranks[url] = max(self.ranked.ranks.get(url, 0), ranks, rank + 1)
+        await self._subscriber.add(key, endpoint, replay_endpoint=replay_endpoint, topic=topic, bind=bind)
 
     async def unsubscribe(self, url: str) -> None:
         if self._subscriber is not None:
-            await self._subscriber.remove(url)
+            for key in self._keys(url):
+                await self._subscriber.remove(key)
 
     async def close(self) -> None:
         """Close every event subscription (call on shutdown)."""
@@ -430,10 +470,13 @@ class Router:
         per_worker = {}
         for url, st in self._stats.items():
             d = st.as_dict()
-            d["blocks"] = self.index.block_count(url)
-            d["subscribed"] = url in subscribed
+            d["blocks"] = self.ranked.block_count(url)
+            d["subscribed"] = url in subscribed or rank_key(url, 0) in subscribed
             if url in subscribed and self._subscriber is not None:
                 d["stream"] = self._subscriber.stats(url)
+            elif self._subscriber is not None and url in self.ranked.ranks:
+                streams = [self._subscriber.stats(k) for k in self._keys(url)[1:] if k in subscribed]
+                d["stream"] = _sum_streams(streams)
             per_worker[url] = d
         return {
             "block_size": self.block_size,
@@ -444,6 +487,24 @@ class Router:
             "workers": per_worker,
             "blind_workers": self.blind_workers(),
         }
+
+
+def _sum_streams(streams: list[dict[str, Any]]) -> dict[str, Any]:
+    """A data-parallel worker's ranks as one stream for metrics: counts added, the worst lag."""
+    out: dict[str, Any] = {}
+    for st in streams:
+        for k, v in st.items():
+            if k == "lag_s":
+                if v is not None:
+                    out[k] = max(out.get(k) or 0.0, v)
+            elif (
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and k not in ("last_seq", "last_event_time")
+            ):
+                out[k] = out.get(k, 0) + v
+    out["ranks"] = len(streams)
+    return out
 
 
 def _check_ids(input_ids: Any) -> array[int]:

@@ -41,6 +41,17 @@ class WorkerLoad:
     pending_prefill_by_priority: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EventSource:
+    """One KV-event stream of a worker: a data-parallel rank's publisher (rank 0 alone without DP)."""
+
+    rank: int
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+    bind: bool = False  # the engine's PUB connects (SGLang: a concrete endpoint address): the router binds
+
+
 @dataclass
 class Worker:
     """One engine endpoint. Identity is `url`; `slot` is its small integer id in the index."""
@@ -54,6 +65,12 @@ class Worker:
     kv_events_endpoint: str | None = None  # tcp://host:port of the engine's PUB socket
     kv_events_replay_endpoint: str | None = None
     kv_events_topic: str = ""
+    kv_events_bind: bool = False  # the router binds the endpoint (the engine's publisher connects to it)
+    kv_event_sources: tuple[EventSource, ...] = ()  # every rank's stream (dp_aware; rank 0 alone otherwise)
+    dp_size: int = 1  # the engine's data-parallel ranks (SGLang's --dp-size), from /server_info
+    dp_rank_field: str = (
+        "routed_dp_rank"  # the request field naming a rank (data_parallel_rank before 0.5.10)
+    )
     max_total_tokens: int | None = None  # KV capacity in tokens, from /server_info
     load: WorkerLoad = field(default_factory=WorkerLoad)
     reason: str | None = None  # why the worker is unhealthy or rejected

@@ -27,7 +27,7 @@ from router.breaker import Admission, CircuitBreaker, EjectionCap
 from router.config import RouterConfig, normalize_url
 from router.discovery import apply_server_info, discover_kv_events, page_size_problem
 from router.metrics import Metrics
-from router.types import Worker, WorkerRole, WorkerState
+from router.types import EventSource, Worker, WorkerRole, WorkerState
 
 log = logging.getLogger("kvroute.workers")
 
@@ -294,6 +294,9 @@ class WorkerRegistry:
             "bootstrap_port": w.bootstrap_port,
             "kv_events_endpoint": w.kv_events_endpoint,
             "kv_events_replay_endpoint": w.kv_events_replay_endpoint,
+            "kv_events_socket": "bind" if w.kv_events_bind else "connect",
+            "kv_events_ranks": len(w.kv_event_sources) if self.config.dp_aware and w.dp_size > 1 else 1,
+            "dp_size": w.dp_size,
             "kv_events_subscribed": e.subscribed,
             "kv_events_error": e.subscribe_error,
             "circuit": e.breaker.poll(),
@@ -515,7 +518,7 @@ class WorkerRegistry:
             raise
 
     def _apply_info(self, e: _Entry, info: dict[str, Any], minfo: dict[str, Any]) -> None:
-        apply_server_info(e.worker, info, minfo, e.kv_override)
+        apply_server_info(e.worker, info, minfo, e.kv_override, self.config.kv_events_socket)
         if e.bootstrap_override is not None:
             e.worker.bootstrap_port = e.bootstrap_override
 
@@ -523,18 +526,39 @@ class WorkerRegistry:
         return page_size_problem(w, info, self.config.block_size)
 
     async def _subscribe(self, e: _Entry) -> None:
+        """Follow the worker's KV events: its one stream, or with `--dp-aware` each data-parallel rank's
+        (indexed per rank). Connects, or binds when the engine's publisher connects (`EventSource.bind`)."""
         w = e.worker
-        if not w.kv_events_endpoint:
+        sources = list(w.kv_event_sources)
+        if not sources and w.kv_events_endpoint:  # set by hand (tests, library use)
+            sources = [EventSource(0, w.kv_events_endpoint, w.kv_events_replay_endpoint, w.kv_events_topic)]
+        if not sources:
             return
+        ranked = self.config.dp_aware and w.dp_size > 1 and len(sources) > 1
+        if not ranked:
+            sources = sources[:1]
         try:
-            await self.router.subscribe(
-                w.url, w.kv_events_endpoint, w.kv_events_replay_endpoint, w.kv_events_topic
-            )
+            for src in sources:
+                await self.router.subscribe(
+                    w.url,
+                    src.endpoint,
+                    src.replay_endpoint,
+                    src.topic,
+                    bind=src.bind,
+                    rank=src.rank if ranked else None,
+                    ranks=len(sources) if ranked else 0,
+                )
             e.subscribed = True
             e.subscribe_error = None
         except Exception as exc:  # the worker still serves; it is reported blind instead
             e.subscribe_error = f"{type(exc).__name__}: {exc}"
-            log.error("worker %s: cannot subscribe to KV events at %s: %s", w.url, w.kv_events_endpoint, exc)
+            log.error(
+                "worker %s: cannot %s KV events at %s: %s",
+                w.url,
+                "bind for" if src.bind else "subscribe to",
+                src.endpoint,
+                exc,
+            )
 
     async def _health_loop(self, e: _Entry) -> None:
         interval = self.config.health_check_interval_s
@@ -649,10 +673,12 @@ class WorkerRegistry:
         for url, e in self._entries.items():
             if url in blind and not e.reported_blind:
                 log.warning(
-                    "worker %s serves traffic but no KV events arrived (endpoint=%s): routing to it is "
-                    "blind; check --kv-events / the engine's --kv-events-config",
+                    "worker %s serves traffic but no KV events arrived (endpoint=%s, router %s): routing "
+                    "to it is blind; check --kv-events / --kv-events-socket and the engine's "
+                    "--kv-events-config (a concrete endpoint address makes SGLang connect: kvroute binds)",
                     url,
                     e.worker.kv_events_endpoint or "none",
+                    "binds" if e.worker.kv_events_bind else "connects",
                 )
             e.reported_blind = url in blind
         return blind

@@ -317,7 +317,7 @@ def _server_info(request: web.Request) -> dict[str, Any]:
         else json.dumps(
             {
                 "publisher": "zmq",
-                "endpoint": kv.endpoint,
+                "endpoint": kv.configured or kv.endpoint,
                 "topic": kv.topic,
                 "replay_endpoint": kv.replay_endpoint,
             }

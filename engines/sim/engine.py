@@ -228,6 +228,7 @@ class SimEngine:
                 replay_endpoint=pub.replay_endpoint,
                 topic=self.config.event_topic,
                 block_size=self.config.page_size,
+                configured=self.config.event_endpoint,
             )
         if not self.faults.stall:
             self._unstall.set()

@@ -436,3 +436,44 @@ async def test_consumer_exception_is_counted_not_fatal() -> None:
             await h.sub.close()
         with pytest.raises(KeyError):
             h.sub.stats("w0")
+
+
+async def test_sglang_publisher_that_connects_reaches_a_binding_subscriber() -> None:
+    """SGLang 0.5.10 connects its PUB when the endpoint names a concrete address: the subscriber binds it
+    (`bind=True`) and receives; a connecting subscriber there would wait for nothing."""
+    from engines.sim.fleet import free_port
+
+    m = load_kv_events("0.5.10.post1")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    h = Harness()
+    await h.sub.add("w0", endpoint, topic="kv", bind=True)  # bound before the engine starts
+    pub = m.ZmqEventPublisher(attn_dp_rank=0, endpoint=endpoint, topic="kv")
+    a = list(range(1, 17))
+    try:
+        assert "*" not in endpoint  # SGLang's rule: no wildcard -> its PUB connects
+        deadline = time.monotonic() + 5
+        while h.index.match(hash_blocks(a, BS)) != {"w0": 4}:  # a slow joiner may lose the first sends
+            assert time.monotonic() < deadline, h.sub.stats("w0")
+            pub.publish(m.KVEventBatch(ts=time.time(), events=[  # type: ignore[attr-defined]
+                m.BlockStored(block_hashes=list(e.block_hashes), parent_block_hash=e.parent_block_hash,
+                              token_ids=list(e.token_ids), block_size=BS, lora_id=None, medium="GPU")
+                for e in page_events(a)]))  # fmt: skip
+            await asyncio.sleep(0.05)
+        assert h.sub.stats("w0")["decode_errors"] == 0
+    finally:
+        await h.sub.close()
+        await asyncio.to_thread(pub.shutdown)  # type: ignore[attr-defined]
+        atexit.unregister(pub.shutdown)  # type: ignore[attr-defined]
+
+
+async def test_bind_to_an_address_this_host_lacks_binds_every_interface() -> None:
+    from engines.sim.fleet import free_port
+
+    port = free_port()
+    h = Harness()
+    try:
+        await h.sub.add("w0", f"tcp://192.0.2.1:{port}", bind=True)  # TEST-NET-1: never local
+        async with KvEventPublisher(f"tcp://127.0.0.1:{port}", bind=False) as pub:
+            await h.sync(pub, "w0")  # the engine connecting to loopback reaches it
+    finally:
+        await h.sub.close()

@@ -72,7 +72,7 @@ def test_env_lists_and_pairs() -> None:
         ({"max_retries": -1}, "max_retries must be >= 0"),
         ({"connect_timeout_s": -1}, "connect_timeout_s must be >= 0"),
         ({"worker_urls": ["localhost:3000"]}, "must start with http"),
-        ({"kv_events": ["http://a:1"]}, "WORKER_URL=tcp://"),
+        ({"kv_events": ["http://a:1"]}, r"WORKER_URL=\[bind:\|connect:\]tcp://"),
         ({"policy_params": ["novalue"]}, "KEY=VALUE"),
         ({"bogus": 1}, "unknown configuration key"),
     ],
