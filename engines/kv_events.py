@@ -166,15 +166,22 @@ class KvEventSubscriber:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        monitor: zmq.asyncio.Socket | None = None
         try:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
             if bind:
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
                 _bind(sock, endpoint)
             else:
                 sock.connect(endpoint)
         except zmq.ZMQError:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close(linger=0)
             raise
+        if monitor is not None:
+            await self._await_publisher(worker, endpoint, sock, monitor)
         st = _Stream(worker, endpoint, replay_endpoint, topic.encode("utf-8"), sock)
         st.task = asyncio.get_running_loop().create_task(self._run(st), name=f"kv-events:{worker}")
         self._streams[worker] = st
@@ -183,6 +190,21 @@ class KvEventSubscriber:
             await asyncio.wait((synced, st.task), return_when=asyncio.FIRST_COMPLETED)
         finally:
             synced.cancel()
+
+    async def _await_publisher(
+        self, worker: str, endpoint: str, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
+    ) -> None:
+        """A bound SUB hears nothing until the engine's PUB (re)connects, up to its reconnect interval
+        later, and a PUB drops what it sends before that: wait (at most `replay_timeout`) for the
+        publisher's handshake, so the worker turns healthy with its stream live."""
+        try:
+            async with asyncio.timeout(self._replay_timeout):
+                await monitor.recv_multipart()
+        except TimeoutError:
+            log.info("kv events of %s: no publisher connected to %s yet", worker, endpoint)
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
 
     async def remove(self, worker: str) -> None:
         st = self._streams.pop(worker, None)

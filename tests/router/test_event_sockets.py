@@ -3,16 +3,40 @@ address in --kv-events-config, SGLang's rule) are followed by the router binding
 
 from __future__ import annotations
 
+import random
+import socket
+from pathlib import Path
 from typing import Any
 
-from engines.sim.fleet import SimFleet, free_port
+from engines.sim.fleet import SimFleet
 from router.discovery.server_info import event_sources
 from router.types import EventSource
 from tests.router.conftest import wait_until
 
 
+def _port_block(n: int) -> int:
+    """`n` consecutive free ports below the ephemeral range: a publisher that connects takes an ephemeral
+    source port on every retry, which must not land on a port the fleet binds next (its replay socket)."""
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        base = random.randrange(10000, max(10001, lo - n))
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
 async def test_connecting_publishers_are_bound_and_feed_the_index(start_router: Any) -> None:
-    base = free_port()
+    base = _port_block(4)
     async with SimFleet(workers=2, time_scale=0.01, event_base_port=base) as fleet:
         r = await start_router(worker_urls=tuple(fleet.urls), policy="kv_aware")
         await r.wait_healthy(2)
@@ -34,7 +58,7 @@ async def test_connecting_publishers_are_bound_and_feed_the_index(start_router: 
 async def test_socket_mode_can_be_overridden(start_router: Any) -> None:
     """`--kv-events-socket connect` against connecting publishers: nothing arrives, and the worker is
     reported blind once it served traffic (the signal an operator gets for a wrong direction)."""
-    base = free_port()
+    base = _port_block(2)
     async with SimFleet(workers=1, time_scale=0.01, event_base_port=base) as fleet:
         r = await start_router(worker_urls=tuple(fleet.urls), policy="kv_aware", kv_events_socket="connect")
         await r.wait_healthy(1)
