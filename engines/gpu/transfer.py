@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import pickle
 import uuid
@@ -32,6 +33,8 @@ from typing import Any, Protocol
 import torch
 
 from engines.gpu.kv_pool import KVPool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +75,13 @@ def describe_pool(pool: KVPool, pool_id: str, with_ipc: bool) -> PoolDescriptor:
 
         reductions.init_reductions()  # registers torch's CUDA-tensor pickling with ForkingPickler
         buf = io.BytesIO()
-        reductions.ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump((pool.k, pool.v))
-        ipc = base64.b64encode(buf.getvalue()).decode()
+        try:
+            reductions.ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump((pool.k, pool.v))
+            ipc = base64.b64encode(buf.getvalue()).decode()
+        except (RuntimeError, OSError) as exc:  # no CUDA IPC here: engines of this process still copy
+            log.warning(
+                "KV pool %s: no CUDA IPC handles (%r); other processes cannot copy from it", pool_id, exc
+            )
     return PoolDescriptor(
         pool_id=pool_id,
         pid=os.getpid(),

@@ -438,3 +438,80 @@ def test_triton_copy_kernel_matches_torch_path(ps: int) -> None:
     assert torch.equal(dst.k.nan_to_num(), ref.k.nan_to_num()) and torch.equal(
         dst.v.nan_to_num(), ref.v.nan_to_num()
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+async def test_cuda_ipc_transfer_between_processes(tmp_path: object) -> None:
+    """A prefill engine in another process on the same GPU: the decode engine opens its pool's CUDA IPC
+    handles; tokens equal the aggregated engine's (same seed, same weights in both processes)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    from engines.gpu.model import LlamaWeights
+
+    cfg_file = pathlib.Path(str(tmp_path)) / "model.json"
+    cfg_file.write_text(json.dumps(dataclasses.asdict(GPU_MODEL)))
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engines.gpu.launch",
+        "--device",
+        "cuda",
+        "--model-config",
+        str(cfg_file),
+        "--port",
+        "0",
+        "--roles",
+        "prefill",
+        "--page-size",
+        "16",
+        "--num-pages",
+        "512",
+        "--max-batch-tokens",
+        "64",  # the chunks of the in-process engines: the same prefill arithmetic, the same K/V bits
+        stdout=subprocess.PIPE,
+        cwd=repo,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 300)
+        pre = json.loads(line)["engines"][0]
+        pools = PoolDirectory()
+        w = LlamaWeights.random(GPU_MODEL, torch.device("cuda"), 0)
+        agg, d = (make(m, 16, pools, 512, "cuda", weights=w) for m in ("null", "decode"))
+        async with engines(agg, d), aiohttp.ClientSession() as s:
+            rng = random.Random(3)
+            for i, n in enumerate([1, 15, 16, 17, 300, 1000]):
+                ids = [rng.randrange(1, 120000) for _ in range(n)]
+                want, _ = await run(agg, GenerateRequest(rid=f"a{i}", input_ids=ids, max_new_tokens=6))
+                req = GenerateRequest(
+                    rid=f"r{i}",
+                    input_ids=ids,
+                    max_new_tokens=6,
+                    bootstrap_host="127.0.0.1",
+                    bootstrap_port=int(pre["bootstrap_port"]),
+                    bootstrap_room=random.getrandbits(63),
+                )
+                body = {
+                    "input_ids": ids,
+                    "sampling_params": {"max_new_tokens": 6},
+                    "bootstrap_host": "127.0.0.1",
+                    "bootstrap_port": req.bootstrap_port,
+                    "bootstrap_room": req.bootstrap_room,
+                }
+
+                async def prefill(body: dict[str, object] = body) -> list[int]:
+                    async with s.post(pre["url"] + "/generate", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        return list((await r.json())["output_ids"])
+
+                ptoks, (dtoks, _) = await asyncio.gather(prefill(), run(d, req))
+                assert dtoks == want and ptoks == want[:1], (n, dtoks, want)
+            assert [t.transport for t in d.transfer_log] == ["cuda_ipc"] * 6
+    finally:
+        proc.terminate()
+        await proc.wait()
