@@ -542,56 +542,84 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 # ---- KV transfer (PD disaggregation) ---------------------------------------------------------------
 @triton.jit
 def _copy_pages_kernel(
-    src_ptr,
-    dst_ptr,
+    src_k_ptr,
+    dst_k_ptr,
+    src_v_delta,
+    dst_v_delta,
     src_pages_ptr,
     dst_pages_ptr,
+    n_pages,
     src_layer_stride,
     dst_layer_stride,
     CHUNK: tl.constexpr,
+    PAGES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: one page of one layer, ``CHUNK`` contiguous elements (page_size x Hkv x D)."""
-    i = tl.program_id(0)
+    """One program: ``PAGES`` pages of one layer of K (axis 2 = 0) or V (1); a page is ``CHUNK`` contiguous
+    elements (page_size x Hkv x D). V is reached from K's pointer by an element offset (same dtype)."""
+    pid = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
-    sp = tl.load(src_pages_ptr + i).to(tl.int64)
-    dp = tl.load(dst_pages_ptr + i).to(tl.int64)
-    src = src_ptr + layer * src_layer_stride + sp * CHUNK
-    dst = dst_ptr + layer * dst_layer_stride + dp * CHUNK
+    kv = tl.program_id(2).to(tl.int64)
+    idx = pid * PAGES + tl.arange(0, PAGES)
+    pm = idx < n_pages
+    sp = tl.load(src_pages_ptr + idx, mask=pm, other=0).to(tl.int64)
+    dp = tl.load(dst_pages_ptr + idx, mask=pm, other=0).to(tl.int64)
+    src = src_k_ptr + kv * src_v_delta + layer * src_layer_stride + sp[:, None] * CHUNK
+    dst = dst_k_ptr + kv * dst_v_delta + layer * dst_layer_stride + dp[:, None] * CHUNK
     for off in range(0, CHUNK, BLOCK):
-        o = off + tl.arange(0, BLOCK)
+        o = off + tl.arange(0, BLOCK)[None, :]
         if CHUNK % BLOCK == 0:
-            tl.store(dst + o, tl.load(src + o))
+            m = pm[:, None]  # constant along the row: loads stay 16 bytes wide
         else:
-            m = o < CHUNK
-            tl.store(dst + o, tl.load(src + o, mask=m), mask=m)
+            m = pm[:, None] & (o < CHUNK)
+        tl.store(dst + o, tl.load(src + o, mask=m), mask=m)
 
 
 def copy_kv_pages(
-    src: torch.Tensor, dst: torch.Tensor, src_pages: torch.Tensor, dst_pages: torch.Tensor, page_size: int
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
+    page_size: int,
 ) -> None:
-    """Gather pages ``src_pages`` of ``src`` and scatter them to ``dst_pages`` of ``dst``, every layer.
+    """Gather pages ``src_pages`` of the source K and V and scatter them to ``dst_pages``, every layer, in one
+    launch.
 
-    ``src``/``dst``: one pool's K (or V), ``[layers, pages * page_size, Hkv, D]``, same dtype and row shape;
-    ``src_pages``/``dst_pages``: int32 ``[n]`` on the device. Rows of a page are contiguous within a layer.
+    Pools: ``[layers, pages * page_size, Hkv, D]``, one dtype and row shape, contiguous (rows of a page are
+    contiguous within a layer); ``src_pages``/``dst_pages``: int32 ``[n]`` on the device.
     """
     n = src_pages.shape[0]
     if n == 0:
         return
-    if src.dtype != dst.dtype or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
-        raise ValueError(f"pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
-    if not (src.is_contiguous() and dst.is_contiguous()):
+    for a, b in ((src_k, src_v), (dst_k, dst_v), (src_k, dst_k)):
+        if a.dtype != b.dtype or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+            raise ValueError(f"pools differ: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
+    if src_k.stride() != src_v.stride() or dst_k.stride() != dst_v.stride():
+        raise ValueError("K and V of a pool must share one layout")
+    if not all(t.is_contiguous() for t in (src_k, src_v, dst_k, dst_v)):
         raise ValueError("KV pools must be contiguous")
-    chunk = page_size * src.shape[2] * src.shape[3]
-    block = min(triton.next_power_of_2(chunk), 8192)
-    _copy_pages_kernel[(n, src.shape[0])](
-        src,
-        dst,
+    es = src_k.element_size()
+    src_delta, dst_delta = src_v.data_ptr() - src_k.data_ptr(), dst_v.data_ptr() - dst_k.data_ptr()
+    if src_delta % es or dst_delta % es:
+        raise ValueError("K and V buffers are not element-aligned to each other")
+    chunk = page_size * src_k.shape[2] * src_k.shape[3]
+    # About 8k elements (16 KB of bf16) per iteration: several small pages a program, or loops over big ones.
+    pages = triton.next_power_of_2(max(2, min(16, 8192 // chunk)))
+    block = min(triton.next_power_of_2(chunk), max(8192 // pages, 1))
+    _copy_pages_kernel[(triton.cdiv(n, pages), src_k.shape[0], 2)](
+        src_k,
+        dst_k,
+        src_delta // es,
+        dst_delta // es,
         src_pages,
         dst_pages,
-        src.stride(0),
-        dst.stride(0),
+        n,
+        src_k.stride(0),
+        dst_k.stride(0),
         CHUNK=chunk,
+        PAGES=pages,
         BLOCK=block,
-        num_warps=8 if block >= 4096 else 4,
+        num_warps=8,
     )

@@ -71,14 +71,20 @@ class PoolDescriptor:
 def describe_pool(pool: KVPool, pool_id: str, with_ipc: bool) -> PoolDescriptor:
     ipc = None
     if with_ipc and pool.k.is_cuda:
+        from multiprocessing.reduction import ForkingPickler
+
         import torch.multiprocessing.reductions as reductions
 
         reductions.init_reductions()  # registers torch's CUDA-tensor pickling with ForkingPickler
         buf = io.BytesIO()
         try:
-            reductions.ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump((pool.k, pool.v))
+            ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump((pool.k, pool.v))
             ipc = base64.b64encode(buf.getvalue()).decode()
-        except (RuntimeError, OSError) as exc:  # no CUDA IPC here: engines of this process still copy
+        except (
+            RuntimeError,
+            OSError,
+            pickle.PicklingError,
+        ) as exc:  # no CUDA IPC here: engines of this process still copy
             log.warning(
                 "KV pool %s: no CUDA IPC handles (%r); other processes cannot copy from it", pool_id, exc
             )
@@ -166,13 +172,15 @@ def copy_pages(
     dev = dst.k.device
     if use_triton is None:
         use_triton = dev.type == "cuda"
-    sp = torch.tensor(list(src_pages), dtype=torch.int32).to(dev, non_blocking=True)
-    dp = torch.tensor(list(dst_pages), dtype=torch.int32).to(dev, non_blocking=True)
+    table = torch.tensor([list(src_pages), list(dst_pages)], dtype=torch.int32)  # one upload for both
+    if dev.type == "cuda":
+        table = table.pin_memory()
+    table = table.to(dev, non_blocking=True)
+    sp, dp = table[0], table[1]
     if use_triton:
         from engines.gpu.kernels import copy_kv_pages
 
-        copy_kv_pages(src.k, dst.k, sp, dp, dst.page_size)
-        copy_kv_pages(src.v, dst.v, sp, dp, dst.page_size)
+        copy_kv_pages(src.k, src.v, dst.k, dst.v, sp, dp, dst.page_size)
     else:
         ps = dst.page_size
         offs = torch.arange(ps, device=dev, dtype=torch.int64)
