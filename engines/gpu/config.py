@@ -156,6 +156,7 @@ class EngineConfig:
     served_model_name: str = "kvroute-gpu"
     disaggregation_mode: str = "null"  # "null" | "prefill" | "decode" (SGLang's --disaggregation-mode)
     bootstrap_timeout_s: float = 30.0  # PD: how long a decode waits for its room; a prefill holds lent pages
+    high_priority_stream: bool | None = None  # CUDA stream priority; None: high for decode engines only
 
     def __post_init__(self) -> None:
         if self.disaggregation_mode not in ("null", "prefill", "decode"):

@@ -610,7 +610,15 @@ class GpuEngine:
             self._deliver(r, [tok], {"type": "length", "length": r.max_new_tokens} if fin else None)
 
     def _run(self) -> None:
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = None
+        if self.device.type == "cuda":
+            # Engines sharing a GPU: a decode engine's kernels get the high-priority stream, so the block
+            # scheduler runs them as soon as blocks of a running prefill kernel retire instead of after the
+            # whole kernel (a decode step is ~350 small kernels; each would wait for a multi-ms prefill GEMM).
+            high = self.cfg.high_priority_stream
+            if high is None:
+                high = self.mode == "decode"
+            stream = torch.cuda.Stream(self.device, priority=-1 if high else 0)
         if stream is not None:
             torch.cuda.set_device(self.device)
         ctx = torch.cuda.stream(stream) if stream is not None else None
