@@ -470,15 +470,21 @@ async def burst(a: argparse.Namespace) -> dict[str, Any]:
         time_scale=1.0,
     )
     reqs, chat, bursts = build_workload(wcfg)
-    fleets = {
-        "aggregated-4": ["null"] * 4,
-        "pd-2p2d": ["prefill", "prefill", "decode", "decode"],
+    # One engine process per group: "-split" fleets keep prefill and decode engines (or every aggregated
+    # engine) out of each other's interpreter (GIL); PD transfers between processes go through CUDA IPC.
+    fleets: dict[str, list[list[str]]] = {
+        "aggregated-4": [["null"] * 4],
+        "pd-2p2d": [["prefill", "prefill", "decode", "decode"]],
+        "aggregated-4-split": [["null"]] * 4,
+        "pd-2p2d-split": [["prefill", "prefill"], ["decode", "decode"]],
     }
     sums = []
     extra: dict[str, Any] = {}
     for name in a.configs.split(","):
-        roles = fleets[name]
-        async with engine_fleet(a, roles, a.pages) as engines:
+        async with contextlib.AsyncExitStack() as stack:
+            engines = []
+            for group in fleets[name]:
+                engines += await stack.enter_async_context(engine_fleet(a, group, a.pages))
             await warm_up(engines, [a.burst_prompt, wcfg.chat_system_tokens + wcfg.chat_user_tokens, 100])
             async with router_process(router_spec(engines, a.page_size, "kv_aware", "kv_aware")) as url:
                 await _router_ready(url)
@@ -562,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-batch-tokens", type=int, default=8192)
         if name == "burst":
             p.add_argument("--pages", type=int, default=0, help="KV pages per engine; 0 = from free memory")
-            p.add_argument("--configs", default="aggregated-4,pd-2p2d")
+            p.add_argument(
+                "--configs", default="aggregated-4,pd-2p2d", help="also aggregated-4-split, pd-2p2d-split"
+            )
             p.add_argument("--duration", type=float, default=60.0)
             p.add_argument("--chat-rate", type=float, default=4.0)
             p.add_argument("--chat-output", type=int, default=128)
