@@ -2,6 +2,7 @@
 
 Modules: ``config`` (presets), ``model`` (weights, forward), ``kv_pool`` (pages), ``attention`` (step
 metadata, torch and Triton backends), ``kernels`` (Triton), ``scheduler`` (continuous batching),
-``engine`` (the ``EngineCore``), ``launch`` (N engines on one device). Torch is imported by the modules that
-need it only, so the scheduler works (and is tested) without it.
+``engine`` (the ``EngineCore``), ``launch`` (N engines on one device), and for PD disaggregation
+``bootstrap`` (the prefill's bootstrap server, the decode's client) and ``transfer`` (KV page transports).
+Torch is imported by the modules that need it only, so the scheduler works (and is tested) without it.
 """
