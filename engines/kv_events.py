@@ -103,6 +103,11 @@ class _Stream:
     task: asyncio.Task[None] | None = None
     synced: asyncio.Event = field(default_factory=asyncio.Event)  # set once the initial replay is over
     history_lost: bool = False  # the initial replay failed: follow from the live stream, do not retry it
+    # The lowest seq that may legitimately arrive again: the live batch that triggered the last replay
+    # (the replay may have delivered it and later ones, which then also arrive live). Earlier seqs were
+    # read before that batch, so one arriving again is a restarted engine's, not a duplicate. None: no
+    # replay yet, so only a repeat of the last batch is taken for a duplicate.
+    dup_floor: int | None = None
 
 
 class _Gap(Exception):
@@ -283,8 +288,16 @@ class KvEventSubscriber:
                 st.stats.gaps += 1
                 await self._recover(st, 0, seq)
         elif seq < exp:
-            if seq == 0:  # the engine restarted: its cache is new
+            dup = seq == exp - 1 or (st.dup_floor is not None and seq >= st.dup_floor)
+            if seq == 0 or not dup:
+                # The engine restarted behind the same URL: its cache is new. Its first batch we see may
+                # not be seq 0 (a subscriber joins late, the PUB drops): forget the worker's blocks and
+                # fetch the new stream's start by replay when it has one.
                 self._reset(st)
+                st.dup_floor = None
+                if seq != 0:
+                    st.stats.gaps += 1
+                    await self._recover(st, 0, seq)
             else:
                 st.stats.duplicates += 1
                 return
@@ -328,6 +341,7 @@ class KvEventSubscriber:
     async def _recover(self, st: _Stream, start: int, seen: int) -> bool:
         """Fill [start, seen) by replay if possible (True); else reset so the consumer forgets the
         worker (False)."""
+        st.dup_floor = seen
         if st.replay_endpoint is not None:
             attempts = self._replay_attempts
             while True:

@@ -101,6 +101,7 @@ class SharedMembership:
         # Publishes go out one at a time, in call order (asyncio.Lock is FIFO): an add followed at once
         # by a drain must not reach Redis as drain-then-add (the hash would end up undrained).
         self._publish_lock = asyncio.Lock()
+        self._unsent: list[tuple[Op, WorkerSpec]] = []  # made while Redis was down, replayed in order
 
     # --- lifecycle
 
@@ -116,10 +117,46 @@ class SharedMembership:
     # --- publishing this replica's changes
 
     async def publish(self, op: Op, spec: WorkerSpec) -> bool:
-        """Record `op` in the shared set and tell the others; one atomic round trip. False if Redis is down
-        (the change stays local; a later snapshot does not undo it)."""
+        """Record `op` in the shared set and tell the others; one atomic round trip. False if Redis is down:
+        the change is applied here already and is queued, in order, to be replayed to Redis as soon as it
+        is back (before the snapshot is read), so the other replicas get it then (issue #18: a drain made
+        during an outage never reached the other replica). A later change to the same worker wins."""
         async with self._publish_lock:
-            return await self._publish(op, spec)
+            if self._unsent and not await self._flush_unsent():
+                self._queue(op, spec)
+                return False
+            if await self._publish(op, spec):
+                return True
+            self._queue(op, spec)
+            return False
+
+    @property
+    def unsent(self) -> int:
+        """Changes made during a Redis outage, waiting to be replayed."""
+        return len(self._unsent)
+
+    def _queue(self, op: Op, spec: WorkerSpec) -> None:
+        self._unsent.append((op, spec))
+        log.warning(
+            "replica %s: Redis is unreachable; %s %s applied here and queued (%d waiting) for the other "
+            "replicas",
+            self.replica_id,
+            op.value,
+            spec.url,
+            len(self._unsent),
+        )
+
+    async def _flush_unsent(self) -> bool:
+        """Replay the queued changes in order; True when none is left."""
+        while self._unsent:
+            op, spec = self._unsent[0]
+            if not await self._publish(op, spec):
+                return False
+            self._unsent.pop(0)
+            log.info(
+                "replica %s: replayed %s %s queued during the outage", self.replica_id, op.value, spec.url
+            )
+        return True
 
     async def _publish(self, op: Op, spec: WorkerSpec) -> bool:
         known = self.known.get(spec.url)
@@ -174,8 +211,12 @@ class SharedMembership:
 
         If Redis lost the set (restarted without persistence, or failed over: the epoch is missing or
         new), removals cannot be told from data loss, so nothing is removed: our known workers are
-        written back (HSETNX, not overwriting what others re-seeded) under a fresh epoch.
+        written back (HSETNX, not overwriting what others re-seeded) under a fresh epoch. Changes made
+        here during an outage are replayed first.
         """
+        async with self._publish_lock:
+            if not await self._flush_unsent():
+                raise ConnectionError("Redis unreachable while replaying queued membership changes")
         epoch, raw = await self._read_set()
         if epoch is None or (self._epoch is not None and epoch != self._epoch):
             async with self.client.pipeline(transaction=True) as p:

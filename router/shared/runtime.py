@@ -143,6 +143,7 @@ class ReplicaRuntime:
             "syncs": self.sync.syncs,
             "sync_failures": self.sync.failures,
             "shared_workers": sorted(self.membership.known) if self.membership else [],
+            "unsent_changes": self.membership.unsent if self.membership else 0,
             "inflight_published": self.inflight.published if self.inflight else 0,
             "inflight_applied": self.inflight.applied if self.inflight else 0,
         }

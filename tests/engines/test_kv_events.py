@@ -477,3 +477,46 @@ async def test_bind_to_an_address_this_host_lacks_binds_every_interface() -> Non
             await h.sync(pub, "w0")  # the engine connecting to loopback reaches it
     finally:
         await h.sub.close()
+
+
+async def test_engine_restart_whose_sequence_does_not_restart_at_zero() -> None:
+    """Issue #18: an engine restarted behind the same endpoint whose first batch we see is not seq 0 (a
+    late join, a PUB drop) was taken for duplicates and dropped until its seq passed the old one, leaving
+    the index stale. A seq below the last one that no replay explains is a restart: the worker's blocks
+    are forgotten and the new stream is followed at once."""
+    h = Harness()
+    ctx = zmq.asyncio.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    try:
+        pub.bind("tcp://127.0.0.1:0")
+        ep = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        await h.sub.add("w0", ep)
+        enc = KvEventPublisher("tcp://127.0.0.1:0")
+
+        def send(seq: int, payload: bytes) -> None:
+            pub.send_multipart([b"", seq.to_bytes(8, "big"), payload], flags=zmq.NOBLOCK)
+
+        deadline = time.monotonic() + 5
+        s = 0
+        while not h.batches:  # probe with rising seqs until the subscription is live
+            assert time.monotonic() < deadline
+            send(s, enc.encode([]))
+            s += 1
+            await asyncio.sleep(0.01)
+        old = list(range(1, 9))
+        for i in range(40):  # the old engine gets well past the new one's first seq
+            send(s + i, enc.encode(page_events(old) if i == 0 else []))
+        await wait_for(lambda: h.sub.stats("w0")["last_seq"] == s + 39)
+        assert h.index.match(hash_blocks(old, BS)) == {"w0": 2}
+        resets = len(h.resets)
+        new = list(range(100, 108))
+        send(5, enc.encode(page_events(new)))  # the restarted engine's first batch we see: seq 5, not 0
+        await wait_for(lambda: len(h.resets) > resets)
+        await wait_for(lambda: h.index.match(hash_blocks(new, BS)) == {"w0": 2})
+        assert h.index.match(hash_blocks(old, BS)) == {}  # the old engine's cache is gone
+        send(6, enc.encode([]))
+        await wait_for(lambda: h.sub.stats("w0")["last_seq"] == 6)
+        await enc.close()
+    finally:
+        await h.sub.close()
+        pub.close(linger=0)
