@@ -241,7 +241,8 @@ class AdminApi:
     async def set_policy(self, request: web.Request) -> web.Response:
         body = await _body(request)
         name = body.get("name")
-        params = body.get("params") or {}
+        params = body.get("params")
+        params = {} if params is None else params  # `[]`, `""`, `0` are not an object: 400 below
         if not isinstance(name, str) or not name:
             raise bad_request("'name' (policy name) is required", "missing_name")
         if not isinstance(params, dict):

@@ -22,14 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from cache_index.hashing import HFTokenizer, Tokenizer
 from engines.errors import UpstreamError
 from engines.http1 import Http1Pool
-from router.admin import AdminApi
+from router.admin import AdminApi, check_access
 from router.autoscale.runtime import autoscale_context
 from router.config import ConfigError, RouterConfig
 from router.core import Router
 from router.discovery.base import DiscoverySource
 from router.discovery.runner import build_source, discovery_context
 from router.discovery.sync import DiscoverySync
-from router.errors import ApiError, error_response
+from router.errors import ApiError, error_response, json_object
 from router.metrics import Metrics
 from router.observability import Observability
 from router.observability.http import ObservabilityApi
@@ -136,7 +136,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status, "http_error"
         )
-        return error_response(ApiError(exc.status, exc.reason, "invalid_request_error", code), openai=openai)
+        allow = exc.headers.get("Allow")  # 405: which methods the path takes (RFC 9110 requires it)
+        return error_response(
+            ApiError(exc.status, exc.reason, "invalid_request_error", code),
+            openai=openai,
+            headers={"Allow": allow} if allow is not None else None,
+        )
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -197,6 +202,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     r.add_post("/flush_cache", flush_cache)
     r.add_get("/flush_cache", flush_cache)
     r.add_get("/get_loads", get_loads)
+    r.add_post("/abort_request", abort_request)
     for path in ("/model_info", "/get_model_info"):
         r.add_get(path, worker_info)
     for path in ("/server_info", "/get_server_info"):
@@ -364,7 +370,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    """Fan out to every healthy or draining worker; 200 only if all of them flushed."""
+    """Fan out to every healthy or draining worker; 200 only if all of them flushed. Admin access (it
+    empties every engine's cache: issue #18 found it open to anyone)."""
+    check_access(request, request.app[CONFIG].admin_token)
     reg = request.app[REGISTRY]
     urls = [w.url for w in request.app[ROUTER].workers() if w.state.value in ("healthy", "draining")]
     results = await asyncio.gather(*(reg.client(u).flush_cache() for u in urls), return_exceptions=True)
@@ -378,6 +386,29 @@ async def flush_cache(request: web.Request) -> web.Response:
             ok = ok and res[0] == 200
             out[url] = {"status": res[0], "message": res[1][:500]}
     return _json({"success": ok, "workers": out}, 200 if ok else 502)
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    """SGLang's `POST /abort_request {"rid": ...}`: sent to the worker serving that rid when this router
+    routed it (a client-given `rid`), else to every healthy or draining worker. Admin access."""
+    check_access(request, request.app[CONFIG].admin_token)
+    raw = await request.read()
+    data = json_object(raw) if raw else {}
+    rid = data.get("rid")
+    if not isinstance(rid, str) or not rid:
+        raise ApiError(400, "'rid' (a non-empty string) is required", "invalid_request_error", "missing_rid")
+    reg = request.app[REGISTRY]
+    known = request.app[PROXY].worker_of(rid)
+    urls = (
+        [known]
+        if known is not None and known in reg
+        else [w.url for w in request.app[ROUTER].workers() if w.state.value in ("healthy", "draining")]
+    )
+    results = await asyncio.gather(*(reg.client(u).abort(rid) for u in urls), return_exceptions=True)
+    out = {
+        u: None if not isinstance(r, BaseException) else str(r) for u, r in zip(urls, results, strict=True)
+    }
+    return _json({"rid": rid, "workers": out}, 200)
 
 
 async def worker_info(request: web.Request) -> web.Response:

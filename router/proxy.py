@@ -162,6 +162,7 @@ class Proxy:
         self.backoff = RetryBackoff.from_config(config)
         self._parse_pool: ProcessPoolExecutor | None = None  # large bodies are parsed and hashed here
         self._parse_thread: ThreadPoolExecutor | None = None  # ... or here (tokenizer not rebuildable)
+        self._rid_workers: dict[str, str] = {}  # client-given rid -> worker, while in flight
         self.in_flight = 0  # client requests being handled (the shutdown log says how many it waits for)
 
     async def close(self) -> None:
@@ -200,6 +201,10 @@ class Proxy:
         finally:
             self.obs.finish(ph)
             self.in_flight -= 1
+
+    def worker_of(self, rid: str) -> str | None:
+        """The worker serving the in-flight request with this client-given `rid`, if this router routed it."""
+        return self._rid_workers.get(rid)
 
     def _policy_name(self) -> str:
         return str(getattr(self.router.policy, "name", self.config.policy))
@@ -473,6 +478,8 @@ class Proxy:
         first_at: float | None = None
         status = 0
         headers = self.obs.before_send(request, url, headers, cached_blocks)
+        if rid is not None:
+            self._rid_workers[rid] = url  # POST /abort_request finds the worker
         try:
             resp = await self.registry.client(url).open(spec.path, body, headers, timeout or self.timeout)
             self.obs.head(request, resp.content_type == "text/event-stream")
@@ -518,6 +525,8 @@ class Proxy:
             self.metrics.errors.labels(spec.path, url, "client_disconnect").inc()
             raise
         finally:
+            if rid is not None and self._rid_workers.get(rid) == url:
+                del self._rid_workers[rid]
             self.router.on_finished(
                 ticket, cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens
             )

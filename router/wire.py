@@ -161,9 +161,17 @@ def extract_fields(kind: str, body: Mapping[str, Any]) -> RoutingFields:
     raise bad_request("'prompt' must be a string, a list of strings or a list of token ids", "invalid_prompt")
 
 
+def _connection_tokens(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> set[str]:
+    """Header names listed in every `Connection` line (a client may send several; each names
+    hop-by-hop headers to drop)."""
+    return {
+        h.strip().lower() for line in headers.getall("Connection", ()) for h in line.split(",") if h.strip()
+    }
+
+
 def forward_headers(headers: CIMultiDictProxy[str], request_id_header: str, rid: str) -> CIMultiDict[str]:
     """End-to-end headers of the client's request, minus hop-by-hop ones (and those named in Connection)."""
-    extra = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
+    extra = _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
         lk = k.lower()
@@ -174,7 +182,7 @@ def forward_headers(headers: CIMultiDictProxy[str], request_id_header: str, rid:
 
 
 def response_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    extra = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
+    extra = _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
         lk = k.lower()

@@ -67,6 +67,7 @@ class SimConfig:
     kv_events: bool = True
     event_endpoint: str = "tcp://127.0.0.1:*"
     replay_endpoint: str | None = "tcp://127.0.0.1:*"
+    event_bind: bool | None = None  # None: SGLang's rule (bind for `*`/`::`/ipc, else connect); True: bind
     event_topic: str = ""
     event_form: Literal["array", "map"] = "array"
     incremental_streaming_output: bool = False
@@ -220,6 +221,7 @@ class SimEngine:
                 replay_endpoint=self.config.replay_endpoint,
                 topic=self.config.event_topic,
                 form=self.config.event_form,
+                bind=self.config.event_bind,
             )
             await pub.start()
             self._publisher = pub

@@ -144,6 +144,9 @@ class SimFleet:
             bootstrap_port=free_port(host) if role == "prefill" else None,
             event_endpoint=ev,
             replay_endpoint=rep,
+            # Fixed event ports (`kvroute sim --event-base-port`): the engines bind them (with SGLang's rule
+            # a concrete address makes a publisher connect, and no event would arrive).
+            event_bind=True if self.event_base_port is not None else None,
             faults=dataclasses.replace(base) if base is not None else FaultConfig(),
         )
         engine = SimEngine(cfg, self.profile, registry=self.registry if role != "null" else None)

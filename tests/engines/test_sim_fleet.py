@@ -59,3 +59,32 @@ async def test_module_entry_point_prints_workers_and_stops_on_sigint() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_event_base_port_binds_so_a_subscriber_receives_events() -> None:
+    """Issue #18: with --event-base-port the engines connected instead of binding, so no event arrived."""
+    import zmq
+    import zmq.asyncio
+
+    from engines.sim.fleet import free_port
+
+    base = free_port()
+    async with SimFleet(1, event_base_port=base, time_scale=0.01) as fleet:
+        assert fleet.event_endpoints == [f"tcp://127.0.0.1:{base}"]
+        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{base}")
+        try:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(50):  # until the subscription is live (a slow joiner misses the first ones)
+                    body = {"text": "x" * 64, "sampling_params": {"max_new_tokens": 1}}
+                    async with s.post(fleet.urls[0] + "/generate", json=body) as r:
+                        assert r.status == 200
+                    if await sub.poll(100):
+                        frames = await sub.recv_multipart()
+                        assert len(frames) == 3
+                        break
+                else:
+                    raise AssertionError("no KV event arrived on the fixed event port")
+        finally:
+            sub.close(linger=0)
