@@ -217,7 +217,7 @@ def create_side_app(main: web.Application, what: str) -> web.Application:
     """A listener of its own over the main app's state: `metrics` (`--prometheus-port`: GET /metrics) or
     `health` (`--health-check-port`: /health, /liveness, /readiness). Started once `main` is running."""
     side = web.Application(middlewares=[error_middleware])
-    for key in (CONFIG, ROUTER, METRICS, REGISTRY, ADMIN):
+    for key in (CONFIG, ROUTER, METRICS, REGISTRY, ADMIN, OBSERVABILITY):
         side[key] = main[key]  # type: ignore[misc]
     if what == "metrics":
         side.router.add_get("/metrics", metrics_handler)
