@@ -56,6 +56,7 @@ class GenerateRequest:
     bootstrap_room: int | None = None
     lora_path: str | None = None
     priority: int | None = None  # SGLang's request priority (used with --enable-priority-scheduling)
+    dp_rank: int | None = None  # SGLang's `routed_dp_rank` (`data_parallel_rank`): the DP rank to run on
 
 
 @dataclass(slots=True)

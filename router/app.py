@@ -217,8 +217,8 @@ def create_side_app(main: web.Application, what: str) -> web.Application:
     """A listener of its own over the main app's state: `metrics` (`--prometheus-port`: GET /metrics) or
     `health` (`--health-check-port`: /health, /liveness, /readiness). Started once `main` is running."""
     side = web.Application(middlewares=[error_middleware])
-    for key in (CONFIG, ROUTER, METRICS, REGISTRY, ADMIN, OBSERVABILITY):
-        side[key] = main[key]  # type: ignore[misc]
+    for key in main:  # every piece of the main app's state (the handlers read several)
+        side[key] = main[key]
     if what == "metrics":
         side.router.add_get("/metrics", metrics_handler)
     else:

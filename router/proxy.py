@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -81,6 +82,7 @@ MAX_HOPS = 8
 # (header name, value) of the request id the response must carry (PD mode: set as the response starts).
 RID_KEY: web.RequestKey[tuple[str, str]] = web.RequestKey("kvroute_request_id", tuple)
 CACHED_BLOCKS_HEADER = "X-Kvroute-Cached-Blocks"
+DP_RANK_HEADER = "X-Kvroute-Dp-Rank"  # --dp-aware: the data-parallel rank the request was sent to
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,9 @@ class Proxy:
         headers = self.obs.before_send(request, url, headers, cached_blocks)
         if rid is not None:
             self._rid_workers[rid] = url  # POST /abort_request finds the worker
+        dp_rank: int | None = None
+        if self.config.dp_aware:
+            body, dp_rank = self._route_to_rank(url, body, rr)
         try:
             resp = await self.registry.client(url).open(spec.path, body, headers, timeout or self.timeout)
             self.obs.head(request, resp.content_type == "text/event-stream")
@@ -494,6 +499,8 @@ class Proxy:
                 out_headers[WORKER_HEADER] = url
                 out_headers[CACHED_BLOCKS_HEADER] = str(cached_blocks)
                 out_headers[self.config.request_id_header] = rid_header
+                if dp_rank is not None:
+                    out_headers[DP_RANK_HEADER] = str(dp_rank)
                 if resp.content_type == "text/event-stream":
                     obs = SseObserver()
                     out, first_at = await self._relay_stream(
@@ -527,6 +534,8 @@ class Proxy:
         finally:
             if rid is not None and self._rid_workers.get(rid) == url:
                 del self._rid_workers[rid]
+            if dp_rank is not None:
+                self.router.rank_load.release(url, dp_rank)
             self.router.on_finished(
                 ticket, cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens
             )
@@ -541,6 +550,26 @@ class Proxy:
                         usage.prompt_tokens,
                         usage.output_tokens,
                     )
+
+    def _route_to_rank(self, url: str, body: bytes, rr: Any) -> tuple[bytes, int | None]:
+        """`--dp-aware`: name the data-parallel rank of `url` that holds most of the prompt (SGLang's
+        `routed_dp_rank`, `data_parallel_rank` before 0.5.10) and count the request on it. A rank the
+        client named is kept. (body, rank); the body unchanged for a worker with one rank."""
+        rank = self.router.dp_rank_for(url, rr.block_hashes)
+        if rank is None:
+            return body, None
+        data = loads_or_none(body)
+        if not isinstance(data, dict):
+            return body, None
+        given = data.get("routed_dp_rank", data.get("data_parallel_rank"))
+        if isinstance(given, int) and not isinstance(given, bool):
+            rank = given
+        else:
+            worker = self.router.get_worker(url)
+            data[worker.dp_rank_field if worker is not None else "routed_dp_rank"] = rank
+            body = orjson.dumps(data)
+        self.router.rank_load.add(url, rank)
+        return body, rank
 
     async def _relay_stream(
         self,

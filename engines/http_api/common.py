@@ -98,6 +98,16 @@ def token_list(v: Any, name: str) -> list[int]:
     return v
 
 
+def apply_dp_rank(d: dict[str, Any], req: GenerateRequest) -> None:
+    """SGLang 0.5.10's `routed_dp_rank`, or its deprecated spelling `data_parallel_rank`."""
+    rank = d.get("routed_dp_rank", d.get("data_parallel_rank"))
+    if rank is None:
+        return
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ApiError("routed_dp_rank must be a non-negative integer")
+    req.dp_rank = rank
+
+
 def apply_bootstrap(d: dict[str, Any], req: GenerateRequest) -> None:
     for name in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
         v = d.get(name)

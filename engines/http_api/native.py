@@ -18,6 +18,7 @@ from engines.http_api.common import (
     ApiError,
     ApiState,
     apply_bootstrap,
+    apply_dp_rank,
     collect,
     drop_connection,
     first_and_rest,
@@ -116,6 +117,7 @@ def _parse_generate(st: ApiState, d: dict[str, Any]) -> GenerateRequest:
         priority=int_field(d, "priority", None),
     )
     apply_bootstrap(d, req)
+    apply_dp_rank(d, req)
     return req
 
 
@@ -329,7 +331,7 @@ def _server_info(request: web.Request) -> dict[str, Any]:
         **f.extra,
         **st.extra_server_info,
     }
-    if kv is not None:
+    if kv is not None and "kv_event_sources" not in info:
         info["kv_event_sources"] = [kv.as_dict()]  # 0.5.23's scheduler_info entry
         info["kv_events"] = kv.as_dict()
     return info

@@ -18,6 +18,7 @@ from engines.http_api.common import (
     ApiError,
     ApiState,
     apply_bootstrap,
+    apply_dp_rank,
     collect,
     drop_connection,
     first_and_rest,
@@ -70,6 +71,7 @@ def _openai_common(st: ApiState, d: dict[str, Any], tokens: list[int], prefix: s
         priority=int_field(d, "priority", None),
     )
     apply_bootstrap(d, req)
+    apply_dp_rank(d, req)
     return req
 
 

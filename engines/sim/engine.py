@@ -59,6 +59,7 @@ class SimConfig:
     time_scale: float = 1.0
     """Wall seconds per simulated second (0.01: 100x faster than the GPU)."""
     seed: int = 0
+    dp_rank: int = 0  # this engine's data-parallel rank (engines.sim.dp: one SimEngine per rank)
     disaggregation_mode: DisaggMode = "null"
     bootstrap_port: int | None = None
     """Prefill mode: the port reported as disaggregation_bootstrap_port (nothing listens on it)."""
@@ -222,6 +223,7 @@ class SimEngine:
                 topic=self.config.event_topic,
                 form=self.config.event_form,
                 bind=self.config.event_bind,
+                attn_dp_rank=self.config.dp_rank,
             )
             await pub.start()
             self._publisher = pub
@@ -230,6 +232,7 @@ class SimEngine:
                 replay_endpoint=pub.replay_endpoint,
                 topic=self.config.event_topic,
                 block_size=self.config.page_size,
+                dp_rank=self.config.dp_rank,
                 configured=self.config.event_endpoint,
             )
         if not self.faults.stall:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from engines.sim.dp import DpSimEngine
 from engines.sim.engine import DisaggMode, SimConfig, SimEngine
 from engines.sim.faults import FaultConfig
 from engines.sim.pd import BootstrapRegistry
@@ -86,6 +87,7 @@ class SimFleet:
         empty_ok: bool = False,
         enable_priority_scheduling: bool = False,
         api_key: str | None = None,
+        dp_size: int = 1,
     ) -> None:
         """`api_key`: each engine runs as SGLang with `--api-key` (Bearer auth except /health, /metrics)."""
         if workers < 0 or prefill < 0 or decode < 0 or (workers + prefill + decode == 0 and not empty_ok):
@@ -96,6 +98,9 @@ class SimFleet:
         self.host = host
         self.base_port = base_port
         self._api_key = api_key
+        if dp_size < 1 or (dp_size > 1 and event_base_port is not None):
+            raise ValueError("dp_size must be >= 1, and > 1 only with free event ports (no event_base_port)")
+        self.dp_size = dp_size
         self.event_base_port = event_base_port
         self.registry = BootstrapRegistry()
         self._knobs: dict[str, Any] = dict(
@@ -149,7 +154,12 @@ class SimFleet:
             event_bind=True if self.event_base_port is not None else None,
             faults=dataclasses.replace(base) if base is not None else FaultConfig(),
         )
-        engine = SimEngine(cfg, self.profile, registry=self.registry if role != "null" else None)
+        registry = self.registry if role != "null" else None
+        engine: SimEngine | DpSimEngine = (
+            SimEngine(cfg, self.profile, registry=registry)
+            if self.dp_size == 1
+            else DpSimEngine(cfg, self.profile, self.dp_size, registry=registry)
+        )
         return SimServer(engine, host, self.base_port + i if self.base_port else 0, api_key=self._api_key)
 
     async def add(self, role: DisaggMode, faults: FaultConfig | None = None) -> WorkerInfo:
@@ -193,7 +203,7 @@ class SimFleet:
         await self.close()
 
     @property
-    def engines(self) -> list[SimEngine]:
+    def engines(self) -> list[SimEngine | DpSimEngine]:
         return [s.engine for s in self.servers]
 
     @property
@@ -280,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall", action="store_true")
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds /health answers 503")
     p.add_argument("--refuse-connections", action="store_true")
+    p.add_argument(
+        "--dp-size", type=int, default=1, help="data-parallel ranks per engine (SGLang's --dp-size)"
+    )
     p.add_argument("--api-key", default=None, help="engines require 'Authorization: Bearer KEY' (SGLang's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per engine")
     return p
@@ -317,6 +330,7 @@ def fleet_from_args(args: argparse.Namespace) -> SimFleet:
         schedule_policy=args.schedule_policy,
         enable_priority_scheduling=args.enable_priority_scheduling,
         api_key=args.api_key,
+        dp_size=args.dp_size,
     )
 
 

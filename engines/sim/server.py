@@ -11,16 +11,21 @@ import orjson
 from aiohttp import web
 
 from engines.http_api import create_app
+from engines.sim.dp import DpSimEngine
 from engines.sim.engine import SimEngine
 
-ENGINE = web.AppKey("kvroute_sim_engine", SimEngine)
+ENGINE: web.AppKey[SimEngine | DpSimEngine] = web.AppKey("kvroute_sim_engine")
 
 
 class SimServer:
     """Owns the runner and site of one engine. `url` is valid after `start()`."""
 
     def __init__(
-        self, engine: SimEngine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None
+        self,
+        engine: SimEngine | DpSimEngine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
     ) -> None:
         self.engine = engine
         self.host = host
