@@ -88,6 +88,8 @@ class KvEventsInfo:
     topic: str
     block_size: int
     dp_rank: int = 0
+    bind: bool | None = None
+    """The publisher's explicit `bind` setting (SGLang 0.5.23's config key); None: SGLang's rule."""
     configured: str | None = None
     """The endpoint as configured (`--kv-events-config`), when it differs from the bound one: SGLang's
     `/server_info` reports the server argument as given, and its form says which side binds."""

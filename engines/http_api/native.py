@@ -322,6 +322,7 @@ def _server_info(request: web.Request) -> dict[str, Any]:
                 "endpoint": kv.configured or kv.endpoint,
                 "topic": kv.topic,
                 "replay_endpoint": kv.replay_endpoint,
+                **({} if kv.bind is None else {"bind": kv.bind}),
             }
         ),
         "max_total_num_tokens": f.max_total_tokens,

@@ -233,6 +233,7 @@ class SimEngine:
                 topic=self.config.event_topic,
                 block_size=self.config.page_size,
                 dp_rank=self.config.dp_rank,
+                bind=self.config.event_bind,
                 configured=self.config.event_endpoint,
             )
         if not self.faults.stall:

@@ -88,6 +88,7 @@ class SimFleet:
         enable_priority_scheduling: bool = False,
         api_key: str | None = None,
         dp_size: int = 1,
+        event_bind: bool | None = None,
     ) -> None:
         """`api_key`: each engine runs as SGLang with `--api-key` (Bearer auth except /health, /metrics)."""
         if workers < 0 or prefill < 0 or decode < 0 or (workers + prefill + decode == 0 and not empty_ok):
@@ -101,6 +102,9 @@ class SimFleet:
         if dp_size < 1 or (dp_size > 1 and event_base_port is not None):
             raise ValueError("dp_size must be >= 1, and > 1 only with free event ports (no event_base_port)")
         self.dp_size = dp_size
+        # Fixed event ports are bound by default; event_bind=False keeps SGLang's rule (a concrete
+        # address makes the publisher connect: the router binds), None with free ports: SGLang's rule.
+        self.event_bind = event_bind
         self.event_base_port = event_base_port
         self.registry = BootstrapRegistry()
         self._knobs: dict[str, Any] = dict(
@@ -151,7 +155,9 @@ class SimFleet:
             replay_endpoint=rep,
             # Fixed event ports (`kvroute sim --event-base-port`): the engines bind them (with SGLang's rule
             # a concrete address makes a publisher connect, and no event would arrive).
-            event_bind=True if self.event_base_port is not None else None,
+            event_bind=(True if self.event_base_port is not None else None)
+            if self.event_bind is None
+            else (self.event_bind or None),
             faults=dataclasses.replace(base) if base is not None else FaultConfig(),
         )
         registry = self.registry if role != "null" else None

@@ -80,10 +80,20 @@ def split_socket_mode(endpoint: str) -> tuple[bool | None, str]:
     return None, endpoint
 
 
-def publisher_binds(endpoint: str) -> bool:
-    """SGLang's rule (`ZmqEventPublisher._socket_setup`): its PUB binds a wildcard (`*`, `::`), `ipc://`
-    or `inproc://` endpoint and connects to any other (a concrete address: the subscriber's)."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+def publisher_binds(endpoint: str, bind: Any = None, version: Any = None) -> bool:
+    """SGLang's rule (`ZmqEventPublisher._socket_setup`): an explicit `bind` setting (0.5.23's config key)
+    wins; else its PUB binds a wildcard (`*`, `::`; `0.0.0.0` too from 0.5.23 on), `ipc://` or
+    `inproc://` endpoint and connects to any other (a concrete address: the subscriber's)."""
+    if isinstance(bind, bool):
+        return bind
+    if "0.0.0.0" in endpoint and not _version_at_least(version, (0, 5, 11)):
+        return False  # 0.5.10 and older connect to 0.0.0.0
+    return (
+        "*" in endpoint
+        or "::" in endpoint
+        or "0.0.0.0" in endpoint
+        or endpoint.startswith(("ipc://", "inproc://"))
+    )
 
 
 def offset_endpoint(endpoint: str, rank: int) -> str:
@@ -149,7 +159,7 @@ def event_sources(url: str, info: dict[str, Any]) -> list[EventSource]:
         return []
     ranks = _dp_publishers(info)
     endpoint, replay = cfg["endpoint"], cfg.get("replay_endpoint")
-    bind = not publisher_binds(endpoint)
+    bind = not publisher_binds(endpoint, cfg.get("bind"), info.get("version"))
     out = []
     for r in range(ranks):
         ep = offset_endpoint(endpoint, r)
@@ -191,7 +201,7 @@ def _connecting_sources(host: str, info: dict[str, Any]) -> list[EventSource]:
     """When the configured endpoint names a concrete address, SGLang's publisher connects to it (every
     other form describes where it bound): the router binds it, rank r at the port + r, as configured."""
     cfg = _kv_events_config(info)
-    if cfg is None or publisher_binds(cfg["endpoint"]):
+    if cfg is None or publisher_binds(cfg["endpoint"], cfg.get("bind"), info.get("version")):
         return []
     replay = cfg.get("replay_endpoint")
     out = []

@@ -37,7 +37,7 @@ def _port_block(n: int) -> int:
 
 async def test_connecting_publishers_are_bound_and_feed_the_index(start_router: Any) -> None:
     base = _port_block(4)
-    async with SimFleet(workers=2, time_scale=0.01, event_base_port=base) as fleet:
+    async with SimFleet(workers=2, time_scale=0.01, event_base_port=base, event_bind=False) as fleet:
         r = await start_router(worker_urls=tuple(fleet.urls), policy="kv_aware")
         await r.wait_healthy(2)
         for url in fleet.urls:
@@ -59,7 +59,7 @@ async def test_socket_mode_can_be_overridden(start_router: Any) -> None:
     """`--kv-events-socket connect` against connecting publishers: nothing arrives, and the worker is
     reported blind once it served traffic (the signal an operator gets for a wrong direction)."""
     base = _port_block(2)
-    async with SimFleet(workers=1, time_scale=0.01, event_base_port=base) as fleet:
+    async with SimFleet(workers=1, time_scale=0.01, event_base_port=base, event_bind=False) as fleet:
         r = await start_router(worker_urls=tuple(fleet.urls), policy="kv_aware", kv_events_socket="connect")
         await r.wait_healthy(1)
         assert r.registry.describe(fleet.urls[0])["kv_events_socket"] == "connect"
@@ -84,5 +84,8 @@ def test_event_sources_follow_sglangs_rule() -> None:
         (0, "tcp://10.0.0.2:5557", "tcp://10.0.0.7:5558", True),
         (1, "tcp://10.0.0.2:5558", "tcp://10.0.0.7:5559", True),
     ]
+    # an explicit bind setting (SGLang 0.5.23's config key) wins over the endpoint's form
+    pinned = {"kv_events_config": '{"endpoint": "tcp://10.0.0.2:5557", "bind": true}'}
+    assert event_sources(url, pinned) == [EventSource(0, "tcp://10.0.0.2:5557", None, "", False)]
     # plain DP without DP attention: every scheduler uses rank 0's publisher settings
     assert len(event_sources(url, {**wildcard, "dp_size": 2})) == 1

@@ -67,11 +67,14 @@ def test_circuit_breaker_disabled() -> None:
             {"kv_events_config": '{"publisher": "zmq", "endpoint": "tcp://*:5557", "topic": "t"}'},
             ("tcp://10.0.0.7:5557", None, "t"),
         ),
-        # No wildcard by SGLang's rule: its PUB connects to 0.0.0.0:7000, so the router binds it as given
-        # (event_sources says bind); the replay ROUTER always binds, so it is dialled on the worker's host.
         (
             {"kv_events_config": '{"endpoint": "tcp://0.0.0.0:7000", "replay_endpoint": "tcp://*:7001"}'},
-            ("tcp://0.0.0.0:7000", "tcp://10.0.0.7:7001", ""),
+            ("tcp://10.0.0.7:7000", "tcp://10.0.0.7:7001", ""),
+        ),
+        # SGLang 0.5.10 connects to 0.0.0.0 (no wildcard by its rule): the router binds it as given
+        (
+            {"version": "0.5.10.post1", "kv_events_config": '{"endpoint": "tcp://0.0.0.0:7000"}'},
+            ("tcp://0.0.0.0:7000", None, ""),
         ),
         ({"kv_events_config": "not json"}, (None, None, "")),
         # 0.5.23's per-rank sources (loopback for a wildcard bind): the worker's host is dialled.
