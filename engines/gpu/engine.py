@@ -278,11 +278,11 @@ class GpuEngine:
             t.cancel()
         if self._bg:
             await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._registry is not None:
+            self._registry.close()  # first: a decode still long-polling its room is answered at once
         if self._server is not None:
             await self._server.close()
             self._server = None
-        if self._registry is not None:
-            self._registry.close()
         for lent in self._lent.values():
             if lent.timer is not None:
                 lent.timer.cancel()

@@ -161,11 +161,12 @@ async def test_chunked_prefill_and_concurrent_pairs() -> None:
     p, d = make("prefill", 16, pools, max_batch_tokens=24), make("decode", 16, pools)
     async with engines(agg, p, d):
         prompts = [[(7 * i + j) % 500 + 1 for j in range(20 + 13 * i)] for i in range(6)]
+        # 40 tokens each: the decodes overlap whatever the machine's load (the prefills take ~15 steps).
         want = [
-            (await run(agg, GenerateRequest(rid=f"a{i}", input_ids=ids, max_new_tokens=5)))[0]
+            (await run(agg, GenerateRequest(rid=f"a{i}", input_ids=ids, max_new_tokens=40)))[0]
             for i, ids in enumerate(prompts)
         ]
-        outs = await asyncio.gather(*(pd_pair(p, d, f"r{i}", ids, 5) for i, ids in enumerate(prompts)))
+        outs = await asyncio.gather(*(pd_pair(p, d, f"r{i}", ids, 40) for i, ids in enumerate(prompts)))
         assert [o[1] for o in outs] == want
         assert max(r.num_decode for r in d.step_log) > 1  # transferred requests decode as one batch
         await settled(p, d)
@@ -176,7 +177,7 @@ async def test_chunked_prefill_and_concurrent_pairs() -> None:
 
 async def test_bootstrap_failures_answer_like_sglang() -> None:
     pools = PoolDirectory()
-    p = make("prefill", 4, pools, 256, max_batch_tokens=8, timeout=0.5)
+    p = make("prefill", 4, pools, 256, max_batch_tokens=4, timeout=0.5)
     d = make("decode", 4, pools, 256, timeout=0.5)
     async with engines(p, d):
         ids = list(range(1, 30))
@@ -203,7 +204,7 @@ async def test_bootstrap_failures_answer_like_sglang() -> None:
             await run(d, dead)
         assert "bootstrap" in str(ei.value)
         # The prefill is aborted before it finishes: the waiting decode fails at once with 500.
-        long = [i % 400 + 1 for i in range(600)]  # 75 chunked steps of 8 tokens
+        long = [i % 400 + 1 for i in range(1000)]  # 250 chunked steps of 4 tokens: the abort lands mid-way
         req = pd_req("ab", long, 4, p)
         dtask = asyncio.create_task(run(d, req))
         pgen = p.generate(req)
