@@ -177,12 +177,18 @@ class Proxy:
         self._parse_pool = None
         self._parse_thread = None
 
+    def _client_rid(self, request: web.Request) -> str:
+        """The client's id from the other `--request-id-headers` (the first present), else a new one."""
+        for name in self.config.request_id_headers:
+            rid = request.headers.get(name)
+            if rid:
+                return rid
+        return f"{self._rid_prefix}{next(self._rid_seq):016x}"
+
     async def handle(self, request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         t0 = time.perf_counter()
         cfg = self.config
-        rid_header = (
-            request.headers.get(cfg.request_id_header) or f"{self._rid_prefix}{next(self._rid_seq):016x}"
-        )
+        rid_header = request.headers.get(cfg.request_id_header) or self._client_rid(request)
         ph = self.obs.start(request, spec.path, rid_header, t0)
         self.in_flight += 1
         try:

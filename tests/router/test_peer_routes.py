@@ -152,3 +152,23 @@ async def test_workers_api_in_smg_shapes(start_router: Any) -> None:
         ) as resp:
             assert resp.status == 200
         await wait_until(lambda: fleet.urls[1] not in r.registry.urls(), 2.0, "removed")
+
+
+async def test_request_id_headers_in_order(start_router: Any) -> None:
+    """`--request-id-headers x-request-id x-trace-id`: the first header present names the request, to the
+    engine and in the answer (under the first name); none present: one is made."""
+    async with SimFleet(workers=1, time_scale=0.01) as fleet:
+        r = await start_router(
+            worker_urls=tuple(fleet.urls),
+            request_id_header="x-request-id",
+            request_id_headers=("x-trace-id",),
+        )
+        await r.wait_healthy(1)
+        body = {"text": "hello " * 10, "sampling_params": {"max_new_tokens": 1}}
+        async with r.session.post(r.url + "/generate", json=body, headers={"x-trace-id": "trace-7"}) as resp:
+            assert resp.status == 200 and resp.headers["x-request-id"] == "trace-7"
+        both = {"x-trace-id": "trace-8", "x-request-id": "req-8"}
+        async with r.session.post(r.url + "/generate", json=body, headers=both) as resp:
+            assert resp.headers["x-request-id"] == "req-8"
+        async with r.session.post(r.url + "/generate", json=body) as resp:
+            assert resp.headers["x-request-id"] not in ("", "trace-7", "req-8")
