@@ -309,6 +309,7 @@ _MAPPED_FLAGS: list[tuple[str, str | None, str]] = [
     ("--load-monitor-interval", None, "smg's name of --load-poll-interval-secs"),
     ("--model-path", None, "a local model directory whose tokenizer kvroute uses (--tokenizer)"),
     ("--model", None, "smg's name of --model-path"),
+    ("--tenant-header-name", None, "smg's: with --trust-tenant-header, the tenant header (x-smg-tenant-id)"),
 ]
 # cache_aware param of each tuning flag
 _CACHE_AWARE_FLAGS = {
@@ -412,6 +413,21 @@ def build_serve_parser(prog: str = "kvroute serve") -> argparse.ArgumentParser:
     mapped = p.add_argument_group("SGLang router flags translated onto kvroute's (router/peer_flags.py)")
     for flag, nargs, help_ in _MAPPED_FLAGS:
         mapped.add_argument(flag, dest=_dest(flag), nargs=nargs, default=None, help=help_)
+    mapped.add_argument(
+        "--tenant-api-key",
+        dest="peer_tenant_api_key",
+        action="append",
+        default=None,
+        metavar="TENANT:KEY",
+        help="smg's: that key identifies that tenant (repeatable)",
+    )
+    mapped.add_argument(
+        "--trust-tenant-header",
+        dest="peer_trust_tenant_header",
+        action="store_true",
+        default=None,
+        help="smg's: trust the tenant header named by --tenant-header-name",
+    )
     _add_peer_flags(p)
     return p
 
@@ -570,6 +586,16 @@ def _map_peer_flags(args: argparse.Namespace, cli: dict[str, Any]) -> None:
     for name in ("peer_load_monitor_interval",):
         if getattr(args, name) is not None and cli.get("load_poll_interval_s") is None:
             cli["load_poll_interval_s"] = getattr(args, name)
+    if args.peer_trust_tenant_header and cli.get("tenant_header") is None:
+        cli["tenant_header"] = args.peer_tenant_header_name or "x-smg-tenant-id"
+    if args.peer_tenant_api_key:
+        tenants: dict[str, dict[str, list[str]]] = {}
+        for item in args.peer_tenant_api_key:
+            tenant, sep, key = str(item).partition(":")
+            if not sep or not tenant or not key:
+                raise ConfigError(f"--tenant-api-key: expected TENANT:KEY, got {item!r}")
+            tenants.setdefault(tenant, {"api_keys": []})["api_keys"].append(key)
+        cli["tenants"] = tenants
     model = args.peer_model_path or args.peer_model
     if model is not None and cli.get("tokenizer") is None:
         cli["tokenizer"] = model

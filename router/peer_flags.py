@@ -293,9 +293,18 @@ PEER_FLAGS: dict[str, PeerFlag] = {
     "--queue-size": PeerFlag(REFUSED, _TENANTS, accept=("100",)),
     "--queue-timeout-secs": PeerFlag(REFUSED, _TENANTS, accept=("60",)),
     "--rate-limit-tokens-per-second": PeerFlag(REFUSED, _TENANTS, accept=("0",)),
-    "--tenant-api-key": PeerFlag(REFUSED, _TENANTS),
-    "--tenant-header-name": PeerFlag(REFUSED, _TENANTS),
-    "--trust-tenant-header": PeerFlag(REFUSED, _TENANTS, "0"),
+    "--tenant-api-key": PeerFlag(
+        MAPPED,
+        "TENANT:KEY, repeatable: that key identifies that tenant (kvroute's [tenants.TENANT] api_keys; replaces a config file's tenants)",
+    ),
+    "--tenant-header-name": PeerFlag(
+        MAPPED, "with --trust-tenant-header: kvroute's --tenant-header (smg's default x-smg-tenant-id)"
+    ),
+    "--trust-tenant-header": PeerFlag(
+        MAPPED,
+        "trust a gateway's tenant header: kvroute's --tenant-header (named by --tenant-header-name)",
+        "0",
+    ),
     "--tenant-rate-limit-config": PeerFlag(REFUSED, _TENANTS),
     "--tenant-rate-limit-enabled": PeerFlag(REFUSED, _TENANTS, "0"),
     "--priority-scheduler-enabled": PeerFlag(REFUSED, _TENANTS, "0"),

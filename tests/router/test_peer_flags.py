@@ -105,6 +105,7 @@ _SAMPLES: dict[str, list[str]] = {
     "--tokenizer-path": ["/models/llama"],
     "--redis-url": ["redis://127.0.0.1:6390/0"],
     "--selector": ["app=sglang"],
+    "--tenant-api-key": ["team-a:key-1"],
     "--prefill-selector": ["role=prefill"],
     "--decode-selector": ["role=decode"],
     "--discovery-file": ["workers.json"],
@@ -204,6 +205,18 @@ def test_peer_values_land_in_the_config() -> None:
     assert (c.worker_startup_timeout_s, c.registration_retry_s, c.shutdown_grace_period_s) == (60, 3, 7)
     assert (c.prometheus_port, c.prometheus_host, c.log_level) == (29000, "127.0.0.1", "warning")
     assert (c.max_body_bytes, c.request_timeout_s, c.load_poll_interval_s) == (1024, 10, 4)
+
+
+def test_tenant_flags_of_smg() -> None:
+    argv = "--worker-urls http://a:1 --tenant-api-key team-a:k1 --tenant-api-key team-a:k2 "
+    argv += "--tenant-api-key team-b:k3 --trust-tenant-header"
+    c = config_from_args(_parse(argv.split()), environ={})
+    assert c.tenants == {"team-a": {"api_keys": ["k1", "k2"]}, "team-b": {"api_keys": ["k3"]}}
+    assert c.tenant_header == "x-smg-tenant-id" and c.admission_enabled
+    c = config_from_args(_parse("--trust-tenant-header --tenant-header-name x-org".split()), environ={})
+    assert c.tenant_header == "x-org"
+    with pytest.raises(ConfigError, match="TENANT:KEY"):
+        config_from_args(_parse("--tenant-api-key nokey".split()), environ={})
 
 
 def test_defaults_that_follow_sglang() -> None:
