@@ -435,6 +435,8 @@ class Proxy:
         decode side; it records its own PD metrics. Here: the request counter and end-to-end latency."""
         assert self.pd is not None
         headers = forward_headers(request.headers, self.config.request_id_header, rid_header)
+        if self.config.engine_api_key:  # the client's credentials were for the router
+            headers["Authorization"] = f"Bearer {self.config.engine_api_key}"
         request[RID_KEY] = (self.config.request_id_header, rid_header)
         resp = await forward_pd(
             self.pd, request, spec.path, body, data, rr, openai=spec.openai, headers=headers

@@ -421,7 +421,8 @@ class _Attempt:
         for rid in self.rids:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 url = base_url + "/abort_request"
-                async with self.ctx.session.post(url, json={"rid": rid}, timeout=to) as r:
+                auth = {k: v for k, v in self.headers.items() if k.lower() == "authorization"}
+                async with self.ctx.session.post(url, json={"rid": rid}, timeout=to, headers=auth) as r:
                     await r.read()
         if self.ctx.observer is not None:
             self.ctx.observer.abort_sent(side)

@@ -62,3 +62,23 @@ async def test_startup_timeout_rejects_a_worker_that_never_comes_up(start_router
         await wait_until(lambda: r.registry.describe(url)["state"] == "rejected", 5.0, "rejected")
         reason = r.registry.describe(url)["reason"]
         assert "--worker-startup-timeout-secs 0.3" in reason and "/health" in reason
+
+
+async def test_pd_pairs_behind_api_keys(start_router: Any) -> None:
+    """Prefill/decode disaggregation: both sides get the engine key (and the client's is not passed on)."""
+    from tests.router.conftest import pd_sim_fleet
+
+    async with pd_sim_fleet(api_key=KEY) as fleet:
+        r = await start_router(
+            pd_disaggregation=True,
+            prefill_urls=tuple((u, None) for u in fleet.prefill_urls),
+            decode_urls=tuple(fleet.decode_urls),
+            engine_api_key=KEY,
+            policy="round_robin",
+        )
+        await r.wait_healthy(4)
+        body = {"text": "pd with keys " * 10, "sampling_params": {"max_new_tokens": 3}}
+        headers = {"Authorization": "Bearer router-side"}
+        async with r.session.post(r.url + "/generate", json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["text"]
