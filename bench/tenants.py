@@ -38,7 +38,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from bench.compare import REPO, fleet_child, percentile, serve_router
-from bench.loadgen import LoadgenConfig, RequestResult, run_load
+from bench.loadgen import LoadgenConfig, RequestResult, read_results, run_load
 from bench.workloads import ALPHABET, Request
 from engines.sim.fleet import free_port
 from engines.sim.profiles import get_profile
@@ -70,6 +70,7 @@ class Args:
     out: Path
     only: tuple[str, ...]
     time_scale: float = 1.0  # wall seconds per engine second; 1 = real time (the target's setting)
+    router_args: tuple[str, ...] = ()  # extra `kvroute serve` flags for the tenants run (e.g. a bound)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -106,7 +107,7 @@ def workload(a: Args) -> tuple[list[Request], list[Request], float]:
     return chat, batch, batch_rate
 
 
-def router_cmd(run: str, urls: Sequence[str], port: int, out: Path) -> list[str]:
+def router_cmd(run: str, urls: Sequence[str], port: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
     if run == "smg":
         smg = str(Path(sys.executable).parent / "smg")
         return [
@@ -123,10 +124,12 @@ def router_cmd(run: str, urls: Sequence[str], port: int, out: Path) -> list[str]
         sys.executable, "-m", "router.cli", "serve", "--worker-urls", *urls, "--policy", "kv_aware",
         "--host", "127.0.0.1", "--port", str(port), "--block-size", "16", "--log-level", "warning",
     ]  # fmt: skip
+    if run == "calib":  # the fleet's capacity: no router timeout may cut a long engine queue short
+        cmd += ["--stream-idle-timeout-secs", "0", "--stall-timeout-secs", "0"]
     if run == "tenants":
         cfg = out / "tenants.toml"
         cfg.write_text(TENANTS_TOML)
-        cmd += ["--config", str(cfg)]
+        cmd += ["--config", str(cfg), *extra]
     return cmd
 
 
@@ -147,7 +150,9 @@ async def run_one(
     ):
         port = free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        async with serve_router(router_cmd(run, urls, port, a.out), port, len(urls), log, http, env) as url:
+        async with serve_router(
+            router_cmd(run, urls, port, a.out, a.router_args), port, len(urls), log, http, env
+        ) as url:
             load_before = os.getloadavg()
             t0 = time.monotonic()
 
@@ -276,6 +281,29 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n```\n" + json.dumps(report.get("verdict", {}), indent=1) + "\n```\n"
 
 
+def _merge_earlier(report: dict[str, Any], a: Args) -> None:
+    """Keep the runs an earlier invocation wrote to the same folder (`--only` reruns one of them): their
+    report entry, with results read back from their JSON lines. Each entry says its own command."""
+    path = a.out / "report.json"
+    if not path.exists():
+        return
+    earlier = json.loads(path.read_text())
+    for name, entry in earlier.get("runs", {}).items():
+        if name in report["runs"]:
+            continue
+        results: dict[str, list[RequestResult]] = {"batch": [], "chat": []}
+        for tenant in results:
+            f = a.out / f"{name}-{tenant}.jsonl"
+            if f.exists():
+                results[tenant] = read_results(f)
+        report["runs"][name] = {
+            **entry,
+            "command": entry.get("command", earlier.get("command")),
+            "date": entry.get("date", earlier.get("date")),
+            "_results": results,
+        }
+
+
 async def main_async(a: Args) -> dict[str, Any]:
     a.out.mkdir(parents=True, exist_ok=True)
     chat, batch, batch_rate = workload(a)
@@ -295,8 +323,11 @@ async def main_async(a: Args) -> dict[str, Any]:
         for run in a.only:
             print(f"[bench.tenants] {run}: {len(chat)} chat + {len(batch)} batch requests", file=sys.stderr)
             report["runs"][run] = await run_one(run, chat, batch, a, log)
+            report["runs"][run]["command"] = report["command"]
+            report["runs"][run]["date"] = report["date"]
             s = {k: v for k, v in report["runs"][run].items() if k != "_results"}
             print(json.dumps(s), file=sys.stderr)
+    _merge_earlier(report, a)
     plot(a.out / "ttft_over_time.png", report["runs"], a.time_scale)
     report["verdict"] = verdict(report, a)
     for r in report["runs"].values():
@@ -321,6 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "host too loaded to keep up: latencies stay in engine seconds)",
     )
     ap.add_argument("--out", default=str(REPO / "bench" / "report" / "tenants"))
+    ap.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra `kvroute serve` flag for the tenants run (repeatable)",
+    )
     ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     ns = ap.parse_args(argv)
     only = tuple(x.strip() for x in ns.only.split(",") if x.strip())
@@ -328,7 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown run(s) {bad}; choose from {', '.join(RUNS)}")
     a = Args(
-        ns.seconds, ns.chat_rate, ns.batch_factor, ns.batch_output, ns.seed, Path(ns.out), only, ns.time_scale
+        ns.seconds,
+        ns.chat_rate,
+        ns.batch_factor,
+        ns.batch_output,
+        ns.seed,
+        Path(ns.out),
+        only,
+        ns.time_scale,
+        tuple(ns.router_arg),
     )
     report = asyncio.run(main_async(a))
     print(markdown(report))
