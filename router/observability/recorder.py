@@ -48,7 +48,8 @@ class Observability:
 
     @staticmethod
     def routed(request: web.Request, decision: Any) -> None:
-        """The policy chose: the routing phase ends here (it began when admission let it through)."""
+        """The policy chose: the routing phase is everything since arrival but the admission wait (reading
+        the body, tokenizing and hashing the prompt, the policy)."""
         ph = request.get(PHASES)
         if ph is None:
             return
