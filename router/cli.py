@@ -271,6 +271,13 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], str, Any, str]] = [
     ),
     (("--log-level",), "log_level", str, "debug | info | warn | warning | error"),
     (("--log-dir",), "log_dir", str, "also write the log to LOG_DIR/kvroute.log"),
+    (
+        ("--tls-cert-path",),
+        "tls_cert_path",
+        str,
+        "serve HTTPS with this PEM certificate (and --tls-key-path)",
+    ),
+    (("--tls-key-path",), "tls_key_path", str, "the PEM private key of --tls-cert-path"),
     (("--access-log",), "access_log", str, "JSON-lines access log file, one line per request ('-' = stdout)"),
     (
         ("--recent-requests",),
@@ -674,11 +681,19 @@ async def serve(
     from router.app import METRICS, PROXY, create_app, create_side_app
     from router.server import RouterRunner, raise_descriptor_limit
 
+    ssl_context = _tls_context(config)  # before anything starts: a bad certificate stops here
     nofile = raise_descriptor_limit()
     app = create_app(config)
     runner = RouterRunner(app, config, app[METRICS])
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
+    site = web.TCPSite(
+        runner,
+        config.host,
+        config.port,
+        backlog=1024,
+        reuse_port=reuse_port or None,
+        ssl_context=ssl_context,
+    )
     side_runners: list[web.AppRunner] = []
     try:
         await site.start()
@@ -698,7 +713,7 @@ async def serve(
         await runner.cleanup()
         raise
     host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}"
+    url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
     log.info(
         "kvroute listening on %s (policy=%s, block_size=%d, workers=%d; at most %d client connections, "
         "descriptor limit %d)",
@@ -730,6 +745,21 @@ async def serve(
             await side.cleanup()
         await runner.cleanup()
         log.info("kvroute stopped")
+
+
+def _tls_context(config: RouterConfig) -> Any:
+    """The server TLS context of `--tls-cert-path/--tls-key-path` (None: plain HTTP); ConfigError when the
+    files cannot be loaded."""
+    if not config.tls_cert_path or not config.tls_key_path:
+        return None
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.tls_cert_path, config.tls_key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert-path/--tls-key-path: cannot load: {exc}") from exc
+    return ctx
 
 
 def run_async(coro: Any) -> Any:

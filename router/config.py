@@ -58,6 +58,8 @@ class RouterConfig:
     health_check_port: int = 0  # also serve /health, /liveness, /readiness on this port; 0 = none
     log_dir: str | None = None  # also log to LOG_DIR/kvroute.log (created when missing); None = stderr only
     log_json: bool = False  # one JSON object per log line
+    tls_cert_path: str | None = None  # serve HTTPS with this PEM certificate (with tls_key_path); None = HTTP
+    tls_key_path: str | None = None  # its PEM private key
     session_header: str = "X-Session-Id"  # consistent_hash affinity key; the OpenAI `user` field otherwise
     header_timeout_s: float = 10.0  # seconds for a client's request head (from connect or its first byte);
     # 408 and close past it; 0 = no limit
@@ -247,6 +249,8 @@ class RouterConfig:
             raise ConfigError(f"recent_requests must be >= 0, got {self.recent_requests}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ConfigError("tls_cert_path and tls_key_path go together (--tls-cert-path, --tls-key-path)")
         if self.kv_events_socket not in ("auto", "connect", "bind"):
             raise ConfigError(
                 f"kv_events_socket must be auto, connect or bind, got {self.kv_events_socket!r}"

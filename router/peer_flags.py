@@ -50,7 +50,6 @@ _OVERLOAD = (
 _PARSER = "the engines parse reasoning and tool calls (start them with the parser); kvroute forwards responses unchanged"
 _TOKCACHE = "kvroute has no tokenizer cache to tune"
 _TLS_UP = "kvroute talks plain http:// to engines (no TLS/mTLS upstream)"
-_TLS_DOWN = "kvroute serves plain HTTP: terminate TLS in front of it (a load balancer or proxy)"
 _AUTH = "kvroute guards /admin and /workers with one bearer token: use --admin-token"
 _PH = "the prefix_hash policy is not offered: use --policy cache_aware or kv_aware"
 _LL = "smg's least_load estimator; kvroute's least_load counts pending + active KV blocks (no tuning)"
@@ -101,8 +100,8 @@ PEER_FLAGS: dict[str, PeerFlag] = {
     "--sse-keepalive-secs": PeerFlag(
         INERT, "kvroute relays the engine's stream chunk by chunk and adds no keep-alive frames"
     ),
-    "--tls-cert-path": PeerFlag(REFUSED, _TLS_DOWN),
-    "--tls-key-path": PeerFlag(REFUSED, _TLS_DOWN),
+    "--tls-cert-path": PeerFlag(SAME, "serve HTTPS with this PEM certificate (with --tls-key-path)"),
+    "--tls-key-path": PeerFlag(SAME, "the PEM private key of --tls-cert-path"),
     # --- workers
     "--worker-urls": PeerFlag(SAME, "more at runtime: POST /workers or /admin/workers", "*"),
     "--api-key": PeerFlag(

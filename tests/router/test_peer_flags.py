@@ -136,6 +136,8 @@ _CONTEXT: dict[str, list[str]] = {
     "--discovery-provider": ["--selector", "app=sglang"],
     "--discovery-file": ["--discovery-provider", "file"],
     "--discovery-check-interval-secs": ["--discovery-provider", "file", "--discovery-file", "workers.json"],
+    "--tls-cert-path": ["--tls-key-path", "key.pem"],  # the pair is required together, as a PEM pair
+    "--tls-key-path": ["--tls-cert-path", "cert.pem"],
 }
 
 

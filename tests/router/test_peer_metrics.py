@@ -91,3 +91,49 @@ def test_serve_with_peer_flags_has_a_metrics_listener(tmp_path: Path) -> None:
     assert any("--tokenizer-cache-enable-l0 has no effect in kvroute" in m for m in messages)
     assert any("metrics listener on http://127.0.0.1:" in m for m in messages)
     assert all({"ts", "level", "logger", "message"} <= set(x) for x in lines)
+
+
+def test_serve_https_with_the_peers_tls_flags(tmp_path: Path) -> None:
+    """`--tls-cert-path/--tls-key-path` (SGLang router's flags): the router serves HTTPS; a key that does
+    not load stops it with status 2 and the reason."""
+    import shutil
+    import ssl
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (needed to make a test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    base = [sys.executable, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    bad = subprocess.run(
+        [*base, "--tls-cert-path", str(cert), "--tls-key-path", str(cert)], capture_output=True
+    )
+    assert bad.returncode == 2 and b"--tls-cert-path/--tls-key-path: cannot load" in bad.stderr
+    proc = subprocess.Popen(
+        [*base, "--tls-cert-path", str(cert), "--tls-key-path", str(key)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{port}/liveness", timeout=1, context=ctx
+                ) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
