@@ -78,7 +78,7 @@ class AutoscaleBenchConfig:
     down_intervals: int = 3
     max_step_down: int = 2
     hysteresis: float = 0.2
-    max_prefill: int = 8
+    max_prefill: int = 12
     max_decode: int = 4
     configs: tuple[str, ...] = CONFIGS
     out_dir: Path = REPO / "bench" / "report" / "autoscale"
@@ -120,6 +120,7 @@ def size_fleet(wl: Workload, rate: float, cfg: AutoscaleBenchConfig, hit: float)
         sum(r.prompt_tokens for r in reqs) / len(reqs),
         sum(r.output_tokens for r in reqs) / len(reqs),
         hit,
+        prompt_samples=tuple((r.prompt_tokens, int(r.prompt_tokens * hit)) for r in reqs),
     )
     p = plan(load, PlanTargets(cfg.sla_ttft_s, cfg.sla_itl_s), get_profile(cfg.profile))
     return p.prefill_workers, p.decode_workers

@@ -25,6 +25,7 @@ from router.planner import ObservedLoad
 # The router's buckets; PD's TTFT phases stop at 60 s.
 _LAT = tuple(b for b in LATENCY_BUCKETS if b <= 60.0)
 _ITL = TOKEN_GAP_BUCKETS
+PROMPT_SAMPLES = 256  # newest requests whose lengths the planner models the prefill queue with
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -109,6 +110,9 @@ class PDWindow:
             measured_itl_s=sum(itls) / len(itls) if itls else None,
             current_prefill=current_prefill,
             current_decode=current_decode,
+            prompt_samples=tuple(
+                (r.prompt_tokens, min(r.cached_tokens, r.prompt_tokens)) for r in recs[-PROMPT_SAMPLES:]
+            ),
         )
         local = sum(1 for r in recs if r.mode == "local")
         return WindowSummary(

@@ -3,8 +3,10 @@
 Capacity model: the simulator's GPU cost profile (`engines/sim/profiles.py`, measured on an H100).
 - Prefill: one request's service time `S` is the sum of its chunked-prefill steps over its uncached
   tokens `U = prompt x (1 - hit)`, each chunk attending over the cached prefix and earlier chunks.
-  Requests spread over `n` prefill workers form `n` M/D/1 queues at utilisation `rho = rate x S / n`,
-  whose mean wait is `rho S / (2 (1 - rho))` (Pollaczek-Khinchine). TTFT = wait + S + KV transfer + one
+  Requests spread over `n` prefill workers form `n` M/G/1 queues at utilisation `rho = rate x E[S] / n`,
+  whose mean wait is `(rate / n) E[S^2] / (2 (1 - rho))` (Pollaczek-Khinchine); E[S] and E[S^2] come
+  from recent prompts' lengths when given (`prompt_samples`), else every prompt has the mean length
+  (M/D/1). TTFT = wait + S + KV transfer + one
   decode step. The count is the least `n` whose TTFT meets the target and whose `rho` stays under
   `max_utilization`.
 - Decode: the largest batch `B` whose step (B sequences at the mean context) fits the ITL target, the
@@ -52,6 +54,10 @@ class ObservedLoad:
     measured_itl_s: float | None = None
     current_prefill: int | None = None
     current_decode: int | None = None
+    prompt_samples: tuple[tuple[int, int], ...] = ()
+    """(prompt tokens, cached tokens) of recent requests: with them the prefill queue is modelled with the
+    spread of service times (M/G/1), not as if every prompt had the mean length (M/D/1). Long prompts cost
+    more than linearly (attention), so the mean prompt's cost underestimates the mean cost."""
 
     def __post_init__(self) -> None:
         if self.request_rate < 0 or self.prompt_tokens < 0 or self.output_tokens < 0:
@@ -108,24 +114,35 @@ def prefill_service_s(profile: GpuProfile, uncached: float, cached: float) -> fl
     return ms / 1000.0
 
 
-def md1_wait_s(rate: float, service_s: float) -> float:
-    """Mean wait of an M/D/1 queue (inf when saturated)."""
+def md1_wait_s(rate: float, service_s: float, second_moment: float | None = None) -> float:
+    """Mean wait of an M/G/1 queue (Pollaczek-Khinchine: rate x E[S^2] / (2 (1 - rho))); with no second
+    moment, E[S^2] = E[S]^2 (M/D/1). inf when saturated."""
     rho = rate * service_s
     if rho >= 1.0:
         return math.inf
-    return rho * service_s / (2.0 * (1.0 - rho))
+    es2 = service_s * service_s if second_moment is None else second_moment
+    return rate * es2 / (2.0 * (1.0 - rho))
 
 
-def prefill_ttft_s(rate: float, n: int, service_s: float, tail_s: float) -> float:
+def prefill_ttft_s(
+    rate: float, n: int, service_s: float, tail_s: float, second_moment: float | None = None
+) -> float:
     """Modelled mean TTFT with `n` prefill workers: queue wait + service + transfer and first decode step."""
     if n <= 0:
         return math.inf
-    return md1_wait_s(rate / n, service_s) + service_s + tail_s
+    return md1_wait_s(rate / n, service_s, second_moment) + service_s + tail_s
 
 
-def service_for_ttft(rate: float, n: int, ttft_s: float, tail_s: float) -> float:
-    """The prefill service time S for which `prefill_ttft_s(rate, n, S, tail_s)` equals `ttft_s`
-    (bisection: the modelled TTFT grows with S up to saturation at S = n / rate)."""
+def service_moments(profile: GpuProfile, samples: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """E[S] and E[S^2] of the prefill service time over (prompt, cached) samples."""
+    times = [prefill_service_s(profile, max(0, p - c), min(c, p)) for p, c in samples]
+    return sum(times) / len(times), sum(t * t for t in times) / len(times)
+
+
+def service_for_ttft(rate: float, n: int, ttft_s: float, tail_s: float, spread: float = 1.0) -> float:
+    """The prefill service time S for which `prefill_ttft_s(rate, n, S, tail_s, spread x S^2)` equals
+    `ttft_s` (bisection: the modelled TTFT grows with S up to saturation at S = n / rate). `spread`:
+    E[S^2] / E[S]^2 of the service times (1: all alike)."""
     hi = n / rate
     lo = 0.0
     want = ttft_s - tail_s
@@ -133,7 +150,7 @@ def service_for_ttft(rate: float, n: int, ttft_s: float, tail_s: float) -> float
         return 1e-9
     for _ in range(60):
         mid = (lo + hi) / 2
-        if md1_wait_s(rate / n, mid) + mid < want:
+        if md1_wait_s(rate / n, mid, spread * mid * mid) + mid < want:
             lo = mid
         else:
             hi = mid
@@ -219,16 +236,29 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
 
     # --- prefill: service time, then the least n whose modelled TTFT meets the target
     service = prefill_service_s(profile, uncached, cached)
+    spread = 1.0  # E[S^2] / E[S]^2
+    if load.prompt_samples:
+        service, second = service_moments(profile, load.prompt_samples)
+        spread = second / (service * service) if service > 0 else 1.0
+        fig.update(prefill_service_spread=spread)
+        why.append(
+            f"prefill service over {len(load.prompt_samples)} recent prompts: mean {service * 1e3:.0f} ms, "
+            f"E[S^2]/E[S]^2 {spread:.2f} (M/G/1 queue)"
+        )
     transfer = profile.transfer_ms(int(load.prompt_tokens)) / 1000.0
     tail = transfer + step_one
     p_scale = 1.0
     if load.measured_ttft_s and load.current_prefill and load.request_rate > 0 and service > 0:
-        predicted = prefill_ttft_s(load.request_rate, load.current_prefill, service, tail)
+        predicted = prefill_ttft_s(
+            load.request_rate, load.current_prefill, service, tail, spread * service * service
+        )
         if math.isfinite(predicted) and predicted > 0:
             # The service time that makes the queue model give the measured TTFT: a queue grown long
             # (a surge, heavy-tailed prompts) raises the wait steeply near saturation, so this scales the
             # service by far less than measured/modelled TTFT would (no over-reaction to a transient).
-            effective = service_for_ttft(load.request_rate, load.current_prefill, load.measured_ttft_s, tail)
+            effective = service_for_ttft(
+                load.request_rate, load.current_prefill, load.measured_ttft_s, tail, spread
+            )
             p_scale = _clamp_ratio(effective / service)
             why.append(
                 f"prefill correction x{p_scale:.2f}: measured TTFT "
@@ -239,15 +269,16 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
             p_scale = CORRECTION_BOUNDS[1]
             why.append("prefill correction: the model says the current prefill pool is saturated")
     service *= p_scale
+    second = spread * service * service
     n_prefill = 1
     if load.request_rate > 0 and service > 0:
         n_prefill = max(1, math.ceil(load.request_rate * service / targets.max_utilization))
         while (
-            prefill_ttft_s(load.request_rate, n_prefill, service, tail) > targets.ttft_slo_s
+            prefill_ttft_s(load.request_rate, n_prefill, service, tail, second) > targets.ttft_slo_s
             and n_prefill < targets.max_workers
         ):
             n_prefill += 1
-    ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail)
+    ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail, second)
     floor = service + tail
     if floor > targets.ttft_slo_s:
         feasible = False
@@ -257,7 +288,7 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
             f"by adding workers; planning for utilisation <= {targets.max_utilization:.0%}"
         )
         n_prefill = max(1, math.ceil(load.request_rate * service / targets.max_utilization))
-        ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail)
+        ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail, second)
     why.append(
         f"prefill: {uncached:.0f} uncached tokens/request (hit {hit:.0%}) take {service * 1e3:.1f} ms "
         f"per request; at {load.request_rate:.2f} req/s, {n_prefill} prefill worker(s) run at "
@@ -295,8 +326,10 @@ def plan_from_query(
     except ValueError as exc:  # PlanError is a ValueError too
         raise PlanError(str(exc)) from exc
     result = plan(load, targets, profile)
+    observed = asdict(load)
+    observed["prompt_samples"] = len(load.prompt_samples)  # how many; the pairs themselves stay out
     return {
-        "observed": asdict(load),
+        "observed": observed,
         "targets": asdict(targets),
         "profile": profile.name,
         "plan": result.as_dict(),

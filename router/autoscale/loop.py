@@ -34,7 +34,7 @@ from router.autoscale.base import POOLS, NewWorker, Scaler, ScaleRequest
 from router.autoscale.cost import CostMeter
 from router.autoscale.decide import Decision, DecisionRules, PoolLimits, PoolState, decide
 from router.planner import ObservedLoad, Plan, PlanTargets, plan
-from router.shared.common import Backoff
+from router.shared.common import Backoff, cancel_and_wait
 from router.types import Worker, WorkerRole, WorkerState
 
 log = logging.getLogger("kvroute.autoscale")
@@ -162,8 +162,8 @@ class Autoscaler:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # repeated until it lands: redis-py can swallow a cancel while it connects (lease, share)
+            await cancel_and_wait((self._task,))
             self._task = None
         await self._abandon_removals()
         if self.leadership is not None:

@@ -31,7 +31,9 @@ class Observation:
     at: float
 
     def encode(self) -> str:
-        return json.dumps({"load": dataclasses.asdict(self.load), "requests": self.requests, "at": self.at})
+        load = dataclasses.asdict(self.load)
+        del load["prompt_samples"]  # the leader models the queue with its own samples: keep Redis small
+        return json.dumps({"load": load, "requests": self.requests, "at": self.at})
 
     @staticmethod
     def decode(raw: str) -> Observation | None:
@@ -67,6 +69,7 @@ def combine(
         measured_itl_s=_weighted([(p.load.measured_itl_s, w) for p, w in zip(parts, n, strict=True)]),
         current_prefill=current_prefill,
         current_decode=current_decode,
+        prompt_samples=parts[0].load.prompt_samples if parts else (),
     )
 
 

@@ -333,14 +333,17 @@ async def pd_app() -> AsyncIterator[Any]:
             pd_disaggregation=True,
             prefill_urls=tuple((u, None) for u in fleet.prefill_urls),
             decode_urls=tuple(fleet.decode_urls),
-            autoscale=True,
-            autoscale_interval_s=3600.0,  # the test drives step() itself
-            request_timeout_s=60.0,
-            stream_idle_timeout_s=30.0,
-            **cfg,
+            **{
+                "autoscale": True,
+                "autoscale_interval_s": 3600.0,  # the test drives step() itself unless it says otherwise
+                "request_timeout_s": 60.0,
+                "stream_idle_timeout_s": 30.0,
+                **cfg,
+            },
         )
         app = create_app(config)
-        app[SCALER] = SimScaler(fleet)
+        if config.autoscale_scaler == "sim":
+            app[SCALER] = SimScaler(fleet)  # over the test's fleet (else the app would build its own)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -439,3 +442,30 @@ async def test_autoscale_grows_an_empty_pool_to_its_minimum(pd_app: Any) -> None
     await wait_until(lambda: len(app[REGISTRY].healthy_urls()) == 3, 10, "new worker registered")
     status, n, done = await _stream(session, url, 0, 20)
     assert (status, n, done) == (200, 20, True)
+
+
+async def test_a_failing_hook_is_reported_and_the_router_keeps_serving(pd_app: Any, tmp_path: Any) -> None:
+    """The command scaler's hook exits 1 on every call: the router serves on, and the failure is in
+    /admin/plan and /metrics, retried with growing waits."""
+    hook = tmp_path / "hook.py"
+    calls = tmp_path / "calls"
+    hook.write_text(
+        f"import sys\nopen({str(calls)!r}, 'a').write('x')\nsys.stderr.write('no capacity')\nsys.exit(1)\n"
+    )
+    url, app, fleet, session = await pd_app(
+        1, 1, autoscale_scaler="command", autoscale_command=f"{sys.executable} {hook}",
+        autoscale_min_decode=2, autoscale_interval_s=0.2,
+    )  # fmt: skip
+    auto = app[ADMIN].autoscale.autoscaler
+    await wait_until(lambda: len(auto.failures) >= 2, 20, "two failed hook runs")
+    assert all("exited with 1: no capacity" in f["error"] for f in auto.failures)
+    # backoff: 1 s then 2 s between tries, not one try per 0.2 s interval
+    assert auto.failures[1]["at"] - auto.failures[0]["at"] >= 0.9
+    assert (await _stream(session, url, 0, 10))[:2] == (200, 10)  # still serving
+    async with session.get(url + "/admin/plan") as r:
+        body = await r.json()
+    assert body["autoscale"]["failures"] and body["autoscale"]["pools"]["decode"]["retry_in_s"] is not None
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    assert 'kvroute_autoscale_scaler_failures_total{pool="decode",scaler="command"}' in text
+    assert len(fleet.decode_urls) == 1  # nothing started behind the router's back

@@ -144,3 +144,49 @@ async def test_the_leader_plans_for_every_replicas_window(redis_url: str) -> Non
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_two_router_replicas_one_autoscaler(redis_url: str) -> None:
+    """Two routers (`--redis-url`, same key prefix) with `--autoscale`: exactly one acts; when it stops,
+    the other takes over."""
+    from aiohttp import web
+
+    from router.app import ADMIN, create_app
+    from router.autoscale.runtime import SCALER
+    from tests.router.conftest import test_config, wait_until
+
+    class Quiet(RecordingScaler):
+        async def scale(self, request: Any) -> Any:
+            await super().scale(request)
+            return []  # the platform's discovery would register them
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    runners, scalers, apps = [], [], []
+    for _ in range(2):
+        cfg = test_config(
+            pd_disaggregation=True, redis_url=redis_url, redis_key_prefix=prefix, sync_interval_s=0.1,
+            replica_ttl_s=0.5, autoscale=True, autoscale_interval_s=0.1, autoscale_min_decode=2,
+            autoscale_up_cooldown_s=0,
+        )  # fmt: skip
+        app = create_app(cfg)
+        app[SCALER] = scaler = Quiet()
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        scalers.append(scaler)
+        apps.append(app)
+    try:
+        autos = [a[ADMIN].autoscale.autoscaler for a in apps]
+        await wait_until(lambda: all(x.steps >= 10 for x in autos), 20, "ten intervals on both")
+        assert [x.leader for x in autos].count(True) == 1
+        lead = next(i for i, x in enumerate(autos) if x.leader)
+        assert scalers[lead].calls and not scalers[1 - lead].calls  # only the leader acted
+        assert scalers[lead].size[D] == 2
+        await runners[lead].cleanup()  # the leader stops (and releases the lease)
+        runners[lead] = None  # type: ignore[call-overload]
+        other = autos[1 - lead]
+        await wait_until(lambda: other.leader, 10, "the other replica takes over")
+    finally:
+        for r in runners:
+            if r is not None:
+                await r.cleanup()

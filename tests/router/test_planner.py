@@ -188,3 +188,16 @@ def test_plan_from_query_parses_targets_and_rejects_garbage() -> None:
         planner.plan_from_query(load, {"ttft_slo": "fast"})
     with pytest.raises(PlanError):
         planner.plan_from_query(load, {"profile": "no-such-gpu"})
+
+
+def test_spread_of_prompt_lengths_needs_more_prefill_than_the_mean_prompt() -> None:
+    """Heavy-tailed prompts (most 4k, a few 100k) cost more than their mean's cost (attention grows
+    faster than linearly) and queue longer (M/G/1): the plan with samples asks for more prefill."""
+    samples = tuple([(4000, 0)] * 95 + [(100_000, 0)] * 5)
+    mean = sum(p for p, _ in samples) / len(samples)
+    targets = PlanTargets(ttft_slo_s=2.0, itl_slo_s=0.1)
+    flat = plan(ObservedLoad(6.0, mean, 100), targets, PROFILE)
+    spread = plan(ObservedLoad(6.0, mean, 100, prompt_samples=samples), targets, PROFILE)
+    assert spread.figures["prefill_service_spread"] > 2.0
+    assert spread.prefill_workers > flat.prefill_workers
+    assert spread.figures["prefill_service_s"] > flat.figures["prefill_service_s"]
