@@ -17,7 +17,7 @@ worker, integrated over the run from the router's `GET /admin/plan`, booting and
 included), cost per million goodput tokens (output tokens of requests within the SLA) at
 `gpu_hour_cost`, and plots of the pool sizes and of TTFT over time (`bench/report/autoscale/`).
 
-    python -m bench.autoscale                 # the recorded run (~20 minutes)
+    python -m bench.autoscale                 # the recorded run (~25 minutes: 3 x 7 min of load + drain)
     python -m bench.autoscale --quick         # a short, time-compressed smoke run (~3 minutes)
 """
 
@@ -55,11 +55,11 @@ class AutoscaleBenchConfig:
 
     trace_start: int = 0
     output_scale: float = 0.5  # Mooncake outputs halved: streamed tokens bounded on a 2-core host
-    rate: float = 1.0  # the trace's own arrival rate times this, outside the surge
+    rate: float = 0.5  # the trace's own arrival rate times this, outside the surge (0.5: a 2-core host)
     surge_factor: float = 3.0
     warmup_s: float = 60.0
     surge_s: float = 120.0
-    tail_s: float = 180.0
+    tail_s: float = 240.0
     page_size: int = 64
     profile: str = "h100-llama3-8b"
     time_scale: float = 1.0
@@ -82,6 +82,8 @@ class AutoscaleBenchConfig:
     max_decode: int = 4
     configs: tuple[str, ...] = CONFIGS
     out_dir: Path = REPO / "bench" / "report" / "autoscale"
+    reuse: tuple[str, ...] = ()  # configs loaded from reuse_dir (an earlier run of the same load) instead
+    reuse_dir: Path = REPO / "bench" / "report" / "autoscale"
 
     @property
     def duration_s(self) -> float:
@@ -438,6 +440,9 @@ async def main_async(cfg: AutoscaleBenchConfig) -> list[dict[str, Any]]:
     runs: list[Run] = []
     with open(cfg.out_dir / "autoscale.log", "w", encoding="utf-8") as log:
         for name in cfg.configs:
+            if name in cfg.reuse:  # the same load and fleet, measured by an earlier invocation
+                runs.append(load_run(cfg.reuse_dir, name, sizes[name]))
+                continue
             runs.append(await run_one(name, sizes[name], wl, cfg, log))
             with open(cfg.out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for r in runs[-1].results:
@@ -478,6 +483,23 @@ async def main_async(cfg: AutoscaleBenchConfig) -> list[dict[str, Any]]:
     return sums
 
 
+def load_run(folder: Path, name: str, size: tuple[int, int]) -> Run:
+    """A run recorded by an earlier invocation into `folder` (its jsonl results and summary.json)."""
+    from bench.loadgen import read_results
+
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary["sizes"][name] != list(size):
+        raise SystemExit(f"--reuse {name}: {folder} ran it at {summary['sizes'][name]}, not {list(size)}")
+    return Run(
+        name,
+        size,
+        read_results(folder / f"{name}.jsonl"),
+        summary["series"][name],
+        summary["decisions"][name],
+        next(r["wall_s"] for r in summary["results"] if r["config"] == name),
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     d = AutoscaleBenchConfig()
     p = argparse.ArgumentParser(prog="python -m bench.autoscale", description=__doc__.split("\n")[0])
@@ -499,6 +521,9 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     )
     p.add_argument("--configs", default=",".join(d.configs))
     p.add_argument("--out", type=Path, default=d.out_dir)
+    p.add_argument(
+        "--reuse", default="", metavar="DIR:CONFIG,...", help="take these configs' runs from an earlier --out"
+    )
     a = p.parse_args(argv)
     cfg = replace(
         d,
@@ -517,6 +542,8 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
         time_scale=a.time_scale,
         configs=tuple(c for c in a.configs.split(",") if c),
         out_dir=a.out,
+        reuse=tuple(c for c in a.reuse.partition(":")[2].split(",") if c),
+        reuse_dir=Path(a.reuse.partition(":")[0]) if a.reuse else d.reuse_dir,
     )
     unknown = set(cfg.configs) - set(CONFIGS)
     if unknown:

@@ -259,15 +259,20 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
             effective = service_for_ttft(
                 load.request_rate, load.current_prefill, load.measured_ttft_s, tail, spread
             )
-            p_scale = _clamp_ratio(effective / service)
+            # Never below the model: a TTFT measured early in a surge (queue not built yet) read as
+            # "faster than modelled" halved the plan just as the load tripled.
+            p_scale = min(max(1.0, effective / service), CORRECTION_BOUNDS[1])
             why.append(
                 f"prefill correction x{p_scale:.2f}: measured TTFT "
                 f"{load.measured_ttft_s * 1e3:.0f} ms vs modelled {predicted * 1e3:.0f} ms "
                 f"with {load.current_prefill} prefill worker(s)"
             )
-        else:
-            p_scale = CORRECTION_BOUNDS[1]
-            why.append("prefill correction: the model says the current prefill pool is saturated")
+        else:  # the load outruns the current pool: the rate already asks for more; the TTFT measured
+            # while a queue builds says nothing about the service time (scaling it 4x overshot 6-fold)
+            why.append(
+                "prefill correction: none, the model says the current prefill pool is saturated "
+                "(the plan grows it from the rate)"
+            )
     service *= p_scale
     second = spread * service * service
     n_prefill = 1
