@@ -103,8 +103,9 @@ class RouterConfig:
     # --- upstream timeouts and retries
     connect_timeout_s: float = 5.0  # seconds to open a connection to an engine; 0 = no limit
     request_timeout_s: float = 1800.0  # seconds for a whole upstream request (SGLang's); 0 = no limit
-    stream_idle_timeout_s: float = 30.0  # seconds between two chunks of a response (and, streaming, to its
-    # head); a non-streamed answer's head may take up to request_timeout_s; 0 = no limit
+    stream_idle_timeout_s: float = 120.0  # seconds between two chunks of a stream (and for its head and first
+    # token, so it covers queueing in an overloaded engine); a non-streamed answer's head may take up to
+    # request_timeout_s; a wedged engine is caught sooner by stall_timeout_s; 0 = no limit
     stall_timeout_s: float = 20.0  # a worker with requests in flight and no byte from it for this long is
     # probed with /health_generate and, if that fails, taken out of routing (its unanswered requests are
     # retried elsewhere); 0 = off

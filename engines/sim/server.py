@@ -56,7 +56,9 @@ class SimServer:
             await self._close_listener()
 
     async def _open(self) -> None:
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        # backlog: SGLang (uvicorn) listens with 2048; 128 (the default) overflows when a router opens
+        # hundreds of connections at once (connects time out, resets).
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, backlog=2048)
         await site.start()
         server = site._server  # the asyncio Server: the only place the bound port is exposed
         socks = getattr(server, "sockets", None)

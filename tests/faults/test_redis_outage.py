@@ -28,9 +28,12 @@ async def test_admin_change_during_redis_outage_is_replayed_and_degraded_clears(
     f = await fleet(2)
     try:
         kw = dict(
-            worker_urls=tuple(f.urls), redis_url=srv.url, redis_key_prefix="kvroute-faults", sync_interval_s=0.05,
+            worker_urls=tuple(f.urls),
+            redis_url=srv.url,
+            redis_key_prefix="kvroute-faults",
+            sync_interval_s=0.05,
             replica_ttl_s=0.5,
-        )  # fmt: skip
+        )
         a = await start_router(test_config(replica_id="a", **kw))
         b = await start_router(test_config(replica_id="b", **kw))
         await a.wait_healthy(2, timeout=10)
@@ -42,7 +45,7 @@ async def test_admin_change_during_redis_outage_is_replayed_and_degraded_clears(
 
         srv.stop()
         await wait_until(lambda: a.app[ADMIN].replicas.status()["degraded"], 10, "a to notice the outage")
-        async with a.session.post(r"%s/admin/workers/drain" % a.url, json={"url": f.urls[0]}) as resp:
+        async with a.session.post(a.url + "/admin/workers/drain", json={"url": f.urls[0]}) as resp:
             assert resp.status == 200
         assert (await status(a))["unsent_changes"] == 1
         assert b.core.get_worker(f.urls[0]).state.value == "healthy"  # B cannot know yet

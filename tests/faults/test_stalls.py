@@ -19,8 +19,10 @@ STALL = dict(stall_timeout_s=0.6, control_timeout_s=0.5, stream_idle_timeout_s=3
 
 def test_defaults_end_a_hung_request_in_tens_of_seconds() -> None:
     c = RouterConfig()
-    assert 0 < c.stall_timeout_s + c.control_timeout_s <= 30  # wedge found and failed over
-    assert 0 < c.stream_idle_timeout_s <= 60  # a stream silent this long ends
+    assert 0 < c.stall_timeout_s + c.control_timeout_s <= 30  # a wedged engine: found and failed over
+    # One silent stream on an engine that still produces for others (queueing under overload is not a
+    # hang): ended after at most two minutes.
+    assert 0 < c.stream_idle_timeout_s <= 120
     assert 0 < c.header_timeout_s <= 30 and 0 < c.body_timeout_s <= 60
 
 
