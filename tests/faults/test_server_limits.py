@@ -55,10 +55,10 @@ async def test_slow_clients_are_closed_within_the_header_timeout_while_others_ar
         t0 = time.monotonic()
         got = b""
         try:
-            for i in range(len(head)):  # one byte every 50 ms: the head would take ~3.5 s
+            for i in range(len(head)):  # one byte every 100 ms: the head would take ~7 s
                 writer.write(head[i : i + 1])
                 try:  # read(n) keeps what arrived if the wait times out (read() until EOF would not)
-                    got = await asyncio.wait_for(reader.read(65536), 0.05)
+                    got = await asyncio.wait_for(reader.read(65536), 0.1)
                 except TimeoutError:
                     continue
                 if got or reader.at_eof():
@@ -78,7 +78,7 @@ async def test_slow_clients_are_closed_within_the_header_timeout_while_others_ar
     statuses = await asyncio.gather(*(normal(i) for i in range(40)))
     assert statuses == [200] * 40
     for elapsed, got in await asyncio.gather(*slow):
-        assert elapsed < 3.0, elapsed  # closed by the server, not by finishing the head
+        assert elapsed < 5.0, elapsed  # closed by the server (1 s timeout), not by finishing the head
         status, body = _status_and_json(got)
         assert status == 408 and body["error"]["code"] == "header_timeout"
     text = await (await r.session.get(r.url + "/metrics")).text()

@@ -24,7 +24,7 @@ async def test_flush_cache_needs_admin_access(engines, start_router) -> None:
 
 async def test_abort_request_reaches_the_worker_serving_the_rid(engines, start_router) -> None:
     eng = await engines(mode="slow_stream", chunks=3)
-    other = await engines()
+    other = await engines(mode="slow_stream", chunks=3)  # whichever serves it, the stream stays open
     r = await start_router(test_config(worker_urls=(eng.url, other.url)))
     await r.wait_healthy(2)
     # round_robin: the first request goes to the first registered healthy worker; find which one.
@@ -34,8 +34,8 @@ async def test_abort_request_reaches_the_worker_serving_the_rid(engines, start_r
     async with r.session.post(r.url + "/abort_request", json={"rid": "job-7"}) as ar:
         body = await ar.json()
         assert ar.status == 200 and list(body["workers"]) == [serving]
-    target = eng if serving == eng.url else other
-    assert target.aborts == ["job-7"]
+    target, idle = (eng, other) if serving == eng.url else (other, eng)
+    assert target.aborts == ["job-7"] and idle.aborts == []
     resp.close()
     async with r.session.post(r.url + "/abort_request", json={}) as ar:
         assert ar.status == 400 and (await ar.json())["error"]["code"] == "missing_rid"
