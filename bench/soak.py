@@ -136,7 +136,8 @@ async def run(
     streams: int, duration_s: float, warmup_s: float, workers: int, time_scale: float
 ) -> SoakResult:
     res = SoakResult(streams, duration_s, warmup_s, workers)
-    log = open(REPO / "bench" / "soak.log", "w")  # noqa: SIM115  (closed below, after the children)
+    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    log = open(REPO / "bench" / "results" / "soak.log", "w")  # noqa: SIM115  (closed below, after the children)
     try:
         fleet = FleetSpec(workers=workers, profile="tiny", time_scale=time_scale)
         # No keep-alive on the bench's own control calls: its idle connection would count in the router's fds.
