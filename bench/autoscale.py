@@ -17,8 +17,8 @@ worker, integrated over the run from the router's `GET /admin/plan`, booting and
 included), cost per million goodput tokens (output tokens of requests within the SLA) at
 `gpu_hour_cost`, and plots of the pool sizes and of TTFT over time (`bench/report/autoscale/`).
 
-    python -m bench.autoscale                 # the recorded run (~25 minutes: 3 x 7 min of load + drain)
-    python -m bench.autoscale --quick         # a short, time-compressed smoke run (~3 minutes)
+    python -m kvroute.bench.autoscale  # the recorded run (~25 minutes: 3 x 7 min of load + drain)
+    python -m kvroute.bench.autoscale --quick         # a short, time-compressed smoke run (~3 minutes)
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from typing import IO, Any
 
 import aiohttp
 
-from bench.compare import REPO, json_child, percentile
-from bench.loadgen import LoadgenConfig, RequestResult, run_load
-from bench.workloads import Workload, mooncake
-from bench.workloads.ceiling import prefix_reuse_ceiling
-from engines.sim.profiles import get_profile
-from router.autoscale.cost import CostModel, cost_figures, within_sla
-from router.planner import ObservedLoad, PlanTargets, plan
+from kvroute.bench.compare import REPO, json_child, percentile
+from kvroute.bench.loadgen import LoadgenConfig, RequestResult, run_load
+from kvroute.bench.workloads import Workload, mooncake
+from kvroute.bench.workloads.ceiling import prefix_reuse_ceiling
+from kvroute.engines.sim.profiles import get_profile
+from kvroute.router.autoscale.cost import CostModel, cost_figures, within_sla
+from kvroute.router.planner import ObservedLoad, PlanTargets, plan
 
 CONFIGS = ("static-mean", "static-peak", "autoscaled")
 
@@ -136,11 +136,11 @@ async def _serve_child(spec: dict[str, Any]) -> None:
 
     from aiohttp import web
 
-    from engines.sim.fleet import SimFleet
-    from router.app import REGISTRY, create_app
-    from router.autoscale.runtime import SCALER
-    from router.autoscale.sim import SimScaler
-    from router.config import RouterConfig
+    from kvroute.engines.sim.fleet import SimFleet
+    from kvroute.router.app import REGISTRY, create_app
+    from kvroute.router.autoscale.runtime import SCALER
+    from kvroute.router.autoscale.sim import SimScaler
+    from kvroute.router.config import RouterConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fleet = SimFleet(
@@ -190,7 +190,7 @@ async def _serve_child(spec: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def router_child(spec: dict[str, Any], log: IO[str]) -> AsyncIterator[str]:
-    argv = ["-m", "bench.autoscale", "--serve-child", json.dumps(spec)]
+    argv = ["-m", "kvroute.bench.autoscale", "--serve-child", json.dumps(spec)]
     async with json_child(argv, log, 120, "the router child exited before serving (see autoscale.log)") as r:
         yield str(r["url"])
 
@@ -485,7 +485,7 @@ async def main_async(cfg: AutoscaleBenchConfig) -> list[dict[str, Any]]:
 
 def load_run(folder: Path, name: str, size: tuple[int, int]) -> Run:
     """A run recorded by an earlier invocation into `folder` (its jsonl results and summary.json)."""
-    from bench.loadgen import read_results
+    from kvroute.bench.loadgen import read_results
 
     summary = json.loads((folder / "summary.json").read_text())
     if summary["sizes"][name] != list(size):
@@ -502,7 +502,7 @@ def load_run(folder: Path, name: str, size: tuple[int, int]) -> Run:
 
 def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     d = AutoscaleBenchConfig()
-    p = argparse.ArgumentParser(prog="python -m bench.autoscale", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvroute.bench.autoscale", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short time-compressed smoke run")
     p.add_argument("--trace-start", type=int, default=d.trace_start)
     p.add_argument("--rate", type=float, default=d.rate)

@@ -12,8 +12,8 @@ below), each router in its own process, and the load generator in this one; thre
 share two cores, so absolute latencies include some host contention, identical for every router.
 All latencies are in engine (GPU) seconds: wall / time_scale.
 
-    python -m bench.compare --quick     # < 3 minutes, time-compressed
-    python -m bench.compare             # the recorded comparison: Mooncake requests 0-1999, 8 engines,
+    python -m kvroute.bench.compare --quick     # < 3 minutes, time-compressed
+    python -m kvroute.bench.compare  # the recorded comparison: Mooncake requests 0-1999, 8 engines,
                                         # arrivals x2.5, outputs x0.25, page 64, real time (~30 minutes)
 """
 
@@ -37,20 +37,20 @@ from typing import IO, Any
 
 import aiohttp
 
-from bench.loadgen import LoadgenConfig, RequestResult, run_load
-from bench.peers import PEERS
-from bench.peers import command as peer_command
-from bench.peers import install as install_peer
-from bench.workloads import WORKLOADS, Workload, build
-from bench.workloads.ceiling import (
+from kvroute.bench.loadgen import LoadgenConfig, RequestResult, run_load
+from kvroute.bench.peers import PEERS
+from kvroute.bench.peers import command as peer_command
+from kvroute.bench.peers import install as install_peer
+from kvroute.bench.workloads import WORKLOADS, Workload, build
+from kvroute.bench.workloads.ceiling import (
     Ceiling,
     owner_affinity,
     prefix_reuse_ceiling,
     profile_prefill_cost,
     ttft_lower_bounds,
 )
-from engines.sim.fleet import free_port as free_port  # the benches import it from here
-from router.autoscale.cost import cost_per_million_goodput
+from kvroute.engines.sim.fleet import free_port as free_port  # the benches import it from here
+from kvroute.router.autoscale.cost import cost_per_million_goodput
 
 REPO = Path(__file__).resolve().parent.parent
 KVROUTE_POLICIES = ("round_robin", "least_load", "cache_aware", "kv_aware")
@@ -147,7 +147,7 @@ def size_capacity(ceiling_workload: Workload, workers: int, page_size: int) -> i
     """KV tokens per worker so that the workload's distinct prompt tokens exceed one worker's cache
     but fit the fleet's: distinct pages x page_size / (workers x 0.75), i.e. the fleet holds the whole
     working set with 25% headroom for running requests, one worker holds about 1/(0.75 N) of it."""
-    from cache_index.hashing import hash_text_blocks
+    from kvroute.cache_index.hashing import hash_text_blocks
 
     distinct: set[int] = set()
     longest = 0
@@ -161,8 +161,8 @@ def size_capacity(ceiling_workload: Workload, workers: int, page_size: int) -> i
 # ---- the fleet, in a child process ------------------------------------------------------------------
 async def _fleet_child(spec: dict[str, Any]) -> None:
     """Run a SimFleet until stdin closes; print one JSON line with the engine URLs first."""
-    from engines.http_api import STATE
-    from engines.sim.fleet import SimFleet
+    from kvroute.engines.http_api import STATE
+    from kvroute.engines.sim.fleet import SimFleet
 
     kwargs = dict(spec)
     incremental = bool(kwargs.pop("incremental_streaming_output", True))
@@ -212,7 +212,7 @@ async def json_child(
 @contextlib.asynccontextmanager
 async def fleet_child(args: dict[str, Any], log: IO[str], error: str) -> AsyncIterator[list[str]]:
     """`SimFleet(**args)` in a child process (`--fleet-child`); yield its engine URLs."""
-    argv = ["-m", "bench.compare", "--fleet-child", json.dumps(args)]
+    argv = ["-m", "kvroute.bench.compare", "--fleet-child", json.dumps(args)]
     async with json_child(argv, log, 120, error) as ready:
         yield list(ready["urls"])
 
@@ -247,7 +247,7 @@ def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: 
         return [
             sys.executable,
             "-m",
-            "router.cli",
+            "kvroute.router.cli",
             "serve",
             "--worker-urls",
             *urls,
@@ -264,7 +264,7 @@ def router_command(spec: RouterSpec, urls: Sequence[str], port: int, page_size: 
         ]
     prog = peer_command(PEERS[spec.kind])
     if prog is None:
-        raise BenchError(f"{PEERS[spec.kind].pin} is not installed (python -m bench.peers install)")
+        raise BenchError(f"{PEERS[spec.kind].pin} is not installed (python -m kvroute.bench.peers install)")
     common = [
         "--host",
         "127.0.0.1",
@@ -741,7 +741,9 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
     for kind, peer in PEERS.items():
         if any(r.kind == kind for r in routers) and not peer_available(kind):
             routers = [r for r in routers if r.kind != kind]
-            notes.append(f"{peer.pin} is not installed (`python -m bench.peers install {kind}`): skipped.")
+            notes.append(
+                f"{peer.pin} is not installed (`python -m kvroute.bench.peers install {kind}`): skipped."
+            )
     fleet = cfg.fleet
     if fleet.kv_capacity_tokens is None:
         fleet = FleetSpec(
@@ -752,7 +754,7 @@ async def compare(cfg: BenchConfig) -> list[Summary]:
             size_capacity(wl, fleet.workers, fleet.page_size),
         )
     ceiling = prefix_reuse_ceiling(wl.requests, fleet.page_size)
-    from engines.sim.profiles import get_profile
+    from kvroute.engines.sim.profiles import get_profile
 
     bounds = ttft_lower_bounds(ceiling, profile_prefill_cost(get_profile(fleet.profile)))
     rates = cfg.sweep or (cfg.rate,)
@@ -827,7 +829,7 @@ def write_report(
     if cfg.sweep:
         lines += ["## Load sweep (p99 TTFT / goodput)", "", sweep_table(summaries, cfg.sla_ttft_s)]
     lines += [f"- {n}" for n in notes]
-    lines += ["", f"Command: `{' '.join(['python -m bench.compare', *sys.argv[1:]])}`", ""]
+    lines += ["", f"Command: `{' '.join(['python -m kvroute.bench.compare', *sys.argv[1:]])}`", ""]
     (out / "results.md").write_text("\n".join(lines))
     (out / "summary.json").write_text(
         json.dumps(
@@ -843,7 +845,7 @@ def write_report(
         )
     )
     try:
-        from bench import plots
+        from kvroute.bench import plots
     except ImportError as exc:  # matplotlib missing: the table is still written
         (out / "results.md").open("a").write(f"\n(no plots: {exc})\n")
         return

@@ -17,11 +17,11 @@ import time
 
 import msgspec
 
-from cache_index.apply import KvEventApplier
-from cache_index.events import BlockRemoved, BlockStored, KvEvent, decode_batch
-from cache_index.radix import RadixIndex
-from engines.kv_events import KvEventSubscriber
-from engines.kv_publisher import KvEventPublisher, PublisherForm, sglang_page_hash
+from kvroute.cache_index.apply import KvEventApplier
+from kvroute.cache_index.events import BlockRemoved, BlockStored, KvEvent, decode_batch
+from kvroute.cache_index.radix import RadixIndex
+from kvroute.engines.kv_events import KvEventSubscriber
+from kvroute.engines.kv_publisher import KvEventPublisher, PublisherForm, sglang_page_hash
 
 PAGE = 16
 

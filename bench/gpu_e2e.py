@@ -30,11 +30,11 @@ def step_costs(model_name: str, page_size: int) -> dict[str, Any]:
     """Time whole forward steps (all layers, our kernels, sampling rows) at the profile's grid points."""
     import torch
 
-    from engines.gpu.attention import TritonAttention, build_meta
-    from engines.gpu.config import load_model_config
-    from engines.gpu.kv_pool import KVPool
-    from engines.gpu.model import LlamaModel, LlamaWeights, torch_dtype
-    from engines.sim.profiles import h100_llama3_8b
+    from kvroute.engines.gpu.attention import TritonAttention, build_meta
+    from kvroute.engines.gpu.config import load_model_config
+    from kvroute.engines.gpu.kv_pool import KVPool
+    from kvroute.engines.gpu.model import LlamaModel, LlamaWeights, torch_dtype
+    from kvroute.engines.sim.profiles import h100_llama3_8b
 
     cfg = load_model_config(model_name)
     dev = torch.device("cuda")
@@ -161,15 +161,15 @@ def summarize(results: list[Any]) -> dict[str, Any]:
 async def e2e(a: argparse.Namespace) -> dict[str, Any]:
     from aiohttp import web
 
-    from bench.loadgen import LoadgenConfig, run_load
-    from bench.workloads import build
-    from router.app import create_app
-    from router.config import RouterConfig
+    from kvroute.bench.loadgen import LoadgenConfig, run_load
+    from kvroute.bench.workloads import build
+    from kvroute.router.app import create_app
+    from kvroute.router.config import RouterConfig
 
     cmd = [
         sys.executable,
         "-m",
-        "engines.gpu.launch",
+        "kvroute.engines.gpu.launch",
         "--device",
         a.device,
         "--model-config",

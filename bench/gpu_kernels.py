@@ -25,8 +25,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.gpu import kernels  # noqa: E402
-from engines.gpu.attention import build_meta, reference_extend  # noqa: E402
+from kvroute.engines.gpu import kernels  # noqa: E402
+from kvroute.engines.gpu.attention import build_meta, reference_extend  # noqa: E402
 
 NH, NKV, HD = 32, 8, 128
 DT = torch.bfloat16

@@ -16,8 +16,8 @@ fleets behind the router.
 - prefix: the shared-prefix workload on the 2 + 2 PD fleet, the router's prefill policy kv_aware vs
   round_robin: prefill-side cache hit ratio (reported back through the decode side) and TTFT.
 
-Engines: `engines.gpu.launch` in one child process (shared weights, device-to-device transfer); the
-router (`router.app.create_app`) in another; the load generator here. JSON results under $OUT.
+Engines: `kvroute.engines.gpu.launch` in one child process (shared weights, device-to-device transfer); the
+router (`kvroute.router.app.create_app`) in another; the load generator here. JSON results under $OUT.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 def _pools(model: str, ps: int, pool_bytes: int) -> tuple[Any, Any, int]:
     import torch
 
-    from engines.gpu.config import load_model_config
-    from engines.gpu.kv_pool import KVPool
+    from kvroute.engines.gpu.config import load_model_config
+    from kvroute.engines.gpu.kv_pool import KVPool
 
     cfg = load_model_config(model)
     pages = pool_bytes // (cfg.kv_bytes_per_token(2) * ps)
@@ -121,8 +121,8 @@ def _time_copy(
     makes it (page-table upload, launch, synchronise; host clock). Bandwidth counts read + written."""
     import torch
 
-    from engines.gpu.kernels import copy_kv_pages
-    from engines.gpu.transfer import SourceKv, copy_pages
+    from kvroute.engines.gpu.kernels import copy_kv_pages
+    from kvroute.engines.gpu.transfer import SourceKv, copy_pages
 
     ps = dst.page_size
     sp_t = torch.tensor(sp, dtype=torch.int32, device="cuda")
@@ -166,7 +166,7 @@ def transfer(a: argparse.Namespace) -> dict[str, Any]:
     """Copy a prompt's pages between two pools for each page size and transfer size; check the bytes."""
     import torch
 
-    from engines.gpu.transfer import SourceKv, copy_pages, page_bytes
+    from kvroute.engines.gpu.transfer import SourceKv, copy_pages, page_bytes
 
     copy_gbs = copy_bandwidth_gbs()
     rows: list[dict[str, Any]] = []
@@ -213,8 +213,8 @@ async def _ipc_transfer(a: argparse.Namespace, copy_gbs: float) -> list[dict[str
     """Source pool in a child process: opened through CUDA IPC, copied with the same kernel."""
     import torch
 
-    from engines.gpu.kv_pool import KVPool
-    from engines.gpu.transfer import CudaIpcTransport, PoolDescriptor, page_bytes
+    from kvroute.engines.gpu.kv_pool import KVPool
+    from kvroute.engines.gpu.transfer import CudaIpcTransport, PoolDescriptor, page_bytes
 
     sizes = [int(s) for s in a.sizes_mb.split(",")]
     ps = 16
@@ -236,7 +236,7 @@ async def _ipc_transfer(a: argparse.Namespace, copy_gbs: float) -> list[dict[str
         t = CudaIpcTransport()
         src = t.open(desc)
         pages = src.k.shape[1] // ps
-        from engines.gpu.config import load_model_config
+        from kvroute.engines.gpu.config import load_model_config
 
         dst = KVPool(load_model_config(a.model_config), pages, ps, torch.device("cuda"), torch.bfloat16)
         pb = page_bytes(dst)
@@ -269,7 +269,7 @@ async def _ipc_transfer(a: argparse.Namespace, copy_gbs: float) -> list[dict[str
 def ipc_child(spec: dict[str, Any]) -> None:
     import torch
 
-    from engines.gpu.transfer import describe_pool
+    from kvroute.engines.gpu.transfer import describe_pool
 
     src, _dst, _ = _pools(spec["model"], spec["page_size"], spec["pool_bytes"])
     del _dst
@@ -288,7 +288,7 @@ async def engine_fleet(
     cmd = [
         sys.executable,
         "-m",
-        "engines.gpu.launch",
+        "kvroute.engines.gpu.launch",
         "--device",
         a.device,
         "--model-config",
@@ -326,7 +326,7 @@ async def engine_fleet(
 @contextlib.asynccontextmanager
 async def router_process(spec: dict[str, Any]) -> AsyncIterator[str]:
     """The router app in its own process (the load generator must not share its CPU)."""
-    from bench.compare import json_child
+    from kvroute.bench.compare import json_child
 
     with open(OUT / "gpu_pd_router.log", "a") as log:
         argv = [str(Path(__file__).resolve()), "router-child", json.dumps(spec)]
@@ -337,8 +337,8 @@ async def router_process(spec: dict[str, Any]) -> AsyncIterator[str]:
 async def _router_child(spec: dict[str, Any]) -> None:
     from aiohttp import web
 
-    from router.app import create_app
-    from router.config import RouterConfig
+    from kvroute.router.app import create_app
+    from kvroute.router.config import RouterConfig
 
     kw: dict[str, Any] = dict(spec)
     for key in ("worker_urls", "decode_urls"):
@@ -457,8 +457,8 @@ def _hit(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], ro
 
 # ---- burst: PD vs aggregated ---------------------------------------------------------------------
 async def burst(a: argparse.Namespace) -> dict[str, Any]:
-    from bench.loadgen import LoadgenConfig, run_load
-    from bench.pd_bench import PDBenchConfig, build_workload, summarize, table
+    from kvroute.bench.loadgen import LoadgenConfig, run_load
+    from kvroute.bench.pd_bench import PDBenchConfig, build_workload, summarize, table
 
     wcfg = PDBenchConfig(
         duration_s=a.duration,
@@ -509,9 +509,9 @@ async def burst(a: argparse.Namespace) -> dict[str, Any]:
 
 # ---- prefix: the router's prefill choice ---------------------------------------------------------
 async def prefix(a: argparse.Namespace) -> dict[str, Any]:
-    from bench.gpu_e2e import summarize
-    from bench.loadgen import LoadgenConfig, run_load
-    from bench.workloads import build
+    from kvroute.bench.gpu_e2e import summarize
+    from kvroute.bench.loadgen import LoadgenConfig, run_load
+    from kvroute.bench.workloads import build
 
     wl = build(
         "shared_prefix",

@@ -32,8 +32,8 @@ from typing import cast
 
 import xxhash
 
-from cache_index.hashing import BlockHash, EngineBlockHash
-from cache_index.radix import RadixIndex, StoredBlock
+from kvroute.cache_index.hashing import BlockHash, EngineBlockHash
+from kvroute.cache_index.radix import RadixIndex, StoredBlock
 
 _PAIR = struct.Struct("<QQ")
 _MASK63 = (1 << 63) - 1

@@ -7,7 +7,7 @@ that served it (`X-Kvroute-Worker`, when the router says). With a simulated flee
 times real speed, arrivals are compressed by the same factor and every latency is reported in engine
 time (wall / time_scale), so results read as GPU seconds.
 
-    python -m bench.loadgen --url http://127.0.0.1:30000 --workload mooncake --count 200 --out r.jsonl
+    python -m kvroute.bench.loadgen --url http://127.0.0.1:30000 --workload mooncake --count 200 --out r.jsonl
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from bench.workloads import Request, build
-from router.observability.phases import engine_timings
+from kvroute.bench.workloads import Request, build
+from kvroute.router.observability.phases import engine_timings
 
 Api = Literal["generate", "completions", "chat"]
 WORKER_HEADER = "X-Kvroute-Worker"
@@ -272,7 +272,7 @@ def read_results(path: str | Path) -> list[RequestResult]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvroute.bench.loadgen", description=__doc__.splitlines()[0])
     ap.add_argument("--url", required=True, help="router or engine base URL (loopback only)")
     ap.add_argument("--api", choices=["generate", "completions", "chat"], default="generate")
     ap.add_argument("--input-ids", action="store_true", help="/generate: send input_ids instead of text")

@@ -4,7 +4,7 @@ Workload (engine seconds): steady chat (Poisson, a shared system prompt plus a u
 streamed answer) plus, every `burst_every_s`, a burst of long unique prompts with short outputs.
 Same GPU count in every configuration, on the simulated fleet (H100 cost profile):
 - `kvroute-aggregated`: N regular workers, kvroute (kv_aware) in front.
-- `kvroute-pd`: P prefill + (N - P) decode workers, kvroute's PD path (`router.pd.forward_pd`).
+- `kvroute-pd`: P prefill + (N - P) decode workers, kvroute's PD path (`kvroute.router.pd.forward_pd`).
 - `kvroute-pd-conditional`: P prefill + 1 regular + (N - P - 1) decode; prompts whose uncached part is
   short (chat, whose system prompt is cached) are served whole on the regular worker, bursts by pairs.
 - `sglang-pd`: the same PD fleet as `kvroute-pd` behind
@@ -15,7 +15,7 @@ first burst arrival to the burst's last first token) and outside bursts, their r
 for PD), and TTFT of chat and burst requests. The fleet runs in a child process (`bench.compare
 --fleet-child`), kvroute and SGLang's router each in their own, the load generator in this one.
 
-    python -m bench.pd_bench --duration 60 --time-scale 2 [--no-sglang] [--out bench/results/pd.json]
+    python -m kvroute.bench.pd_bench --duration 60 --time-scale 2 [--no-sglang] [--out bench/results/pd.json]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bench.compare import (
+from kvroute.bench.compare import (
     REPO,
     fleet_child,
     free_port,
@@ -47,12 +47,12 @@ from bench.compare import (
     serve_router,
     sglang_router_available,
 )
-from bench.loadgen import LoadgenConfig, RequestResult, run_load
-from bench.workloads import Request, block_text, poisson_arrivals
-from router.autoscale.cost import CostModel, cost_per_million_goodput, within_sla
-from router.core import Router
-from router.pd import PDConfig, PDContext, forward_pd
-from router.types import Worker, WorkerRole, WorkerState
+from kvroute.bench.loadgen import LoadgenConfig, RequestResult, run_load
+from kvroute.bench.workloads import Request, block_text, poisson_arrivals
+from kvroute.router.autoscale.cost import CostModel, cost_per_million_goodput, within_sla
+from kvroute.router.core import Router
+from kvroute.router.pd import PDConfig, PDContext, forward_pd
+from kvroute.router.types import Worker, WorkerRole, WorkerState
 
 PAGE = 16
 
@@ -215,7 +215,7 @@ async def kvroute_process(
         "kv_events": kv_events,
         "local_max_tokens": local_max_tokens,
     }
-    argv = ["-m", "bench.pd_bench", "--kvroute-child", json.dumps(spec)]
+    argv = ["-m", "kvroute.bench.pd_bench", "--kvroute-child", json.dumps(spec)]
     async with json_child(argv, log, 60, "kvroute exited before listening (see pd_bench.log)") as ready:
         yield str(ready["url"])
 
@@ -429,7 +429,7 @@ async def main_async(cfg: PDBenchConfig, out: Path | None) -> list[Summary]:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[PDBenchConfig, Path | None]:
     d = PDBenchConfig()
-    p = argparse.ArgumentParser(prog="python -m bench.pd_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvroute.bench.pd_bench", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=d.duration_s, help="engine seconds of workload")
     p.add_argument("--chat-rate", type=float, default=d.chat_rate)
     p.add_argument("--chat-output", type=int, default=d.chat_output_tokens)

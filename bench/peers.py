@@ -3,7 +3,7 @@
 A peer is SGLang's router as released in January (`sglang-router` 0.3.2, `python -m
 sglang_router.launch_router`), its successor `smg` 1.13 (`smg launch`) and vLLM's fork `vllm-router`
 0.1.17. Each is looked up first in its own venv under `bench/.peers/<name>/` (made by
-`python -m bench.peers install` or `kvroute bench --install-peers`: its dependencies never meet
+`python -m kvroute.bench.peers install` or `kvroute bench --install-peers`: its dependencies never meet
 kvroute's), then in the running interpreter's environment when the installed version is the pinned one.
 """
 
@@ -79,7 +79,7 @@ def install(peer: Peer) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvroute.bench.peers", description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["list", "install"])
     ap.add_argument("kinds", nargs="*", default=list(PEERS))
     a = ap.parse_args(argv)

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
-    from bench.compare import RunResult, Summary
+    from kvroute.bench.compare import RunResult, Summary
 
 
 def _cdf(xs: Sequence[float]) -> tuple[list[float], list[float]]:

@@ -13,9 +13,9 @@ import subprocess
 import tempfile
 import time
 
-from cache_index.hashing import BlockHash
-from engines.sim.fleet import free_port
-from router.shared import (
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.engines.sim.fleet import free_port
+from kvroute.router.shared import (
     LoadVector,
     RemoteLoadFolder,
     ReplicaConfig,
@@ -23,7 +23,7 @@ from router.shared import (
     RoutingRecordShare,
     connect,
 )
-from router.types import Worker, WorkerState
+from kvroute.router.types import Worker, WorkerState
 
 
 async def bench(url: str, workers: int, replicas: int, rounds: int = 200) -> tuple[float, float, float]:

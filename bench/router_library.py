@@ -15,9 +15,9 @@ import itertools
 import random
 import time
 
-from cache_index.events import BlockStored, KvEventBatch
-from router import Router
-from router.types import Worker, WorkerState
+from kvroute import Router
+from kvroute.cache_index.events import BlockStored, KvEventBatch
+from kvroute.router.types import Worker, WorkerState
 
 BLOCK = 16
 PREFIX = 4096

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.compare import RouterSpec, router_command
+from kvroute.bench.compare import RouterSpec, router_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "You are a helpful assistant. " * 8  # 232 bytes: 14 blocks for kv_aware to hash
@@ -408,19 +408,19 @@ def orchestrate(args: argparse.Namespace) -> int:
                                    "--redis-key-prefix", f"kvroute-bench-{os.getpid()}-{n}"]  # fmt: skip
         for policy in ("round_robin", "kv_aware"):
             port = free_port()
-            cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", policy, *kv_common, *extra]
+            cmd = [py, "-m", "kvroute", "serve", "--port", str(port), "--policy", policy, *kv_common, *extra]
             targets.append(Target(_kv_name(policy, n), port, cmd))
         for ratio in args.tracing:  # kv_aware with tracing on, spans exported over OTLP/HTTP to the sink
             port = free_port()
             otlp = ["--otlp-traces-endpoint", f"http://127.0.0.1:{sport}/v1/traces"]
             otlp += ["--trace-sample-ratio", str(ratio)]
-            cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", "kv_aware", *kv_common]
+            cmd = [py, "-m", "kvroute", "serve", "--port", str(port), "--policy", "kv_aware", *kv_common]
             targets.append(Target(_kv_name("kv_aware", n) + f" +tracing {ratio:g}", port, cmd + extra + otlp))
     if args.baseline_src:  # the same kvroute targets from another checkout, interleaved with these
         base = Path(args.baseline_src).resolve()
         for policy in ("round_robin", "kv_aware"):
             port = free_port()
-            cmd = [py, "-m", "router", "serve", "--port", str(port), "--policy", policy, *kv_common]
+            cmd = [py, "-m", "kvroute", "serve", "--port", str(port), "--policy", policy, *kv_common]
             targets.append(Target(f"{_kv_name(policy, 1)} @baseline", port, cmd, base))
     if not args.no_sglang:
         # round_robin: the proxy alone; cache_aware: its prefix tree too, the like-for-like rival of kv_aware

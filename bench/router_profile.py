@@ -5,9 +5,9 @@ relay, KV-event application, metrics) becomes queueing delay under load. This sc
 router process's CPU seconds (utime + stime from /proc) per request and the added latency (client e2e
 minus the engine's own e2e, in engine seconds), optionally while py-spy samples the router.
 
-    python -m bench.router_profile --count 300 --rate 2 --workers 8 --time-scale 0.3
-    python -m bench.router_profile --count 300 --py-spy /tmp/router.svg   # flame graph too
-    python -m bench.router_profile --micro   # per-chunk costs of the relay path, in process
+    python -m kvroute.bench.router_profile --count 300 --rate 2 --workers 8 --time-scale 0.3
+    python -m kvroute.bench.router_profile --count 300 --py-spy /tmp/router.svg   # flame graph too
+    python -m kvroute.bench.router_profile --micro   # per-chunk costs of the relay path, in process
 
 Processes: the fleet (bench.compare's child), the router (`router.cli serve`), the load here.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.compare import (
+from kvroute.bench.compare import (
     FleetSpec,
     RouterSpec,
     fleet_process,
@@ -38,8 +38,8 @@ from bench.compare import (
     size_capacity,
     wait_router_ready,
 )
-from bench.loadgen import LoadgenConfig, run_load
-from bench.workloads import build
+from kvroute.bench.loadgen import LoadgenConfig, run_load
+from kvroute.bench.workloads import build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ class _FakeTransport:
 
 async def _relay_micro(n: int) -> float:
     """us per chunk of the engine-side receive path: data_received -> wake -> next_chunk, one per turn."""
-    from engines.http1 import Http1Pool, Timeouts, UpstreamResponse, _Conn
+    from kvroute.engines.http1 import Http1Pool, Timeouts, UpstreamResponse, _Conn
 
     conn = _Conn(Http1Pool(), ("127.0.0.1", 1))
     conn.transport = _FakeTransport()  # type: ignore[assignment]
@@ -171,7 +171,7 @@ def micro(n: int = 100_000) -> None:
     """Per-chunk costs of the parts of the relay path that kvroute owns (best of 5), on uvloop."""
     import uvloop
 
-    from router.wire import SseObserver
+    from kvroute.router.wire import SseObserver
 
     relay = min(uvloop.run(_relay_micro(n)) for _ in range(5))
     best = float("inf")

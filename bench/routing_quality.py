@@ -8,7 +8,8 @@ and the fleet's prefix-cache hit rate.
 Two scenarios by default: bursts of 8, and a steady stream (bursts of 1 at the same request rate).
 
 `--scenario mooncake` replays a contiguous slice of the Mooncake conversation trace (bench/workloads)
-on an 8-engine fleet sized like `bench.compare` (working set > one engine's KV, within the fleet's), on
+on an 8-engine fleet sized like `kvroute.bench.compare` (working set > one engine's KV, within the
+fleet's), on
 a *virtual clock*: the asyncio loop's time jumps to the next timer when nothing is runnable, so the
 run is deterministic, independent of host load, and ~30x faster than real time; KV events go straight
 from each engine's step to `Router.apply_kv_events` after `--event-delay` simulated seconds (no
@@ -39,18 +40,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import engines.sim.engine as sim_engine_module
-from bench.workloads import Request, Workload, mooncake
-from bench.workloads.ceiling import prefix_reuse_ceiling
-from cache_index.events import KvEventBatch
-from engines.core import GenerateRequest
-from engines.prefix_cache import default_page_hasher
-from engines.sim.engine import SimConfig, SimEngine
-from engines.sim.kv_notes import notes_to_events
-from engines.sim.profiles import h100_llama3_8b
-from engines.sim.schedule_policy import SCHEDULE_POLICIES
-from router import Router
-from router.types import Worker, WorkerState
+import kvroute.engines.sim.engine as sim_engine_module
+from kvroute import Router
+from kvroute.bench.workloads import Request, Workload, mooncake
+from kvroute.bench.workloads.ceiling import prefix_reuse_ceiling
+from kvroute.cache_index.events import KvEventBatch
+from kvroute.engines.core import GenerateRequest
+from kvroute.engines.prefix_cache import default_page_hasher
+from kvroute.engines.sim.engine import SimConfig, SimEngine
+from kvroute.engines.sim.kv_notes import notes_to_events
+from kvroute.engines.sim.profiles import h100_llama3_8b
+from kvroute.engines.sim.schedule_policy import SCHEDULE_POLICIES
+from kvroute.router.types import Worker, WorkerState
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,7 @@ def virtual_burst(args: argparse.Namespace, sc: Scenario, policy: str, sched: st
 
 
 def main_mooncake(args: argparse.Namespace) -> None:
-    from bench.compare import size_capacity  # the comparison's fleet sizing, so results agree
+    from kvroute.bench.compare import size_capacity  # the comparison's fleet sizing, so results agree
 
     wl = mooncake.load(
         start=args.start, count=args.count, rate_factor=args.rate, output_scale=args.output_scale

@@ -41,7 +41,7 @@ def pin(cpu: int) -> None:
 # ---- child: the simulator process ----------------------------------------------------------------
 async def serve(n: int, interval: float) -> None:
     """The fleet plus a lag probe; with n == 0 only the probe (the control: what the host alone costs)."""
-    from engines.sim.fleet import SimFleet
+    from kvroute.engines.sim.fleet import SimFleet
 
     lags: list[float] = []
     fleet = SimFleet(n, profile="h100-llama3-8b", time_scale=1.0, base_port=0) if n else None

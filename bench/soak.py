@@ -1,12 +1,13 @@
 """Soak: many concurrent streams through `kvroute serve` for a long time; memory, descriptors, lost requests.
 
-A simulated fleet and the router each run in a child process (`bench.compare`'s launchers); this process
+A simulated fleet and the router each run in a child process (`kvroute.bench.compare`'s launchers); this
+process
 keeps `--streams` client streams open at once, each sending `/generate` streams back to back (shared
 prompt prefixes, so the index and load tracking work), and samples the router's RSS and open
 descriptors from /proc. Targets (issue #18): RSS growth after warm-up < 10%, descriptors back to the
 baseline once the load stops, 0 lost requests (every stream ends with `data: [DONE]` and no error event).
 
-    python -m bench.soak --streams 1000 --duration 600 --warmup 60
+    python -m kvroute.bench.soak --streams 1000 --duration 600 --warmup 60
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.compare import REPO, FleetSpec, RouterSpec, fleet_process, router_process
+from kvroute.bench.compare import REPO, FleetSpec, RouterSpec, fleet_process, router_process
 
 
 @dataclass
@@ -187,7 +188,7 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvroute.bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, default=1000, help="client streams open at once")
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     p.add_argument("--warmup", type=float, default=60.0, help="seconds before the RSS reference is taken")

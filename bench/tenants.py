@@ -17,8 +17,8 @@ completed or answered 429 with Retry-After (0 lost, 0 hung, 0 5xx); batch output
 the window >= 80 % of what the fleet serves beside the chat load (calib x (1 - chat's share of
 prefill time)). Writes bench/report/tenants/{report.json, summary.md, ttft_over_time.png, *.jsonl}.
 
-    python -m bench.tenants                       # none, tenants, smg, calib; 60 s each
-    python -m bench.tenants --only tenants --seconds 30
+    python -m kvroute.bench.tenants                       # none, tenants, smg, calib; 60 s each
+    python -m kvroute.bench.tenants --only tenants --seconds 30
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from bench.compare import REPO, fleet_child, percentile, serve_router
-from bench.loadgen import LoadgenConfig, RequestResult, read_results, run_load
-from bench.workloads import ALPHABET, Request
-from engines.sim.fleet import free_port
-from engines.sim.profiles import get_profile
+from kvroute.bench.compare import REPO, fleet_child, percentile, serve_router
+from kvroute.bench.loadgen import LoadgenConfig, RequestResult, read_results, run_load
+from kvroute.bench.workloads import ALPHABET, Request
+from kvroute.engines.sim.fleet import free_port
+from kvroute.engines.sim.profiles import get_profile
 
 MODEL = "sim/llama3-8b"  # what the simulated engines serve (smg answers 404 for any other model)
 PROFILE = "h100-llama3-8b"
@@ -121,7 +121,7 @@ def router_cmd(run: str, urls: Sequence[str], port: int, out: Path, extra: Seque
             "--max-concurrent-requests", "64", "--queue-size", "4096", "--queue-timeout-secs", "60",
         ]  # fmt: skip
     cmd = [
-        sys.executable, "-m", "router.cli", "serve", "--worker-urls", *urls, "--policy", "kv_aware",
+        sys.executable, "-m", "kvroute.router.cli", "serve", "--worker-urls", *urls, "--policy", "kv_aware",
         "--host", "127.0.0.1", "--port", str(port), "--block-size", "16", "--log-level", "warning",
     ]  # fmt: skip
     if run == "calib":  # the fleet's capacity: no router timeout may cut a long engine queue short
@@ -308,7 +308,7 @@ async def main_async(a: Args) -> dict[str, Any]:
     a.out.mkdir(parents=True, exist_ok=True)
     chat, batch, batch_rate = workload(a)
     report: dict[str, Any] = {
-        "command": "python -m bench.tenants " + " ".join(sys.argv[1:]),
+        "command": "python -m kvroute.bench.tenants " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs (shared), Python {sys.version.split()[0]}",
         "params": {
@@ -338,7 +338,7 @@ async def main_async(a: Args) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.tenants", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvroute.bench.tenants", description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--chat-rate", type=float, default=6.0)
     ap.add_argument("--batch-factor", type=float, default=1.5)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, fields
 from itertools import chain
 from typing import Protocol, cast
 
-from cache_index.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
-from cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
-from cache_index.radix import StoredBlock
+from kvroute.cache_index.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
+from kvroute.cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
+from kvroute.cache_index.radix import StoredBlock
 
 __all__ = ["ApplyStats", "KvEventApplier", "KvIndex", "page_size_problem"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from cache_index.hashing import BlockHash
-from cache_index.radix import OverlapScores, RadixIndex
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.cache_index.radix import OverlapScores, RadixIndex
 
 __all__ = ["ApproxIndex"]
 

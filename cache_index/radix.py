@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import NamedTuple
 
-from cache_index.hashing import BlockHash, EngineBlockHash
+from kvroute.cache_index.hashing import BlockHash, EngineBlockHash
 
 __all__ = ["OverlapScores", "RadixIndex", "StoredBlock"]
 

@@ -5,7 +5,7 @@ cookie jar, tracing hooks, StreamReader), measured with `bench/router_overhead.p
 p50 and its sustained rate next to sglang-router's). The proxy only needs: write one pre-built request,
 parse status + headers, relay the body. This transport does that over pooled keep-alive connections
 (`asyncio.Protocol`, no StreamReader), with connect / idle / total timeouts, read-side flow control, and
-the same `engines.errors` types as the rest of the engine client. Control calls (health, info, loads)
+the same `kvroute.engines.errors` types as the rest of the engine client. Control calls (health, info, loads)
 keep using aiohttp: they are off the hot path.
 
 Scope (deliberately small): HTTP/1.1 and 1.0 responses, Content-Length, chunked (extensions and
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from engines.errors import (
+from kvroute.engines.errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamStreamBroken,

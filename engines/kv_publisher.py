@@ -25,7 +25,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from kvroute.cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 __all__ = ["KvEventPublisher", "PublisherForm", "ReplayForm", "sglang_page_hash", "should_bind"]
 

@@ -26,7 +26,7 @@ PageHasher = Callable[[Sequence[int], "str | None"], "tuple[str, int]"]
 
 def default_page_hasher() -> PageHasher:
     """SGLang's chained SHA-256 page hash, from the shared publisher module."""
-    from engines.kv_publisher import sglang_page_hash
+    from kvroute.engines.kv_publisher import sglang_page_hash
 
     return sglang_page_hash
 

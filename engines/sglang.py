@@ -1,7 +1,8 @@
 """Async client of one SGLang server: control calls (health, info, load, flush, abort) and raw forwarding.
 
 Control calls share the caller's aiohttp session; `open` (the proxy's hot path) goes through the
-lean `engines.http1.Http1Pool`. Every low-level failure leaves this module as an `engines.errors`
+lean `kvroute.engines.http1.Http1Pool`. Every low-level failure leaves this module as an
+`kvroute.engines.errors`
 exception raised `from` the original.
 """
 
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from engines.errors import (
+from kvroute.engines.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamHTTPError,
@@ -23,7 +24,7 @@ from engines.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
-from engines.http1 import Http1Pool, Timeouts, UpstreamResponse
+from kvroute.engines.http1 import Http1Pool, Timeouts, UpstreamResponse
 
 # Re-exported: the transport lived here before `engines/http1.py` (router/pd.py and older callers).
 __all__ = [

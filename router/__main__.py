@@ -1,8 +1,8 @@
-"""`python -m router` = the `kvroute` command."""
+"""`python -m kvroute` = the `kvroute` command."""
 
 import sys
 
-from router.cli import main
+from kvroute.router.cli import main
 
 if __name__ == "__main__":  # not when re-imported as `__mp_main__` by a `serve --processes` child
     sys.exit(main())

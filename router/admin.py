@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.errors import ApiError, bad_request, json_object
-from router.policies.base import NoWorkerAvailable
-from router.selfcheck import points_at_self
-from router.types import WorkerRole
-from router.workers import RegistryError, WorkerRegistry
+from kvroute.router.errors import ApiError, bad_request, json_object
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.selfcheck import points_at_self
+from kvroute.router.types import WorkerRole
+from kvroute.router.workers import RegistryError, WorkerRegistry
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,7 +80,7 @@ def _unknown_worker(exc: RegistryError) -> ApiError:
 
 
 class AdminApi:
-    """Handlers over the router core and the registry; mounted by `router.app`."""
+    """Handlers over the router core and the registry; mounted by `kvroute.router.app`."""
 
     def __init__(self, router: Any, registry: WorkerRegistry, token: str | None) -> None:
         self.router = router
@@ -109,7 +109,7 @@ class AdminApi:
         r.add_get("/admin/counters", g(self.counters))
         r.add_get("/admin/plan", g(self.plan))
         r.add_get("/admin/replicas", g(self.replicas_status))
-        from router.tenants.admin import TenantsAdmin
+        from kvroute.router.tenants.admin import TenantsAdmin
 
         TenantsAdmin(self.tenants).add_routes(app, g)
 
@@ -122,7 +122,7 @@ class AdminApi:
 
     async def plan(self, request: web.Request) -> web.Response:
         """PD mode: the planner's worker counts for the load seen over the last window."""
-        from router.planner import PlanError, plan_from_query
+        from kvroute.router.planner import PlanError, plan_from_query
 
         if self.pd_metrics is None:
             raise ApiError(

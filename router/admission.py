@@ -1,7 +1,7 @@
 """Admission control: route now, wait in the router's queue, or 429 with Retry-After.
 
 A request is routed at once when some candidate worker is not saturated for it
-(`router.tenants.saturation`) and no request of its priority or higher is already waiting. Otherwise
+(`kvroute.router.tenants.saturation`) and no request of its priority or higher is already waiting. Otherwise
 it waits in `AdmissionQueue`: ordered by class priority, then within a priority level by weighted
 fair queueing over tenants (self-clocked: a tenant's tag grows by cost / weight per request served;
 ties go to the earlier deadline), FIFO within a tenant. Capacity frees when a ticket reaches its first
@@ -27,14 +27,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from router.policies.base import NoWorkerAvailable
-from router.tenants.classes import SlaClass
-from router.tenants.errors import Rejected
-from router.tenants.identity import Identity
-from router.tenants.saturation import SaturationConfig, saturated
-from router.tenants.table import Tenant, TenantTable
-from router.tenants.usage import Outcome, UsageBook
-from router.types import Decision, RoutingRequest
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.tenants.classes import SlaClass
+from kvroute.router.tenants.errors import Rejected
+from kvroute.router.tenants.identity import Identity
+from kvroute.router.tenants.saturation import SaturationConfig, saturated
+from kvroute.router.tenants.table import Tenant, TenantTable
+from kvroute.router.tenants.usage import Outcome, UsageBook
+from kvroute.router.types import Decision, RoutingRequest
 
 log = logging.getLogger("kvroute.admission")
 

@@ -19,28 +19,28 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cache_index.hashing import HFTokenizer, Tokenizer
-from engines.errors import UpstreamError
-from engines.http1 import Http1Pool
-from router.admin import AdminApi, check_access
-from router.autoscale.runtime import autoscale_context
-from router.config import ConfigError, RouterConfig
-from router.core import Router
-from router.discovery.base import DiscoverySource
-from router.discovery.runner import build_source, discovery_context
-from router.discovery.sync import DiscoverySync
-from router.errors import ApiError, error_response, json_object
-from router.metrics import Metrics
-from router.observability import Observability
-from router.observability.http import ObservabilityApi
-from router.pd import PDConfig, PDContext, PDSelector
-from router.pd_metrics import PDMetrics
-from router.peer_routes import PeerRoutes
-from router.proxy import CHAT, COMPLETIONS, GENERATE, PLAIN_ROUTES, RID_KEY, Proxy, RouteSpec
-from router.shared import replica_context
-from router.tenants.runtime import TenantRuntime
-from router.types import WorkerRole
-from router.workers import INSTANCE_HEADER, WorkerRegistry
+from kvroute.cache_index.hashing import HFTokenizer, Tokenizer
+from kvroute.engines.errors import UpstreamError
+from kvroute.engines.http1 import Http1Pool
+from kvroute.router.admin import AdminApi, check_access
+from kvroute.router.autoscale.runtime import autoscale_context
+from kvroute.router.config import ConfigError, RouterConfig
+from kvroute.router.core import Router
+from kvroute.router.discovery.base import DiscoverySource
+from kvroute.router.discovery.runner import build_source, discovery_context
+from kvroute.router.discovery.sync import DiscoverySync
+from kvroute.router.errors import ApiError, error_response, json_object
+from kvroute.router.metrics import Metrics
+from kvroute.router.observability import Observability
+from kvroute.router.observability.http import ObservabilityApi
+from kvroute.router.pd import PDConfig, PDContext, PDSelector
+from kvroute.router.pd_metrics import PDMetrics
+from kvroute.router.peer_routes import PeerRoutes
+from kvroute.router.proxy import CHAT, COMPLETIONS, GENERATE, PLAIN_ROUTES, RID_KEY, Proxy, RouteSpec
+from kvroute.router.shared import replica_context
+from kvroute.router.tenants.runtime import TenantRuntime
+from kvroute.router.types import WorkerRole
+from kvroute.router.workers import INSTANCE_HEADER, WorkerRegistry
 
 log = logging.getLogger("kvroute.app")
 

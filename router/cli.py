@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from router._version import __version__
-from router.autoscale.flags import add_flags as add_autoscale_flags
-from router.autoscale.flags import from_args as autoscale_flags
-from router.config import ConfigError, RouterConfig, build_config, replace, unknown_env
+from kvroute.router._version import __version__
+from kvroute.router.autoscale.flags import add_flags as add_autoscale_flags
+from kvroute.router.autoscale.flags import from_args as autoscale_flags
+from kvroute.router.config import ConfigError, RouterConfig, build_config, replace, unknown_env
 
 log = logging.getLogger("kvroute")
 
@@ -501,7 +501,7 @@ def add_discovery_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_peer_flags(p: argparse.ArgumentParser) -> None:
     """The peers' flags kvroute has no setting for: accepted, then warned about or refused (with why)."""
-    from router.peer_flags import PEER_FLAGS, Support
+    from kvroute.router.peer_flags import PEER_FLAGS, Support
 
     known = {s for a in p._actions for s in a.option_strings}
     g = p.add_argument_group(
@@ -523,7 +523,7 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
 
 def peer_flag_effects(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(refusals, warnings) for the inert and refused peer flags given on the command line."""
-    from router.peer_flags import PEER_FLAGS, Support, refusal
+    from kvroute.router.peer_flags import PEER_FLAGS, Support, refusal
 
     refused: list[str] = []
     warnings: list[str] = []
@@ -678,8 +678,8 @@ async def serve(
     (`--prometheus-port`, `--health-check-port`) serve the same state."""
     from aiohttp import web
 
-    from router.app import METRICS, PROXY, create_app, create_side_app
-    from router.server import RouterRunner, raise_descriptor_limit
+    from kvroute.router.app import METRICS, PROXY, create_app, create_side_app
+    from kvroute.router.server import RouterRunner, raise_descriptor_limit
 
     ssl_context = _tls_context(config)  # before anything starts: a bad certificate stops here
     nofile = raise_descriptor_limit()
@@ -786,7 +786,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     if config.redis_url and config.processes == 1:
         log.info("--redis-url: router replicas share load and membership there (not a conversation store)")
     if config.processes > 1:
-        from router.supervisor import ServeSupervisor
+        from kvroute.router.supervisor import ServeSupervisor
 
         return ServeSupervisor(config).run()
     try:
@@ -804,13 +804,13 @@ def cmd_serve(argv: Sequence[str]) -> int:
 
 
 def cmd_sim(argv: Sequence[str]) -> int:
-    from engines.sim.fleet import main as sim_main
+    from kvroute.engines.sim.fleet import main as sim_main
 
     return int(sim_main(list(argv)) or 0)
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
-    from router.demo import main as demo_main
+    from kvroute.router.demo import main as demo_main
 
     return demo_main(list(argv))
 
@@ -830,13 +830,13 @@ def cmd_bench(argv: Sequence[str]) -> int:
     if problem and not {"-h", "--help"} & set(argv):
         print(f"kvroute bench: {problem}", file=sys.stderr)
         return 2
-    from bench.compare import main as bench_main
+    from kvroute.bench.compare import main as bench_main
 
     return int(bench_main(list(argv)) or 0)
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
-    from router.planner import main as plan_main
+    from kvroute.router.planner import main as plan_main
 
     return int(plan_main(list(argv)) or 0)
 
@@ -844,10 +844,10 @@ def cmd_plan(argv: Sequence[str]) -> int:
 def cmd_engine(argv: Sequence[str]) -> int:
     """The GPU engine needs PyTorch (and a GPU); without it, say so instead of a traceback.
 
-    `engines.gpu.launch` imports torch lazily too, so the guard covers the call as well as the import.
+    `kvroute.engines.gpu.launch` imports torch lazily too, so the guard covers the call as well as the import.
     """
     try:
-        from engines.gpu.launch import main as engine_main
+        from kvroute.engines.gpu.launch import main as engine_main
 
         return int(engine_main(list(argv)) or 0)
     except ImportError as exc:
@@ -862,7 +862,7 @@ def cmd_engine(argv: Sequence[str]) -> int:
 
 
 def cmd_diagnose(argv: Sequence[str]) -> int:
-    from router.observability.diagnose import main as diagnose_main
+    from kvroute.router.observability.diagnose import main as diagnose_main
 
     return diagnose_main(argv)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from router.peer_flags import POLICY_ALIASES
+from kvroute.router.peer_flags import POLICY_ALIASES
 
 ENV_PREFIX = "KVROUTE_"
 CONFIG_ENV = "KVROUTE_CONFIG"  # the config file's path, when no --config is given
@@ -352,8 +352,8 @@ class RouterConfig:
 
     def tenant_table(self) -> Any:
         """The `TenantTable` of `tenants` and `classes`; ConfigError naming what is wrong."""
-        from router.tenants.classes import TenantConfigError
-        from router.tenants.table import TenantTable
+        from kvroute.router.tenants.classes import TenantConfigError
+        from kvroute.router.tenants.table import TenantTable
 
         try:
             return TenantTable.from_config(self.tenants, self.classes)

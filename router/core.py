@@ -23,9 +23,9 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from cache_index.apply import KvEventApplier, page_size_problem
-from cache_index.events import KvEventBatch
-from cache_index.hashing import (
+from kvroute.cache_index.apply import KvEventApplier, page_size_problem
+from kvroute.cache_index.events import KvEventBatch
+from kvroute.cache_index.hashing import (
     BlockHash,
     ByteTokenizer,
     Tokenizer,
@@ -34,13 +34,13 @@ from cache_index.hashing import (
     namespace_seed,
     render_plain_chat,
 )
-from cache_index.radix import RadixIndex
-from engines.kv_events import KvEventSubscriber
-from router.dp import RankFoldedIndex, RankLoad, choose_rank, owner, rank_key
-from router.load import LoadTracker, Ticket, TicketState, WorkerStats
-from router.policies import POLICIES, make_policy
-from router.policies.base import NoWorkerAvailable, Policy, PolicyContext
-from router.types import Decision, RoutingRequest, Worker, WorkerRole, WorkerScore
+from kvroute.cache_index.radix import RadixIndex
+from kvroute.engines.kv_events import KvEventSubscriber
+from kvroute.router.dp import RankFoldedIndex, RankLoad, choose_rank, owner, rank_key
+from kvroute.router.load import LoadTracker, Ticket, TicketState, WorkerStats
+from kvroute.router.policies import POLICIES, make_policy
+from kvroute.router.policies.base import NoWorkerAvailable, Policy, PolicyContext
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerRole, WorkerScore
 
 __all__ = ["NoWorkerAvailable", "Router", "WorkerStats"]
 
@@ -310,8 +310,8 @@ class Router:
     def enable_admission(self, tenants: Any = None, config: Any = None) -> Any:
         """Turn admission control on in-process. `tenants`: a `TenantTable` (None: built-in classes
         and the `default` tenant only); `config`: an `AdmissionConfig`. Returns the `Admission`."""
-        from router.admission import Admission
-        from router.tenants.table import TenantTable
+        from kvroute.router.admission import Admission
+        from kvroute.router.tenants.table import TenantTable
 
         if self.admission is not None:
             raise RuntimeError("admission is already enabled")
@@ -320,11 +320,11 @@ class Router:
 
     def admit(self, request: RoutingRequest, tenant: str = "default", sla_class: str | None = None) -> Any:
         """`async with router.admit(req, tenant="chat") as grant:` waits until some worker has room for
-        the request (or raises `router.tenants.Rejected`, a 429 in HTTP), then route it *before the
+        the request (or raises `kvroute.router.tenants.Rejected`, a 429 in HTTP), then route it *before the
         next await*: `ticket = router.on_routed(grant.decision, req, priority=grant.priority)`, and
         release the ticket as usual; the grant's quota is released when the block exits. An unknown
         tenant is `default`; `sla_class` may lower the tenant's class, never raise it."""
-        from router.tenants.identity import Identity
+        from kvroute.router.tenants.identity import Identity
 
         if self.admission is None:
             raise RuntimeError("admission is off: call enable_admission() first")
@@ -376,7 +376,8 @@ class Router:
         )
 
     def dp_rank_for(self, url: str, block_hashes: Sequence[BlockHash]) -> int | None:
-        """The data-parallel rank of `url` to send a prompt to (`router.dp.choose_rank`); None when the
+        """The data-parallel rank of `url` to send a prompt to (`kvroute.router.dp.choose_rank`); None when
+        the
         worker has one rank. The caller counts the request in `rank_load` while it runs."""
         w = self._workers.get(url)
         if w is None or w.dp_size <= 1:
@@ -388,7 +389,7 @@ class Router:
 
     def apply_kv_events(self, url: str, batch: KvEventBatch) -> None:
         """Apply one decoded batch of `url`'s events to the index (dropped if `url` is unknown). `url` may
-        be a rank's key (`router.dp.rank_key`): the batch goes to that rank's entries."""
+        be a rank's key (`kvroute.router.dp.rank_key`): the batch goes to that rank's entries."""
         st = self._stats.get(url) or self._stats.get(owner(url))
         if st is None:
             self.dropped_batches += 1
@@ -417,7 +418,7 @@ class Router:
     ) -> None:
         """Follow `url`'s KV-event stream (ZeroMQ SUB) into the index; replaces an earlier subscription.
         `bind`: the engine's publisher connects, so the SUB binds `endpoint`. `rank` (of `ranks`): one
-        data-parallel rank's stream, indexed under its own key (`router.dp`)."""
+        data-parallel rank's stream, indexed under its own key (`kvroute.router.dp`)."""
         if url not in self._workers:
             raise KeyError(f"unknown worker {url!r}")
         if self._subscriber is None:

@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from router.config import RouterConfig
+from kvroute.router.config import RouterConfig
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,8 @@ async def _wait(pred_coro, timeout: float, what: str) -> None:  # type: ignore[n
 
 
 async def run_demo(cfg: DemoConfig, out=print) -> list[PolicyResult]:  # type: ignore[no-untyped-def]
-    from engines.sim.fleet import SimFleet
-    from router.app import create_app
+    from kvroute.engines.sim.fleet import SimFleet
+    from kvroute.router.app import create_app
 
     rng = random.Random(cfg.seed)
     prefixes = [_text(rng, cfg.prefix_tokens, "abcdefghijklmnopqrstuvwxyz ") for _ in range(cfg.groups)]
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policies=tuple(p for p in a.policies.split(",") if p),
         seed=a.seed,
     )
-    from router.cli import run_async
+    from kvroute.router.cli import run_async
 
     try:
         run_async(run_demo(cfg))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cache_index.hashing import BlockHash
-from cache_index.radix import RadixIndex
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.cache_index.radix import RadixIndex
 
 _SEP = "#dp"
 

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engines.errors import (
+from kvroute.engines.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamHTTPError,

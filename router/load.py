@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache_index.hashing import BlockHash
-from router.types import Worker, WorkerLoad
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.router.types import Worker, WorkerLoad
 
 
 class TicketState(enum.Enum):

@@ -10,7 +10,7 @@ Labels (bounded: routes and policies are fixed sets, workers are the registered 
 - `reason`: why a retry happened (same values as `kind`).
 - `state`: worker state (`pending`, `healthy`, `unhealthy`, `draining`, `rejected`); on
   `kvroute_worker_circuit_state`, the breaker's (`closed`, `half_open`, `open`).
-- `phase`: a part of TTFT (`router.observability.phases.TTFT_PHASES`: admission, route, connect,
+- `phase`: a part of TTFT (`kvroute.router.observability.phases.TTFT_PHASES`: admission, route, connect,
   engine_queue, engine_prefill, other).
 - `reason`: on `kvroute_route_decisions`, the class of the policy's choice (`prefix_hit`, `load`,
   `imbalance`, `explore`).
@@ -46,14 +46,14 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from router._version import __version__
-from router.types import Worker, WorkerState
+from kvroute.router._version import __version__
+from kvroute.router.types import Worker, WorkerState
 
 # Latency buckets in seconds: sub-millisecond (router overhead, cached prefills) up to long generations.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 )  # fmt: skip
-# Gaps between tokens in seconds (TPOT, ITL; also `router.pd_metrics`).
+# Gaps between tokens in seconds (TPOT, ITL; also `kvroute.router.pd_metrics`).
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 # TTFT phases in seconds: from tens of microseconds (the routing decision) to minutes (a long queue).
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005) + LATENCY_BUCKETS

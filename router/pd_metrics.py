@@ -1,7 +1,7 @@
 """PD metrics: per-pool queue depth, TTFT split (prefill queueing, prefill, transfer), decode ITL, and
 the sliding window of observations the planner (`GET /admin/plan`) reads.
 
-Registered on the app's registry (`router.metrics.Metrics.registry`), prefix `kvroute_pd_`. Labels:
+Registered on the app's registry (`kvroute.router.metrics.Metrics.registry`), prefix `kvroute_pd_`. Labels:
 - `pool`: `prefill`, `decode` (disaggregated pairs) or `local` (conditional disaggregation).
 - `mode`: `disaggregated` or `local`.
 - `outcome`: `ok`, `client_error`, `upstream_error`, `client_gone`.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from router.metrics import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
-from router.pd import PDRecord
-from router.planner import ObservedLoad
+from kvroute.router.metrics import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
+from kvroute.router.pd import PDRecord
+from kvroute.router.planner import ObservedLoad
 
 # The router's buckets; PD's TTFT phases stop at 60 s.
 _LAT = tuple(b for b in LATENCY_BUCKETS if b <= 60.0)
@@ -121,7 +121,7 @@ class PDWindow:
 
 
 class PDMetrics:
-    """Implements `router.pd.PDObserver`: Prometheus series plus the planner's window."""
+    """Implements `kvroute.router.pd.PDObserver`: Prometheus series plus the planner's window."""
 
     def __init__(self, registry: CollectorRegistry, window: PDWindow | None = None) -> None:
         r = registry

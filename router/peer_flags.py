@@ -2,8 +2,8 @@
 
 One table, so that a command line copied from the peers' docs either works with the same meaning or stops
 with a one-line reason; nothing is silently ignored, nothing is "unrecognized". Kinds:
-- SAME: a kvroute flag of that name and meaning (defined in `router.cli`; a default that differs is in the note);
-- MAPPED: accepted and translated onto kvroute settings (`router.cli.apply_peer_flags`; the note says how);
+- SAME: a kvroute flag of that name and meaning (defined in `kvroute.router.cli`; a default that differs is in the note);
+- MAPPED: accepted and translated onto kvroute settings (`kvroute.router.cli.apply_peer_flags`; the note says how);
 - INERT: accepted, no effect in kvroute, and a warning at start-up says why (tuning of features kvroute does
   differently, or that the engines do);
 - REFUSED: accepted by the parser, then `kvroute serve` exits 2 with the reason and what to use instead.
@@ -482,7 +482,7 @@ def migration_table() -> str:
     return "\n".join(lines)
 
 
-BEGIN_MARK = "<!-- peer-flags:begin (generated: python -m router.peer_flags) -->"
+BEGIN_MARK = "<!-- peer-flags:begin (generated: python -m kvroute.router.peer_flags) -->"
 END_MARK = "<!-- peer-flags:end -->"
 
 

@@ -10,7 +10,7 @@
   `POST /remove_worker?url=` and `GET /list_workers` too. Guarded like `/admin/*` (`--admin-token`, else
   loopback clients only); errors in smg's `{"error", "code"}` shape.
 The forwarded POST routes (embeddings, responses, rerank, classify, score) go through the proxy
-(`router.proxy.PLAIN_ROUTES`).
+(`kvroute.router.proxy.PLAIN_ROUTES`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web
 
-from engines.errors import UpstreamError
-from router.admin import AdminApi, check_access
-from router.config import normalize_url
-from router.errors import ApiError
-from router.types import WorkerRole, WorkerState
-from router.workers import WorkerRegistry
+from kvroute.engines.errors import UpstreamError
+from kvroute.router.admin import AdminApi, check_access
+from kvroute.router.config import normalize_url
+from kvroute.router.errors import ApiError
+from kvroute.router.types import WorkerRole, WorkerState
+from kvroute.router.workers import WorkerRegistry
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SERVING = (WorkerState.HEALTHY, WorkerState.DRAINING)

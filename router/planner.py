@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engines.sim.profiles import GpuProfile, get_profile
+from kvroute.engines.sim.profiles import GpuProfile, get_profile
 
 CORRECTION_BOUNDS = (0.5, 4.0)
 

@@ -17,9 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from cache_index.hashing import ByteTokenizer, HFTokenizer
-from router.errors import ApiError, bad_request, json_object
-from router.wire import RoutingFields, extract_fields
+from kvroute.cache_index.hashing import ByteTokenizer, HFTokenizer
+from kvroute.router.errors import ApiError, bad_request, json_object
+from kvroute.router.wire import RoutingFields, extract_fields
 
 Parsed = tuple[dict[str, Any], RoutingFields, Any]
 
@@ -79,7 +79,7 @@ def spec_of(router: Any, tokenizer_path: str | None) -> ParseSpec | None:
 
 @functools.lru_cache(maxsize=4)
 def _router_for(spec: ParseSpec) -> Any:
-    from router.core import Router
+    from kvroute.router.core import Router
 
     r = Router(
         block_size=spec.block_size,

@@ -27,24 +27,24 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from engines.errors import UpstreamError, UpstreamHTTPError, UpstreamStreamBroken, UpstreamTimeout
-from engines.http1 import Timeouts, UpstreamResponse
-from router.config import RouterConfig
-from router.errors import (
+from kvroute.engines.errors import UpstreamError, UpstreamHTTPError, UpstreamStreamBroken, UpstreamTimeout
+from kvroute.engines.http1 import Timeouts, UpstreamResponse
+from kvroute.router.config import RouterConfig
+from kvroute.router.errors import (
     ApiError,
     bad_request,
     error_response,
     from_upstream,
     sse_error_event,
 )
-from router.metrics import Metrics
-from router.observability import PHASES, Observability
-from router.pd import PDContext, forward_pd
-from router.policies.base import NoWorkerAvailable
-from router.prompt_parse import Parsed, helper_pool, parse, parse_in_helper, spec_of, unwrap
-from router.retry import RetryBackoff
-from router.types import Decision
-from router.wire import (
+from kvroute.router.metrics import Metrics
+from kvroute.router.observability import PHASES, Observability
+from kvroute.router.pd import PDContext, forward_pd
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.prompt_parse import Parsed, helper_pool, parse, parse_in_helper, spec_of, unwrap
+from kvroute.router.retry import RetryBackoff
+from kvroute.router.types import Decision
+from kvroute.router.wire import (
     RoutingFields,
     SseObserver,
     Usage,
@@ -54,7 +54,7 @@ from router.wire import (
     response_headers,
     usage_of,
 )
-from router.workers import WorkerRegistry
+from kvroute.router.workers import WorkerRegistry
 
 # Re-exported: these lived here before `router/wire.py`.
 __all__ = [
@@ -90,7 +90,7 @@ class RouteSpec:
     """One client-facing generation route and the engine path it forwards to."""
 
     path: str
-    kind: str  # "generate" | "completions" | "chat" | one of `router.wire.PLAIN_KINDS`
+    kind: str  # "generate" | "completions" | "chat" | one of `kvroute.router.wire.PLAIN_KINDS`
 
     @property
     def openai(self) -> bool:
@@ -138,7 +138,7 @@ class Proxy:
         pd: PDContext | None = None,
         obs: Observability | None = None,
     ) -> None:
-        """`pd`: PD disaggregation is on; generation requests go through `router.pd.forward_pd`.
+        """`pd`: PD disaggregation is on; generation requests go through `kvroute.router.pd.forward_pd`.
         `obs`: where each request's phases go when it ends (router.observability)."""
         self.router = router
         self.pd = pd

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from router.config import RouterConfig
+from kvroute.router.config import RouterConfig
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Is a worker URL this router itself? A typo in `POST /admin/workers` once turned 3 requests into ~10,000
 internal ones (issue #18). Checked twice: here, at once, against the address the admin client reached us
 on; and at registration, by the instance id the router names on its own `/health` (any address, NAT or
-alias included; `router.workers`)."""
+alias included; `kvroute.router.workers`)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ plain text with one ERROR traceback each, so anyone could flood the log. `Router
 - past `max_connections` open client connections, a new one gets 503 with Retry-After and is closed;
 - protocol errors answer JSON in the OpenAI error shape (431 for oversized header lines), are counted in
   `kvroute_protocol_errors`, and logged at most once per `log_interval_s` per kind, without a traceback.
-Bodies are bounded where they are read (`router.proxy`: `body_timeout_s`).
+Bodies are bounded where they are read (`kvroute.router.proxy`: `body_timeout_s`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from router.config import RouterConfig
+from kvroute.router.config import RouterConfig
 
 log = logging.getLogger("kvroute.server")
 

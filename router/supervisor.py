@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from router.config import ConfigError, RouterConfig
+from kvroute.router.config import ConfigError, RouterConfig
 
 log = logging.getLogger("kvroute.supervisor")
 
@@ -246,7 +246,7 @@ class ServeSupervisor:
 
 def serve_process(config: RouterConfig, ready: Connection, supervisor_pid: int) -> None:
     """One serving process: `kvroute serve` with SO_REUSEPORT, telling the supervisor once it listens."""
-    from router.cli import run_async, serve, setup_logging
+    from kvroute.router.cli import run_async, serve, setup_logging
 
     _exit_with_parent(supervisor_pid)
     setup_logging(

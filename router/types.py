@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache_index.hashing import BlockHash
+from kvroute.cache_index.hashing import BlockHash
 
 
 class WorkerRole(enum.Enum):

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.errors import bad_request
+from kvroute.router.errors import bad_request
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the ones the HTTP stack recomputes for the new hop.
 _HOP_BY_HOP = frozenset(

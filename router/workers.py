@@ -4,8 +4,8 @@ The `Router` (library core) owns the `Worker` objects and decides; this module k
 it moves `Worker.state` between PENDING / HEALTHY / UNHEALTHY / DRAINING / REJECTED, subscribes the
 index to each worker's KV events, corrects loads from `/get_load`, and reports workers that serve
 traffic while their events never arrive ("blind"). One asyncio task per worker; all are cancelled
-on removal and on close. The pure parts live beside it: `router.breaker` (circuit breaker) and
-`router.discovery.server_info` (`/server_info` -> worker fields, KV-event endpoint).
+on removal and on close. The pure parts live beside it: `kvroute.router.breaker` (circuit breaker) and
+`kvroute.router.discovery.server_info` (`/server_info` -> worker fields, KV-event endpoint).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from engines.errors import UpstreamError, UpstreamHTTPError
-from engines.http1 import Http1Pool
-from engines.sglang import SGLangClient
-from router.breaker import Admission, CircuitBreaker, EjectionCap
-from router.config import RouterConfig, normalize_url
-from router.discovery import apply_server_info, discover_kv_events, page_size_problem
-from router.metrics import Metrics
-from router.types import EventSource, Worker, WorkerRole, WorkerState
+from kvroute.engines.errors import UpstreamError, UpstreamHTTPError
+from kvroute.engines.http1 import Http1Pool
+from kvroute.engines.sglang import SGLangClient
+from kvroute.router.breaker import Admission, CircuitBreaker, EjectionCap
+from kvroute.router.config import RouterConfig, normalize_url
+from kvroute.router.discovery import apply_server_info, discover_kv_events, page_size_problem
+from kvroute.router.metrics import Metrics
+from kvroute.router.types import EventSource, Worker, WorkerRole, WorkerState
 
 log = logging.getLogger("kvroute.workers")
 

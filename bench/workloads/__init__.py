@@ -99,7 +99,7 @@ def poisson_arrivals(n: int, rate_per_s: float, rng: random.Random) -> list[floa
 
 def build(name: str, **kwargs: Any) -> Workload:
     """Build a workload by name (one of `WORKLOADS`; kwargs per builder)."""
-    from bench.workloads import mooncake, multiturn, routing_defects, shared_prefix
+    from kvroute.bench.workloads import mooncake, multiturn, routing_defects, shared_prefix
 
     builders: dict[str, Callable[..., Workload]] = {
         "mooncake": mooncake.load,

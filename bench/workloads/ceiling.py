@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bench.workloads import Request
-from cache_index.hashing import hash_text_blocks
+from kvroute.bench.workloads import Request
+from kvroute.cache_index.hashing import hash_text_blocks
 
 PrefillCost = Callable[[int, int], float]
 """Seconds of prefill for (new_tokens, cached_tokens), no queueing: the simulator's cost profile."""
@@ -70,7 +70,7 @@ def ttft_lower_bounds(ceiling: Ceiling, prefill_cost: PrefillCost) -> list[float
 
 
 class StepCostProfile(Protocol):
-    """What the TTFT bound needs of a simulator profile (`engines.sim.profiles.GpuProfile`)."""
+    """What the TTFT bound needs of a simulator profile (`kvroute.engines.sim.profiles.GpuProfile`)."""
 
     @property
     def chunked_prefill_size(self) -> int: ...

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.workloads import Request, Workload, WorkloadError, block_text
+from kvroute.bench.workloads import Request, Workload, WorkloadError, block_text
 
 TRACE_BLOCK_TOKENS = 512
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"

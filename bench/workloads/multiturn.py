@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from bench.workloads import Request, Workload, WorkloadError, block_text, poisson_arrivals
-from cache_index.hashing import render_plain_chat
+from kvroute.bench.workloads import Request, Workload, WorkloadError, block_text, poisson_arrivals
+from kvroute.cache_index.hashing import render_plain_chat
 
 
 def generate(

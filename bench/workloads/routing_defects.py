@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from bench.workloads import Request, Workload, WorkloadError, block_text, poisson_arrivals
+from kvroute.bench.workloads import Request, Workload, WorkloadError, block_text, poisson_arrivals
 
 
 def hot_prompt(

@@ -85,7 +85,7 @@ def build_meta(
         cu_q_t=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
     )
     if prefill_block_m is not None and new_lens:
-        from engines.gpu.kernels import prefill_block_map
+        from kvroute.engines.gpu.kernels import prefill_block_map
 
         meta.blk_req, meta.blk_start = prefill_block_map(new_lens, prefill_block_m, device, prefix_lens)
     return meta
@@ -172,7 +172,7 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self) -> None:
-        from engines.gpu import kernels
+        from kvroute.engines.gpu import kernels
 
         self._k = kernels
         self.decode_tuning = kernels.DecodeTuning()

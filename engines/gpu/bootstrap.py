@@ -12,7 +12,8 @@ port; the decode engine reaches it there, as SGLang's decode side reaches the pr
 - `POST /kvroute/bootstrap/room/{room}/release`: the decode side has copied the pages; the prefill engine
   unlocks them (they stay in its prefix cache).
 
-The rooms themselves are `engines.sim.pd.BootstrapRegistry` (one per prefill engine): a room nobody waits
+The rooms themselves are `kvroute.engines.sim.pd.BootstrapRegistry` (one per prefill engine): a room nobody
+waits
 for is kept for the decode wait timeout, then dropped, and the engine takes its pages back.
 """
 
@@ -25,9 +26,9 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from engines.core import BadRequest, BootstrapTimeout, EngineError
-from engines.gpu.transfer import PoolDescriptor
-from engines.sim.pd import BootstrapRegistry
+from kvroute.engines.core import BadRequest, BootstrapTimeout, EngineError
+from kvroute.engines.gpu.transfer import PoolDescriptor
+from kvroute.engines.sim.pd import BootstrapRegistry
 
 log = logging.getLogger(__name__)
 

@@ -140,7 +140,8 @@ class EngineConfig:
     ``max_batch_tokens``: tokens per forward step (decodes plus prefill chunk), the chunked-prefill budget.
     ``max_running``: requests decoding at once; 0 disables the limit (pages still bound it).
     ``disaggregation_mode``: "prefill" engines lend a finished prompt's pages to the decode engine named by
-    the request's bootstrap room; "decode" engines copy them in and decode (``engines.gpu.bootstrap``).
+    the request's bootstrap room; "decode" engines copy them in and decode
+    (``kvroute.engines.gpu.bootstrap``).
     """
 
     page_size: int = 16

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from cache_index.events import KvEvent
-from engines.core import (
+from kvroute.cache_index.events import KvEvent
+from kvroute.engines.core import (
     BadRequest,
     EngineError,
     GenerateRequest,
@@ -32,13 +32,13 @@ from engines.core import (
     ServerFacts,
     TokenChunk,
 )
-from engines.gpu.attention import StepMeta, TritonAttention, build_meta, make_backend
-from engines.gpu.bootstrap import BootstrapClient, BootstrapServer, LentKv
-from engines.gpu.config import EngineConfig, ModelConfig
-from engines.gpu.kv_pool import KVPool
-from engines.gpu.model import LlamaModel, LlamaWeights, torch_dtype
-from engines.gpu.scheduler import Req, Scheduler, Step
-from engines.gpu.transfer import (
+from kvroute.engines.gpu.attention import StepMeta, TritonAttention, build_meta, make_backend
+from kvroute.engines.gpu.bootstrap import BootstrapClient, BootstrapServer, LentKv
+from kvroute.engines.gpu.config import EngineConfig, ModelConfig
+from kvroute.engines.gpu.kv_pool import KVPool
+from kvroute.engines.gpu.model import LlamaModel, LlamaWeights, torch_dtype
+from kvroute.engines.gpu.scheduler import Req, Scheduler, Step
+from kvroute.engines.gpu.transfer import (
     CudaIpcTransport,
     KvTransport,
     LocalTransport,
@@ -47,9 +47,9 @@ from engines.gpu.transfer import (
     describe_pool,
     pick_transport,
 )
-from engines.prefix_cache import CacheNote, PrefixCache
-from engines.sim.kv_notes import notes_to_events
-from engines.sim.pd import BootstrapRegistry, PrefilledKv
+from kvroute.engines.prefix_cache import CacheNote, PrefixCache
+from kvroute.engines.sim.kv_notes import notes_to_events
+from kvroute.engines.sim.pd import BootstrapRegistry, PrefilledKv
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class _Lent:
 
 
 class GpuEngine:
-    """Implements ``engines.core.EngineCore``.
+    """Implements ``kvroute.engines.core.EngineCore``.
 
     Invariant: only the step thread touches the scheduler, pool and model after ``start``.
     """
@@ -233,7 +233,7 @@ class GpuEngine:
             self._transports = [LocalTransport(self.pools), CudaIpcTransport()]
         ev_info = None
         if self._ev_endpoint is not None:
-            from engines.kv_publisher import KvEventPublisher
+            from kvroute.engines.kv_publisher import KvEventPublisher
 
             self._publisher = KvEventPublisher(
                 self._ev_endpoint, replay_endpoint=self._ev_replay, topic=self._ev_topic, form=self._ev_form

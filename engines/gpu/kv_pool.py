@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from engines.gpu.config import ModelConfig
+from kvroute.engines.gpu.config import ModelConfig
 
 
 class OutOfPages(RuntimeError):

@@ -10,7 +10,7 @@ ephemeral ports, reported in /server_info and on stdout). Once every engine serv
 PD disaggregation: ``--roles prefill,prefill,decode,decode`` gives engine i its SGLang
 ``--disaggregation-mode``; prefill engine i serves its bootstrap port on ``bootstrap_port + i`` (0:
 ephemeral). Engines of one process copy KV device to device; a decode engine in another process on the
-same GPU opens the prefill pool's CUDA IPC handles (``engines.gpu.transfer``).
+same GPU opens the prefill pool's CUDA IPC handles (``kvroute.engines.gpu.transfer``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engines.gpu.config import EngineConfig, ModelConfig, load_model_config
+from kvroute.engines.gpu.config import EngineConfig, ModelConfig, load_model_config
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,9 @@ def pages_per_engine(args: LaunchArgs) -> int:
         return args.engine.num_pages
     import torch
 
-    from engines.gpu.engine import DEFAULT_CPU_PAGES
-    from engines.gpu.kv_pool import KVPool
-    from engines.gpu.model import torch_dtype
+    from kvroute.engines.gpu.engine import DEFAULT_CPU_PAGES
+    from kvroute.engines.gpu.kv_pool import KVPool
+    from kvroute.engines.gpu.model import torch_dtype
 
     dev = torch.device(args.engine.device)
     if dev.type != "cuda":
@@ -154,10 +154,10 @@ async def serve(
     serve (the same list is printed as one JSON line on stdout)."""
     from aiohttp import web
 
-    from engines.gpu.engine import GpuEngine
-    from engines.gpu.model import LlamaWeights
-    from engines.gpu.transfer import PoolDirectory
-    from engines.http_api import create_app
+    from kvroute.engines.gpu.engine import GpuEngine
+    from kvroute.engines.gpu.model import LlamaWeights
+    from kvroute.engines.gpu.transfer import PoolDirectory
+    from kvroute.engines.http_api import create_app
 
     dev = args.engine.device
     ec = args.engine

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engines.gpu.attention import AttentionBackend, StepMeta
-from engines.gpu.config import ModelConfig
+from kvroute.engines.gpu.attention import AttentionBackend, StepMeta
+from kvroute.engines.gpu.config import ModelConfig
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -160,7 +160,7 @@ class LlamaModel:
         self.attn = attention
         self.fused = (attention.name == "triton") if fused is None else fused
         if self.fused:
-            from engines.gpu import kernels
+            from kvroute.engines.gpu import kernels
 
             self._k = kernels
 

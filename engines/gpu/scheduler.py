@@ -1,7 +1,8 @@
 """Continuous batching over the paged pool: admission by free pages, chunked prefill mixed into decodes.
 
 Torch-free: it decides which tokens each step computes and which pool pages they use; the engine runs the
-model. The prefix cache (``engines.prefix_cache.PrefixCache``) owns page sharing, locks, LRU eviction and
+model. The prefix cache (``kvroute.engines.prefix_cache.PrefixCache``) owns page sharing, locks, LRU
+eviction and
 the KV-event notes; this module maps its pages to pool page ids (by the page's event hash, which is unique
 per cached prefix) and returns evicted pages to the pool as the cache's removal notes come out.
 """
@@ -13,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.gpu.kv_pool import PageAllocator
-from engines.prefix_cache import CacheCleared, CacheNote, PageNode, PagesRemoved, PrefixCache
+from kvroute.engines.gpu.kv_pool import PageAllocator
+from kvroute.engines.prefix_cache import CacheCleared, CacheNote, PageNode, PagesRemoved, PrefixCache
 
 
 @dataclass(eq=False)

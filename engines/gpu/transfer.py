@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engines.gpu.kv_pool import KVPool
+from kvroute.engines.gpu.kv_pool import KVPool
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def copy_pages(
     table = torch.frombuffer(buf, dtype=torch.int32).to(dev, non_blocking=False)
     sp, dp = table[:n], table[n:]
     if use_triton:
-        from engines.gpu.kernels import copy_kv_pages
+        from kvroute.engines.gpu.kernels import copy_kv_pages
 
         copy_kv_pages(src.k, src.v, dst.k, dst.v, sp, dp, dst.page_size)
     else:

@@ -9,7 +9,7 @@ Modules: `common` (app state, parsing, errors, the engine seam), `sse`, `native`
 own endpoints), `openai` (/v1/*), `metrics` (/metrics), `app` (`create_app`, the route table).
 """
 
-from engines.http_api.app import create_app
-from engines.http_api.common import SGLANG_VERSION, STATE, ApiError, ApiState
+from kvroute.engines.http_api.app import create_app
+from kvroute.engines.http_api.common import SGLANG_VERSION, STATE, ApiError, ApiState
 
 __all__ = ["SGLANG_VERSION", "STATE", "ApiError", "ApiState", "create_app"]

@@ -7,11 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from cache_index.hashing import Tokenizer
-from engines.core import EngineCore
-from engines.http_api import extra, native, openai
-from engines.http_api.common import STATE, ApiState, byte_tokenizer
-from engines.http_api.metrics import EngineCollector, metrics
+from kvroute.cache_index.hashing import Tokenizer
+from kvroute.engines.core import EngineCore
+from kvroute.engines.http_api import extra, native, openai
+from kvroute.engines.http_api.common import STATE, ApiState, byte_tokenizer
+from kvroute.engines.http_api.metrics import EngineCollector, metrics
 
 
 def api_key_middleware(api_key: str) -> Any:

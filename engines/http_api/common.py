@@ -14,8 +14,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from cache_index.hashing import ByteTokenizer, Tokenizer
-from engines.core import EngineCore, EngineError, GenerateRequest, TokenChunk
+from kvroute.cache_index.hashing import ByteTokenizer, Tokenizer
+from kvroute.engines.core import EngineCore, EngineError, GenerateRequest, TokenChunk
 
 SGLANG_VERSION = "0.5.10.post1"
 """The SGLang release whose API shapes this layer reproduces."""

@@ -17,8 +17,8 @@ from typing import Any
 import xxhash
 from aiohttp import web
 
-from engines.core import EngineError, GenerateRequest, TokenChunk
-from engines.http_api.common import (
+from kvroute.engines.core import EngineError, GenerateRequest, TokenChunk
+from kvroute.engines.http_api.common import (
     STATE,
     ApiError,
     ApiState,

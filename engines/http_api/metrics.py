@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from engines.http_api.common import STATE, ApiState
+from kvroute.engines.http_api.common import STATE, ApiState
 
 
 class EngineCollector:

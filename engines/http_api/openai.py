@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from engines.core import DropConnection, EngineError, GenerateRequest, TokenChunk
-from engines.http_api.common import (
+from kvroute.engines.core import DropConnection, EngineError, GenerateRequest, TokenChunk
+from kvroute.engines.http_api.common import (
     STATE,
     ApiError,
     ApiState,
@@ -28,7 +28,7 @@ from engines.http_api.common import (
     read_body,
     token_list,
 )
-from engines.http_api.sse import end_sse, sse_event, start_sse
+from kvroute.engines.http_api.sse import end_sse, sse_event, start_sse
 
 
 # ---- OpenAI API ------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engines.core import EngineError, GenerateRequest, LoadSnapshot, ServerFacts, TokenChunk
-from engines.sim.engine import SimConfig, SimEngine
-from engines.sim.profiles import GpuProfile
+from kvroute.engines.core import EngineError, GenerateRequest, LoadSnapshot, ServerFacts, TokenChunk
+from kvroute.engines.sim.engine import SimConfig, SimEngine
+from kvroute.engines.sim.profiles import GpuProfile
 
 
 class DpSimEngine:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import xxhash
 
-from engines.core import (
+from kvroute.engines.core import (
     BadRequest,
     BootstrapTimeout,
     DropConnection,
@@ -32,15 +32,15 @@ from engines.core import (
     ServerFacts,
     TokenChunk,
 )
-from engines.prefix_cache import PageNode, PrefixCache
-from engines.sim.faults import FaultConfig
-from engines.sim.kv_notes import notes_to_events
-from engines.sim.pd import BootstrapRegistry, PrefilledKv
-from engines.sim.profiles import GpuProfile, tiny
-from engines.sim.schedule_policy import SchedulePolicy, SchedulePolicyName
+from kvroute.engines.prefix_cache import PageNode, PrefixCache
+from kvroute.engines.sim.faults import FaultConfig
+from kvroute.engines.sim.kv_notes import notes_to_events
+from kvroute.engines.sim.pd import BootstrapRegistry, PrefilledKv
+from kvroute.engines.sim.profiles import GpuProfile, tiny
+from kvroute.engines.sim.schedule_policy import SchedulePolicy, SchedulePolicyName
 
 if TYPE_CHECKING:
-    from engines.kv_publisher import KvEventPublisher
+    from kvroute.engines.kv_publisher import KvEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class SimEngine:
         self._started_wall = self._t0_wall = time.monotonic()
         self._t0_epoch = time.time()
         if self.config.kv_events:
-            from engines.kv_publisher import KvEventPublisher
+            from kvroute.engines.kv_publisher import KvEventPublisher
 
             pub = KvEventPublisher(
                 self.config.event_endpoint,

@@ -3,7 +3,7 @@
     async with SimFleet(workers=4, time_scale=0.01) as fleet:
         fleet.urls, fleet.event_endpoints, fleet.engines   # what tests and benches use
 
-`python -m engines.sim.fleet --workers 4 --base-port 30000` prints each server's URL and event
+`python -m kvroute.engines.sim.fleet --workers 4 --base-port 30000` prints each server's URL and event
 endpoints, then serves until interrupted.
 """
 
@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engines.sim.dp import DpSimEngine
-from engines.sim.engine import DisaggMode, SimConfig, SimEngine
-from engines.sim.faults import FaultConfig
-from engines.sim.pd import BootstrapRegistry
-from engines.sim.profiles import PROFILES, GpuProfile, get_profile
-from engines.sim.schedule_policy import SCHEDULE_POLICIES, SchedulePolicyName
-from engines.sim.server import SimServer
+from kvroute.engines.sim.dp import DpSimEngine
+from kvroute.engines.sim.engine import DisaggMode, SimConfig, SimEngine
+from kvroute.engines.sim.faults import FaultConfig
+from kvroute.engines.sim.pd import BootstrapRegistry
+from kvroute.engines.sim.profiles import PROFILES, GpuProfile, get_profile
+from kvroute.engines.sim.schedule_policy import SCHEDULE_POLICIES, SchedulePolicyName
+from kvroute.engines.sim.server import SimServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
-from engines.prefix_cache import CacheCleared, CacheNote, PagesRemoved, PageStored
+from kvroute.cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from kvroute.engines.prefix_cache import CacheCleared, CacheNote, PagesRemoved, PageStored
 
 
 def notes_to_events(notes: Sequence[CacheNote], page_size: int, merge_chains: bool) -> list[KvEvent]:

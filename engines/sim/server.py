@@ -10,9 +10,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from engines.http_api import create_app
-from engines.sim.dp import DpSimEngine
-from engines.sim.engine import SimEngine
+from kvroute.engines.http_api import create_app
+from kvroute.engines.sim.dp import DpSimEngine
+from kvroute.engines.sim.engine import SimEngine
 
 ENGINE: web.AppKey[SimEngine | DpSimEngine] = web.AppKey("kvroute_sim_engine")
 

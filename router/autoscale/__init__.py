@@ -7,8 +7,8 @@ hysteresis: pure), `loop` (the `Autoscaler`: observe -> plan -> decide -> act th
 scalers: `sim` (in-process simulated engines), `command` (an operator's hook), `kubernetes`.
 """
 
-from router.autoscale.base import POOLS, NewWorker, Scaler, ScaleRequest, ScalerError
-from router.autoscale.cost import CostMeter, CostModel, cost_per_million_goodput
+from kvroute.router.autoscale.base import POOLS, NewWorker, Scaler, ScaleRequest, ScalerError
+from kvroute.router.autoscale.cost import CostMeter, CostModel, cost_per_million_goodput
 
 __all__ = [
     "POOLS",

@@ -1,6 +1,6 @@
 """The `Scaler` interface: how the autoscaler changes a pool's size on whatever runs the engines.
 
-A scaler only starts and stops engines. The router does the rest around it (`router.autoscale.loop`):
+A scaler only starts and stops engines. The router does the rest around it (`kvroute.router.autoscale.loop`):
 it registers the workers a scale-up reports, and before a scale-down it drains the workers it chose,
 waits until none has a request in flight, and names them in the request so the platform stops those.
 """
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from router.types import WorkerRole
+from kvroute.router.types import WorkerRole
 
 POOLS: tuple[WorkerRole, ...] = (WorkerRole.PREFILL, WorkerRole.DECODE)
 

@@ -19,8 +19,8 @@ import json
 import shlex
 from collections.abc import Mapping, Sequence
 
-from router.autoscale.base import NewWorker, ScaleRequest, ScalerError
-from router.types import WorkerRole
+from kvroute.router.autoscale.base import NewWorker, ScaleRequest, ScalerError
+from kvroute.router.types import WorkerRole
 
 
 class CommandScaler:

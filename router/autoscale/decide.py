@@ -1,6 +1,6 @@
 """When to act on a plan: min/max per pool, cooldowns and hysteresis. Pure functions and small state.
 
-The planner (`router.planner`) says how many workers the load needs now; acting on every change would
+The planner (`kvroute.router.planner`) says how many workers the load needs now; acting on every change would
 flap around a boundary and pay for engines that start only to be stopped. So:
 - below `min` or above `max`: go to the bound at once (configuration wins over cooldowns);
 - up: the plan for the observed load asks for more than the pool has, and the pool has not changed for
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from router.types import WorkerRole
+from kvroute.router.types import WorkerRole
 
 Action = Literal["up", "down", "hold"]
 

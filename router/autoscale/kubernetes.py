@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from router.autoscale.base import NewWorker, ScaleRequest, ScalerError
-from router.types import WorkerRole
+from kvroute.router.autoscale.base import NewWorker, ScaleRequest, ScalerError
+from kvroute.router.types import WorkerRole
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 

@@ -1,11 +1,11 @@
 """The autoscaler loop: every interval, observe the load, ask the planner, decide per pool, act.
 
-Observe: the PD window (`router.pd_metrics.PDWindow`) over the last `window_s` seconds: arrival rate,
+Observe: the PD window (`kvroute.router.pd_metrics.PDWindow`) over the last `window_s` seconds: arrival rate,
 mean prompt and output lengths, cache-hit ratio, measured TTFT and ITL, and the routable workers per pool.
 The rate planned for is the larger of that window's and of the last `up_window_s` seconds' (fast up on
 a surge, slow down: the shrink must also hold with the hysteresis margin for several decisions).
-Plan: `router.planner.plan` (pure) for that load, and again for the load plus the hysteresis margin.
-Decide: `router.autoscale.decide` (min/max, cooldowns, hysteresis).
+Plan: `kvroute.router.planner.plan` (pure) for that load, and again for the load plus the hysteresis margin.
+Decide: `kvroute.router.autoscale.decide` (min/max, cooldowns, hysteresis).
 Act, through the `Scaler` and the registry:
 - up: workers drained for removal but not yet stopped are taken back first (undrained: free capacity);
   then the scaler starts the rest and the router registers what it reports;
@@ -13,8 +13,9 @@ Act, through the `Scaler` and the registry:
   them), and a task per worker waits until it has none in flight, then asks the scaler to stop it and
   removes it from the registry. A worker with requests in flight is never removed.
 A failed scaler call is logged, counted and retried with exponential backoff; it never ends the loop.
-With a lease (`router.autoscale.lease`, replicas sharing Redis) only the replica holding it acts, and it
-plans for every replica's window (`router.autoscale.share`).
+With a lease (`kvroute.router.autoscale.lease`, replicas sharing Redis) only the replica holding it acts,
+and it
+plans for every replica's window (`kvroute.router.autoscale.share`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engines.sim.profiles import GpuProfile
-from router.autoscale.base import POOLS, NewWorker, Scaler, ScaleRequest
-from router.autoscale.cost import CostMeter
-from router.autoscale.decide import Decision, DecisionRules, PoolLimits, PoolState, decide
-from router.planner import ObservedLoad, Plan, PlanTargets, plan
-from router.shared.common import Backoff, cancel_and_wait
-from router.types import Worker, WorkerRole, WorkerState
+from kvroute.engines.sim.profiles import GpuProfile
+from kvroute.router.autoscale.base import POOLS, NewWorker, Scaler, ScaleRequest
+from kvroute.router.autoscale.cost import CostMeter
+from kvroute.router.autoscale.decide import Decision, DecisionRules, PoolLimits, PoolState, decide
+from kvroute.router.planner import ObservedLoad, Plan, PlanTargets, plan
+from kvroute.router.shared.common import Backoff, cancel_and_wait
+from kvroute.router.types import Worker, WorkerRole, WorkerState
 
 log = logging.getLogger("kvroute.autoscale")
 
@@ -61,7 +62,7 @@ class AutoscaleSettings:
 
 
 class Observations(Protocol):
-    """What the loop reads the load from: `router.pd_metrics.PDWindow`."""
+    """What the loop reads the load from: `kvroute.router.pd_metrics.PDWindow`."""
 
     def summary(
         self,
@@ -72,7 +73,7 @@ class Observations(Protocol):
 
 
 class Registry(Protocol):
-    """The registry operations the loop acts through (`router.workers.WorkerRegistry`)."""
+    """The registry operations the loop acts through (`kvroute.router.workers.WorkerRegistry`)."""
 
     def add(
         self,
@@ -90,7 +91,7 @@ class Registry(Protocol):
 
 
 class Leadership(Protocol):
-    """Who acts in a replica set (`router.autoscale.lease.RedisLease`)."""
+    """Who acts in a replica set (`kvroute.router.autoscale.lease.RedisLease`)."""
 
     async def acquire(self) -> bool: ...
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from router.autoscale.decide import Decision
-from router.metrics import LATEST
+from kvroute.router.autoscale.decide import Decision
+from kvroute.router.metrics import LATEST
 
 
 class AutoscaleMetrics:

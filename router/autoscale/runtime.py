@@ -9,17 +9,17 @@ from typing import Any
 
 from aiohttp import web
 
-from engines.sim.profiles import get_profile
-from router.autoscale.base import Scaler
-from router.autoscale.cost import CostMeter, CostModel
-from router.autoscale.decide import DecisionRules, PoolLimits
-from router.autoscale.lease import RedisLease
-from router.autoscale.loop import Autoscaler, AutoscaleSettings, paid_workers
-from router.autoscale.metrics import AutoscaleMetrics
-from router.autoscale.share import ObservationShare
-from router.config import ConfigError, RouterConfig
-from router.planner import PlanTargets
-from router.types import WorkerRole
+from kvroute.engines.sim.profiles import get_profile
+from kvroute.router.autoscale.base import Scaler
+from kvroute.router.autoscale.cost import CostMeter, CostModel
+from kvroute.router.autoscale.decide import DecisionRules, PoolLimits
+from kvroute.router.autoscale.lease import RedisLease
+from kvroute.router.autoscale.loop import Autoscaler, AutoscaleSettings, paid_workers
+from kvroute.router.autoscale.metrics import AutoscaleMetrics
+from kvroute.router.autoscale.share import ObservationShare
+from kvroute.router.config import ConfigError, RouterConfig
+from kvroute.router.planner import PlanTargets
+from kvroute.router.types import WorkerRole
 
 log = logging.getLogger("kvroute.autoscale")
 
@@ -66,11 +66,11 @@ def cost_model(c: RouterConfig) -> CostModel:
 def build_scaler(c: RouterConfig) -> Scaler:
     """The scaler `autoscale_scaler` names (ConfigError when it cannot be built: no kubernetes_asyncio)."""
     if c.autoscale_scaler == "command":
-        from router.autoscale.command import CommandScaler
+        from kvroute.router.autoscale.command import CommandScaler
 
         return CommandScaler(c.autoscale_command or "", c.autoscale_command_timeout_s)
     if c.autoscale_scaler == "kubernetes":
-        from router.autoscale.kubernetes import KubernetesScaler
+        from kvroute.router.autoscale.kubernetes import KubernetesScaler
 
         return KubernetesScaler(
             c.autoscale_k8s_namespace,
@@ -79,7 +79,7 @@ def build_scaler(c: RouterConfig) -> Scaler:
                 WorkerRole.DECODE: c.autoscale_k8s_decode_deployment,
             },
         )
-    from router.autoscale.sim import SimScaler
+    from kvroute.router.autoscale.sim import SimScaler
 
     return SimScaler.create(
         profile=c.autoscale_profile,

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from router.planner import ObservedLoad
+from kvroute.router.planner import ObservedLoad
 
 
 @dataclass(frozen=True)

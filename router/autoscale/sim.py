@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from engines.sim.faults import FaultConfig
-from engines.sim.fleet import SimFleet
-from router.autoscale.base import NewWorker, ScaleRequest, ScalerError
-from router.types import WorkerRole
+from kvroute.engines.sim.faults import FaultConfig
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.autoscale.base import NewWorker, ScaleRequest, ScalerError
+from kvroute.router.types import WorkerRole
 
 _MODE: dict[WorkerRole, Literal["prefill", "decode"]] = {
     WorkerRole.PREFILL: "prefill",

@@ -8,6 +8,6 @@
 - `runner`: picks the configured source and runs it for the app's lifetime.
 """
 
-from router.discovery.server_info import apply_server_info, discover_kv_events, page_size_problem
+from kvroute.router.discovery.server_info import apply_server_info, discover_kv_events, page_size_problem
 
 __all__ = ["apply_server_info", "discover_kv_events", "page_size_problem"]

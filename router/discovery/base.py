@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.config import normalize_url
-from router.types import WorkerRole
+from kvroute.router.config import normalize_url
+from kvroute.router.types import WorkerRole
 
 
 @dataclass(frozen=True)

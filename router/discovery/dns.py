@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from router.discovery.base import DiscoveredWorker, DiscoverySink, Snapshot, http_url, snapshot
-from router.types import WorkerRole
+from kvroute.router.discovery.base import DiscoveredWorker, DiscoverySink, Snapshot, http_url, snapshot
+from kvroute.router.types import WorkerRole
 
 
 class DnsLookupError(Exception):

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from router.config import normalize_url
-from router.discovery.base import DiscoveredWorker, DiscoverySink, Snapshot, snapshot
-from router.types import WorkerRole
+from kvroute.router.config import normalize_url
+from kvroute.router.discovery.base import DiscoveredWorker, DiscoverySink, Snapshot, snapshot
+from kvroute.router.types import WorkerRole
 
 
 class DiscoveryFileError(ValueError):

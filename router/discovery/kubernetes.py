@@ -19,8 +19,8 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from router.discovery.base import DiscoveredWorker, DiscoverySink, http_url, snapshot
-from router.types import WorkerRole
+from kvroute.router.discovery.base import DiscoveredWorker, DiscoverySink, http_url, snapshot
+from kvroute.router.types import WorkerRole
 
 
 def pod_worker(pod: Any, role: WorkerRole, port: int, bootstrap_annotation: str) -> DiscoveredWorker | None:

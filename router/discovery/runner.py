@@ -8,10 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from router.config import ConfigError, RouterConfig
-from router.discovery.base import DiscoverySource
-from router.discovery.sync import DiscoveryObserver, DiscoverySync, Registry
-from router.types import WorkerRole
+from kvroute.router.config import ConfigError, RouterConfig
+from kvroute.router.discovery.base import DiscoverySource
+from kvroute.router.discovery.sync import DiscoveryObserver, DiscoverySync, Registry
+from kvroute.router.types import WorkerRole
 
 log = logging.getLogger("kvroute.discovery")
 
@@ -23,7 +23,7 @@ def build_source(config: RouterConfig, **overrides: Any) -> DiscoverySource | No
     if provider is None:
         return None
     if provider == "file":
-        from router.discovery.file import FileSource
+        from kvroute.router.discovery.file import FileSource
 
         assert config.discovery_file is not None  # checked by RouterConfig
         return FileSource(config.discovery_file, config.discovery_check_interval_s, **overrides)
@@ -31,7 +31,7 @@ def build_source(config: RouterConfig, **overrides: Any) -> DiscoverySource | No
     try:
         if provider == "kubernetes":
             _require("kubernetes_asyncio", "kubernetes", "Kubernetes discovery")
-            from router.discovery.kubernetes import KubernetesSource
+            from kvroute.router.discovery.kubernetes import KubernetesSource
 
             selectors = (config.selector, config.prefill_selector, config.decode_selector)
             return KubernetesSource(
@@ -42,7 +42,7 @@ def build_source(config: RouterConfig, **overrides: Any) -> DiscoverySource | No
                 **overrides,
             )
         _require("dns", "dns", "DNS discovery")
-        from router.discovery.dns import DnsSource
+        from kvroute.router.discovery.dns import DnsSource
 
         names = (
             config.discovery_dns_name,

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from cache_index.apply import page_size_problem as fold_problem
-from router.types import EventSource, Worker, WorkerRole
+from kvroute.cache_index.apply import page_size_problem as fold_problem
+from kvroute.router.types import EventSource, Worker, WorkerRole
 
 _WILDCARD_HOSTS = {"", "*", "0.0.0.0", "::", "[::]"}
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}

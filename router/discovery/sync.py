@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from router.discovery.base import DiscoveredWorker, Snapshot
-from router.types import Worker, WorkerRole
+from kvroute.router.discovery.base import DiscoveredWorker, Snapshot
+from kvroute.router.types import Worker, WorkerRole
 
 log = logging.getLogger("kvroute.discovery")
 
 
 class Registry(Protocol):
-    """The part of `router.workers.WorkerRegistry` discovery acts through."""
+    """The part of `kvroute.router.workers.WorkerRegistry` discovery acts through."""
 
     def __contains__(self, url: str) -> bool: ...
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import orjson
 
-from router.observability.phases import RequestPhases
+from kvroute.router.observability.phases import RequestPhases
 
 FLUSH_AFTER_S = 0.5
 

@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.admin import AdminApi, check_access
-from router.errors import bad_request
-from router.observability.recorder import Observability
-from router.observability.ring import RecentQuery
-from router.observability.status import build_status, tenant_rows
+from kvroute.router.admin import AdminApi, check_access
+from kvroute.router.errors import bad_request
+from kvroute.router.observability.recorder import Observability
+from kvroute.router.observability.ring import RecentQuery
+from kvroute.router.observability.status import build_status, tenant_rows
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATIC_FILES = {
@@ -138,5 +138,5 @@ class ObservabilityApi:
             raise web.HTTPNotFound()
         if request.path == "/dashboard":
             raise web.HTTPFound("/dashboard/")  # relative asset paths resolve under /dashboard/
-        body = resources.files("router.observability").joinpath("static", name).read_bytes()
+        body = resources.files("kvroute.router.observability").joinpath("static", name).read_bytes()
         return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-cache"})

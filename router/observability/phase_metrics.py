@@ -13,8 +13,8 @@ import asyncio
 from bisect import bisect_left
 from typing import Any
 
-from router.metrics import PHASE_BUCKETS, TOKEN_BUCKETS, Metrics, add_bucket_counts
-from router.observability.phases import TTFT_PHASES
+from kvroute.router.metrics import PHASE_BUCKETS, TOKEN_BUCKETS, Metrics, add_bucket_counts
+from kvroute.router.observability.phases import TTFT_PHASES
 
 FLUSH_S = 1.0
 

@@ -9,13 +9,13 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from router.metrics import Metrics
-from router.observability.access_log import AccessLog
-from router.observability.phase_metrics import PhaseMetrics
-from router.observability.phases import RequestPhases, engine_timings, reason_class
-from router.observability.ring import RecentRequests
-from router.observability.tracing import Tracing
-from router.wire import Usage
+from kvroute.router.metrics import Metrics
+from kvroute.router.observability.access_log import AccessLog
+from kvroute.router.observability.phase_metrics import PhaseMetrics
+from kvroute.router.observability.phases import RequestPhases, engine_timings, reason_class
+from kvroute.router.observability.ring import RecentRequests
+from kvroute.router.observability.tracing import Tracing
+from kvroute.router.wire import Usage
 
 # The request's phases, on the aiohttp request (the admission queue, the proxy and PD read the same one).
 PHASES: web.RequestKey[RequestPhases] = web.RequestKey("kvroute_phases", RequestPhases)

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from router.observability.phases import TTFT_PHASES, RequestPhases
+from kvroute.router.observability.phases import TTFT_PHASES, RequestPhases
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from router.observability.ring import RecentRequests, summarize
+from kvroute.router.observability.ring import RecentRequests, summarize
 
 
 def build_status(

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
-from router.observability.phases import RequestPhases
+from kvroute.router.observability.phases import RequestPhases
 
 log = logging.getLogger("kvroute.tracing")
 

@@ -18,7 +18,7 @@ Invariants
 - Load is reserved on each chosen worker before sending and released in `finally`.
 """
 
-from router.pd.bootstrap import (
+from kvroute.router.pd.bootstrap import (
     BOOTSTRAP_KEYS,
     ROOM_BITS,
     batch_size,
@@ -28,7 +28,7 @@ from router.pd.bootstrap import (
     new_room,
     rid_fields,
 )
-from router.pd.fanout import (
+from kvroute.router.pd.fanout import (
     HOP_BY_HOP,
     PREFILL_WORKER_HEADER,
     WORKER_HEADER,
@@ -36,8 +36,8 @@ from router.pd.fanout import (
     forward_headers,
     forward_pd,
 )
-from router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
-from router.pd.selection import PDSelector, choose_route, prefill_queue_tokens
+from kvroute.router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
+from kvroute.router.pd.selection import PDSelector, choose_route, prefill_queue_tokens
 
 __all__ = [
     "BOOTSTRAP_KEYS",

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from router.pd.model import PDError
+from kvroute.router.pd.model import PDError
 
 BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 ROOM_BITS = 63  # SGLang keeps rooms as signed int64; the router draws a fresh non-negative one

@@ -1,6 +1,6 @@
 """The fan-out: the same body to both servers at once, the decode response relayed, aborts and retries.
 
-See the package docstring (`router.pd`) for the invariants this keeps.
+See the package docstring (`kvroute.router.pd`) for the invariants this keeps.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from engines.errors import UpstreamConnectError, UpstreamError, UpstreamHTTPError
-from engines.sglang import map_exception
-from router.core import Router
-from router.errors import ApiError, bad_request, error_response, from_upstream, sse_error_event
-from router.load import Ticket
-from router.pd.bootstrap import bootstrap_fields, bootstrap_host_of, insert_fields, rid_fields
-from router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
-from router.pd.selection import PDSelector, choose_route
-from router.policies.base import NoWorkerAvailable
-from router.types import RoutingRequest, WorkerRole
+from kvroute.engines.errors import UpstreamConnectError, UpstreamError, UpstreamHTTPError
+from kvroute.engines.sglang import map_exception
+from kvroute.router.core import Router
+from kvroute.router.errors import ApiError, bad_request, error_response, from_upstream, sse_error_event
+from kvroute.router.load import Ticket
+from kvroute.router.pd.bootstrap import bootstrap_fields, bootstrap_host_of, insert_fields, rid_fields
+from kvroute.router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
+from kvroute.router.pd.selection import PDSelector, choose_route
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.types import RoutingRequest, WorkerRole
 
 HOP_BY_HOP = frozenset(
     {

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from router.types import Decision, Worker, WorkerRole
+from kvroute.router.types import Decision, Worker, WorkerRole
 
 
 class PDError(Exception):
@@ -66,7 +66,7 @@ class PDConfig:
 
 
 class PDHealth(Protocol):
-    """The registry's circuit breaker (`router.workers.WorkerRegistry` satisfies it)."""
+    """The registry's circuit breaker (`kvroute.router.workers.WorkerRegistry` satisfies it)."""
 
     def breaker_allows(self, url: str) -> bool: ...
 
@@ -76,7 +76,7 @@ class PDHealth(Protocol):
 
 
 class PDObserver(Protocol):
-    """Receives per-request PD timings (`router.pd_metrics.PDMetrics` implements it)."""
+    """Receives per-request PD timings (`kvroute.router.pd_metrics.PDMetrics` implements it)."""
 
     def pool_enter(self, pool: str) -> None: ...
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from router.core import Router
-from router.load import Ticket
-from router.pd.model import PDConfig, PDRoute
-from router.policies import make_policy
-from router.policies.base import NoWorkerAvailable, Policy, PolicyContext
-from router.types import Decision, RoutingRequest, Worker, WorkerRole
+from kvroute.router.core import Router
+from kvroute.router.load import Ticket
+from kvroute.router.pd.model import PDConfig, PDRoute
+from kvroute.router.policies import make_policy
+from kvroute.router.policies.base import NoWorkerAvailable, Policy, PolicyContext
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerRole
 
 
 class PDSelector:

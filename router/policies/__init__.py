@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from router.policies import (
+from kvroute.router.policies import (
     cache_aware,
     consistent_hash,
     kv_aware,
@@ -15,7 +15,7 @@ from router.policies import (
     random,
     round_robin,
 )
-from router.policies.base import NoWorkerAvailable, Policy, PolicyBase, PolicyContext
+from kvroute.router.policies.base import NoWorkerAvailable, Policy, PolicyBase, PolicyContext
 
 __all__ = [
     "POLICIES",

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from cache_index.hashing import BlockHash
-from router.types import Decision, RoutingRequest, Worker, WorkerScore
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 
 class NoWorkerAvailable(Exception):

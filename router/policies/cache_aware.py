@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cache_index.approx import ApproxIndex
-from router.policies.base import PolicyBase, PolicyContext
-from router.policies.common import config_from_params, decision_from_scores, in_flight, require
-from router.types import Decision, RoutingRequest, Worker, WorkerScore
+from kvroute.cache_index.approx import ApproxIndex
+from kvroute.router.policies.base import PolicyBase, PolicyContext
+from kvroute.router.policies.common import config_from_params, decision_from_scores, in_flight, require
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 
 @dataclass(frozen=True)

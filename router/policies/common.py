@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-from router.types import Decision, Worker, WorkerScore
+from kvroute.router.types import Decision, Worker, WorkerScore
 
 C = TypeVar("C")
 

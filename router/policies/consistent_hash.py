@@ -9,10 +9,10 @@ from typing import Any, Literal
 
 import xxhash
 
-from router.policies.base import PolicyBase
-from router.policies.common import config_from_params, decision_from_scores, require
-from router.policies.least_load import load_scores
-from router.types import Decision, RoutingRequest, Worker, WorkerScore
+from kvroute.router.policies.base import PolicyBase
+from kvroute.router.policies.common import config_from_params, decision_from_scores, require
+from kvroute.router.policies.least_load import load_scores
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 
 @dataclass(frozen=True)

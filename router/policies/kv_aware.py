@@ -53,9 +53,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from router.policies.base import OverlapSource, PolicyBase, PolicyContext, SharingSource
-from router.policies.common import DECISION_SCORES, config_from_params, require
-from router.types import Decision, RoutingRequest, Worker, WorkerScore
+from kvroute.router.policies.base import OverlapSource, PolicyBase, PolicyContext, SharingSource
+from kvroute.router.policies.common import DECISION_SCORES, config_from_params, require
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 # A candidate's row, built per worker per request (a plain tuple: cheapest to build in a hot loop):
 # (cost, -overlap, requests in flight, recent placements, held blocks, candidate order, url, overlap,

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from router.policies.base import PolicyBase
-from router.policies.common import (
+from kvroute.router.policies.base import PolicyBase
+from kvroute.router.policies.common import (
     block_load,
     config_from_params,
     decision_from_scores,
@@ -15,7 +15,7 @@ from router.policies.common import (
     require,
     sort_scores,
 )
-from router.types import Decision, RoutingRequest, Worker, WorkerScore
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.policies.base import PolicyBase
-from router.policies.common import config_from_params, decision_from_scores
-from router.types import Decision, RoutingRequest, Worker, WorkerScore
+from kvroute.router.policies.base import PolicyBase
+from kvroute.router.policies.common import config_from_params, decision_from_scores
+from kvroute.router.types import Decision, RoutingRequest, Worker, WorkerScore
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ in), `membership` (admin add/remove/drain seen by every replica), `records` (opt
 routing records on a capped stream), `runtime` (one replica's parts as a unit).
 """
 
-from router.shared.common import Keys, ReplicaConfig, SharedStateError, connect
-from router.shared.inflight import InflightShare, inflight_sink
-from router.shared.load_sync import LoadVector, RemoteLoadFolder, ReplicaStateSync
-from router.shared.membership import (
+from kvroute.router.shared.common import Keys, ReplicaConfig, SharedStateError, connect
+from kvroute.router.shared.inflight import InflightShare, inflight_sink
+from kvroute.router.shared.load_sync import LoadVector, RemoteLoadFolder, ReplicaStateSync
+from kvroute.router.shared.membership import (
     MembershipChange,
     MembershipListener,
     Op,
@@ -16,9 +16,9 @@ from router.shared.membership import (
     SharedMembership,
     WorkerSpec,
 )
-from router.shared.policy import PolicyChange, SharedPolicy
-from router.shared.records import RoutingRecordShare, cache_aware_sink
-from router.shared.runtime import ReplicaRuntime, replica_context
+from kvroute.router.shared.policy import PolicyChange, SharedPolicy
+from kvroute.router.shared.records import RoutingRecordShare, cache_aware_sink
+from kvroute.router.shared.runtime import ReplicaRuntime, replica_context
 
 __all__ = [
     "InflightShare",

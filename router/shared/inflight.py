@@ -1,7 +1,7 @@
 """Prompts in flight, shared between replicas as they are routed (kv_aware's burst prediction).
 
 Why: in a burst of requests sharing a new prefix, no engine has published the prefix yet; a replica
-predicts it from the prompts it has routed itself (`router.load.InflightIndex`). With several replicas
+predicts it from the prompts it has routed itself (`kvroute.router.load.InflightIndex`). With several replicas
 (or `serve --processes N`) each sees only its share of the burst and sends followers of one prefix to
 several workers: measured on 16 shared 8k contexts at 64 req/s, owner affinity fell from 93-96% with one
 process to 82-87% with two, and TTFT p99 rose from 0.33 s to 0.50-0.70 s.
@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from cache_index.hashing import BlockHash
-from router.shared.common import (
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.router.shared.common import (
     REDIS_ERRORS,
     Backoff,
     Keys,
@@ -37,8 +37,8 @@ from router.shared.common import (
     cancel_and_wait,
     listen_forever,
 )
-from router.shared.load_sync import LoadVector, RemoteLoadFolder
-from router.types import RoutingRequest, Worker
+from kvroute.router.shared.load_sync import LoadVector, RemoteLoadFolder
+from kvroute.router.types import RoutingRequest, Worker
 
 log = logging.getLogger("kvroute.replicas")
 

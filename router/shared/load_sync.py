@@ -18,8 +18,15 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Keys, ReplicaConfig, cancel_and_wait, sync_forever
-from router.types import Worker, WorkerLoad
+from kvroute.router.shared.common import (
+    REDIS_ERRORS,
+    Backoff,
+    Keys,
+    ReplicaConfig,
+    cancel_and_wait,
+    sync_forever,
+)
+from kvroute.router.types import Worker, WorkerLoad
 
 log = logging.getLogger("kvroute.replicas")
 

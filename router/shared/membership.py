@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from router.shared.common import (
+from kvroute.router.shared.common import (
     REDIS_ERRORS,
     Backoff,
     Keys,
@@ -27,7 +27,7 @@ from router.shared.common import (
     cancel_and_wait,
     listen_forever,
 )
-from router.types import WorkerRole
+from kvroute.router.types import WorkerRole
 
 log = logging.getLogger("kvroute.replicas")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from router.shared.common import (
+from kvroute.router.shared.common import (
     REDIS_ERRORS,
     Backoff,
     Keys,

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from cache_index.hashing import BlockHash
-from router.shared.common import REDIS_ERRORS, Backoff, ReplicaConfig, cancel_and_wait, sync_forever
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.router.shared.common import REDIS_ERRORS, Backoff, ReplicaConfig, cancel_and_wait, sync_forever
 
 log = logging.getLogger("kvroute.replicas")
 

@@ -7,14 +7,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from router.config import normalize_url
-from router.shared.common import REDIS_ERRORS, ReplicaConfig, connect
-from router.shared.inflight import InflightShare, inflight_sink
-from router.shared.load_sync import RemoteLoadFolder, ReplicaStateSync
-from router.shared.membership import Op, RegistryMembership, SharedMembership, WorkerSpec
-from router.shared.policy import SharedPolicy
-from router.shared.records import RoutingRecordShare, cache_aware_sink
-from router.types import RoutingRequest, Worker
+from kvroute.router.config import normalize_url
+from kvroute.router.shared.common import REDIS_ERRORS, ReplicaConfig, connect
+from kvroute.router.shared.inflight import InflightShare, inflight_sink
+from kvroute.router.shared.load_sync import RemoteLoadFolder, ReplicaStateSync
+from kvroute.router.shared.membership import Op, RegistryMembership, SharedMembership, WorkerSpec
+from kvroute.router.shared.policy import SharedPolicy
+from kvroute.router.shared.records import RoutingRecordShare, cache_aware_sink
+from kvroute.router.types import RoutingRequest, Worker
 
 log = logging.getLogger("kvroute.replicas")
 

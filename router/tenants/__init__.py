@@ -4,10 +4,10 @@
 
 A new tenant rule is one file here, used by `runtime`."""
 
-from router.tenants.classes import BUILTIN_CLASSES, SlaClass, TenantConfigError
-from router.tenants.errors import Rejected
-from router.tenants.identity import CLASS_HEADER, Identity, identify
-from router.tenants.table import DEFAULT_TENANT, Tenant, TenantTable
+from kvroute.router.tenants.classes import BUILTIN_CLASSES, SlaClass, TenantConfigError
+from kvroute.router.tenants.errors import Rejected
+from kvroute.router.tenants.identity import CLASS_HEADER, Identity, identify
+from kvroute.router.tenants.table import DEFAULT_TENANT, Tenant, TenantTable
 
 __all__ = [
     "BUILTIN_CLASSES",

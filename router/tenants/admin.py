@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.errors import ApiError, bad_request, json_object
+from kvroute.router.errors import ApiError, bad_request, json_object
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

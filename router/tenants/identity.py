@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.tenants.classes import SlaClass
-from router.tenants.table import DEFAULT_TENANT, Tenant, TenantTable
+from kvroute.router.tenants.classes import SlaClass
+from kvroute.router.tenants.table import DEFAULT_TENANT, Tenant, TenantTable
 
 CLASS_HEADER = "X-Kvroute-Class"  # a request may ask for a lower class than its tenant's
 

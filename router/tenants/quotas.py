@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.shared.common import REDIS_ERRORS
-from router.tenants.errors import Rejected
-from router.tenants.table import Tenant
+from kvroute.router.shared.common import REDIS_ERRORS
+from kvroute.router.tenants.errors import Rejected
+from kvroute.router.tenants.table import Tenant
 
 log = logging.getLogger("kvroute.quotas")
 _ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *REDIS_ERRORS)

@@ -10,18 +10,18 @@ from typing import Any
 
 import orjson
 
-from router.admission import Admission, AdmissionConfig, Grant
-from router.errors import ApiError, bad_request, too_many_requests
-from router.policies.base import NoWorkerAvailable
-from router.tenants.classes import TenantConfigError
-from router.tenants.errors import Rejected
-from router.tenants.identity import CLASS_HEADER, UnknownClass, UnknownClient, identify
-from router.tenants.quotas import LocalQuotas, RedisQuotas
-from router.tenants.saturation import SaturationConfig
-from router.tenants.shared import SharedTenants
-from router.tenants.table import DEFAULT_TENANT, TenantTable, parse_tenant
-from router.tenants.usage import Outcome, UsageBook
-from router.types import RoutingRequest
+from kvroute.router.admission import Admission, AdmissionConfig, Grant
+from kvroute.router.errors import ApiError, bad_request, too_many_requests
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.tenants.classes import TenantConfigError
+from kvroute.router.tenants.errors import Rejected
+from kvroute.router.tenants.identity import CLASS_HEADER, UnknownClass, UnknownClient, identify
+from kvroute.router.tenants.quotas import LocalQuotas, RedisQuotas
+from kvroute.router.tenants.saturation import SaturationConfig
+from kvroute.router.tenants.shared import SharedTenants
+from kvroute.router.tenants.table import DEFAULT_TENANT, TenantTable, parse_tenant
+from kvroute.router.tenants.usage import Outcome, UsageBook
+from kvroute.router.types import RoutingRequest
 
 log = logging.getLogger("kvroute.tenants")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from router.tenants.classes import SlaClass, TenantConfigError
-from router.types import WorkerLoad
+from kvroute.router.tenants.classes import SlaClass, TenantConfigError
+from kvroute.router.types import WorkerLoad
 
 
 @dataclass(frozen=True)

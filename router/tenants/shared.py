@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from router.shared.common import REDIS_ERRORS, Backoff, Outage, cancel_and_wait, listen_forever
+from kvroute.router.shared.common import REDIS_ERRORS, Backoff, Outage, cancel_and_wait, listen_forever
 
 log = logging.getLogger("kvroute.tenants")
 

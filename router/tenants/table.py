@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.tenants.classes import SlaClass, TenantConfigError, parse_classes
+from kvroute.router.tenants.classes import SlaClass, TenantConfigError, parse_classes
 
 DEFAULT_TENANT = "default"
 _TENANT_FIELDS = {"class", "api_keys", "weight", "max_concurrent", "tokens_per_s", "burst_tokens"}

@@ -1,4 +1,4 @@
-"""`python -m bench.compare --quick` end to end: every router in front of the simulated fleet."""
+"""`python -m kvroute.bench.compare --quick` end to end: every router in front of the simulated fleet."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import KVROUTE_POLICIES, SGLANG_POLICIES, peer_available, sglang_router_available
+from kvroute.bench.compare import KVROUTE_POLICIES, SGLANG_POLICIES, peer_available, sglang_router_available
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quick_comparison_completes_and_every_router_serves_every_request(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--quick", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "kvroute.bench.compare", "--quick", "--out", str(out), "--no-progress"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import (
+from kvroute.bench.compare import (
     BenchConfig,
     RouterSpec,
     RunResult,
@@ -18,9 +18,9 @@ from bench.compare import (
     summarize,
     sweep_table,
 )
-from bench.loadgen import RequestResult
-from bench.workloads import Request
-from bench.workloads.ceiling import prefix_reuse_ceiling
+from kvroute.bench.loadgen import RequestResult
+from kvroute.bench.workloads import Request
+from kvroute.bench.workloads.ceiling import prefix_reuse_ceiling
 
 
 def _res(rid: str, ttft: float, itl: list[float], cached: int, prompt: int, done: float) -> RequestResult:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bench.loadgen import LoadgenConfig, LoadgenError, read_results, run_load
-from bench.workloads import Request
+from kvroute.bench.loadgen import LoadgenConfig, LoadgenError, read_results, run_load
+from kvroute.bench.workloads import Request
 
 SEEN = web.AppKey("seen", list)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.compare import BenchError, RouterSpec, default_routers, router_command
-from bench.peers import PEERS, command
+from kvroute.bench.compare import BenchError, RouterSpec, default_routers, router_command
+from kvroute.bench.peers import PEERS, command
 
 
 @pytest.mark.parametrize(

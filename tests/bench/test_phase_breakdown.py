@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from bench.compare import phase_table, ttft_phases
-from bench.loadgen import RequestResult
+from kvroute.bench.compare import phase_table, ttft_phases
+from kvroute.bench.loadgen import RequestResult
 
 
 def _r(ttft: float, queue: float | None, prefill: float | None) -> RequestResult:
@@ -26,7 +26,7 @@ def test_means_add_up_and_clamp_to_the_ttft() -> None:
 
 
 def test_phase_table_names_the_dominant_phase() -> None:
-    from bench.compare import Summary
+    from kvroute.bench.compare import Summary
 
     base = dict(rate=1.0, requests=1, ok=1, ttft_p50=0, ttft_p99=0, itl_p50=0, itl_p99=0, e2e_mean=0,
                 throughput_tok_s=0, req_s=0, hit_ratio=0, ceiling=0, hit_share_of_ceiling=0, per_worker=[1],

@@ -1,11 +1,11 @@
-"""bench.tenants' workload and its verdict on made-up results (the run itself is the benchmark)."""
+"""kvroute.bench.tenants' workload and its verdict on made-up results (the run itself is the benchmark)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.loadgen import RequestResult
-from bench.tenants import ENGINES, Args, prefill_s, summarize, verdict, workload
+from kvroute.bench.loadgen import RequestResult
+from kvroute.bench.tenants import ENGINES, Args, prefill_s, summarize, verdict, workload
 
 
 def test_workload_shapes() -> None:

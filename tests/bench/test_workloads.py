@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.workloads import Request, Workload, WorkloadError, block_text, build
-from bench.workloads.ceiling import prefix_reuse_ceiling, ttft_lower_bounds
+from kvroute.bench.workloads import Request, Workload, WorkloadError, block_text, build
+from kvroute.bench.workloads.ceiling import prefix_reuse_ceiling, ttft_lower_bounds
 
 
 def _req(rid: str, text: str, t: float = 0.0) -> Request:
@@ -66,7 +66,7 @@ def _write_trace(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def test_mooncake_blocks_slices_and_rate(tmp_path: Path) -> None:
-    from bench.workloads import mooncake
+    from kvroute.bench.workloads import mooncake
 
     trace = _write_trace(
         tmp_path / "t.jsonl",
@@ -94,7 +94,7 @@ def test_mooncake_blocks_slices_and_rate(tmp_path: Path) -> None:
 
 
 def test_mooncake_rejects_inconsistent_trace(tmp_path: Path) -> None:
-    from bench.workloads import mooncake
+    from kvroute.bench.workloads import mooncake
 
     bad = _write_trace(
         tmp_path / "b.jsonl", [{"timestamp": 0, "input_length": 2000, "output_length": 1, "hash_ids": [0]}]
@@ -138,7 +138,7 @@ def test_shared_prefix_ceiling_is_known() -> None:
 
 
 def test_multiturn_turns_extend_the_previous_one() -> None:
-    from cache_index.hashing import render_plain_chat
+    from kvroute.cache_index.hashing import render_plain_chat
 
     wl = build("multiturn", sessions=3, turns=4, system_tokens=32, user_tokens=8, output_tokens=4, seed=1)
     assert len(wl.requests) == 12
@@ -174,7 +174,7 @@ def test_rate_factor_and_validation() -> None:
 
 
 def test_owner_affinity_counts_continuations_sent_to_their_prefix_owner() -> None:
-    from bench.workloads.ceiling import owner_affinity
+    from kvroute.bench.workloads.ceiling import owner_affinity
 
     reqs = [
         _req("a", "aaaabbbbcc"),

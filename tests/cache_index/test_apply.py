@@ -3,10 +3,10 @@ events it must count and skip (orphans, size mismatch, other tiers, LoRA/salt na
 
 from __future__ import annotations
 
-from cache_index.apply import KvEventApplier
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, KvEventBatch
-from cache_index.hashing import BlockHash, hash_blocks
-from cache_index.radix import RadixIndex
+from kvroute.cache_index.apply import KvEventApplier
+from kvroute.cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, KvEventBatch
+from kvroute.cache_index.hashing import BlockHash, hash_blocks
+from kvroute.cache_index.radix import RadixIndex
 
 BS = 4
 SEED = 99

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_index.approx import ApproxIndex
-from cache_index.hashing import BlockHash, hash_blocks
+from kvroute.cache_index.approx import ApproxIndex
+from kvroute.cache_index.hashing import BlockHash, hash_blocks
 
 A, B = "http://a", "http://b"
 

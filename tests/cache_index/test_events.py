@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as stg
 
-from cache_index.events import (
+from kvroute.cache_index.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

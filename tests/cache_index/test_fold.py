@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_index.apply import KvEventApplier, page_size_problem
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
-from cache_index.hashing import hash_blocks
-from cache_index.radix import RadixIndex
-from engines.prefix_cache import PrefixCache
-from engines.sim.kv_notes import notes_to_events
+from kvroute.cache_index.apply import KvEventApplier, page_size_problem
+from kvroute.cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
+from kvroute.cache_index.hashing import hash_blocks
+from kvroute.cache_index.radix import RadixIndex
+from kvroute.engines.prefix_cache import PrefixCache
+from kvroute.engines.sim.kv_notes import notes_to_events
 
 BS = 4
 SEED = 7

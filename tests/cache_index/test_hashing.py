@@ -7,7 +7,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cache_index.hashing import (
+from kvroute.cache_index.hashing import (
     ByteTokenizer,
     HFTokenizer,
     hash_blocks,

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
-from cache_index.radix import OverlapScores, RadixIndex, StoredBlock
+from kvroute.cache_index.hashing import BlockHash, EngineBlockHash, hash_blocks
+from kvroute.cache_index.radix import OverlapScores, RadixIndex, StoredBlock
 
 # A universe of blocks: every path of 1..5 tokens over a 3-letter alphabet is a block whose parent
 # is the path without its last token. Real chained hashes, so the index sees what production sees.

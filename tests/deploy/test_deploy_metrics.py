@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router.metrics import Metrics
-from router.pd_metrics import PDMetrics
+from kvroute.router.metrics import Metrics
+from kvroute.router.pd_metrics import PDMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "kvroute-dashboard.json"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.cli import build_serve_parser, config_from_args
+from kvroute.router.cli import build_serve_parser, config_from_args
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -13,7 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from engines.sim.fleet import SimFleet
+from kvroute.engines.sim.fleet import SimFleet
 
 FAST = 0.01
 """Time scale of test fleets: 100x faster than the simulated GPU."""

@@ -14,9 +14,9 @@ import msgspec  # noqa: E402
 import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 
-from engines.core import BadRequest, GenerateRequest, TokenChunk  # noqa: E402
-from engines.gpu.config import PRESETS, EngineConfig  # noqa: E402
-from engines.gpu.engine import GpuEngine  # noqa: E402
+from kvroute.engines.core import BadRequest, GenerateRequest, TokenChunk  # noqa: E402
+from kvroute.engines.gpu.config import PRESETS, EngineConfig  # noqa: E402
+from kvroute.engines.gpu.engine import GpuEngine  # noqa: E402
 
 
 async def collect(e: GpuEngine, rid: str, ids: list[int], n: int) -> tuple[list[int], TokenChunk]:
@@ -100,8 +100,8 @@ async def test_too_long_prompt_is_bad_request_and_abort_ends_stream() -> None:
 async def test_http_api_and_kv_events_over_loopback() -> None:
     from aiohttp import web
 
-    from cache_index.events import decode_batch
-    from engines.http_api import create_app
+    from kvroute.cache_index.events import decode_batch
+    from kvroute.engines.http_api import create_app
 
     e = engine(pages=12, kv_events_endpoint="tcp://127.0.0.1:0")
     app = create_app(e)
@@ -161,7 +161,7 @@ async def test_http_api_and_kv_events_over_loopback() -> None:
 
 
 async def test_launcher_serves_two_engines_sharing_weights() -> None:
-    from engines.gpu import launch
+    from kvroute.engines.gpu import launch
 
     args = launch.parse_args(
         [
@@ -203,9 +203,9 @@ async def test_launcher_serves_two_engines_sharing_weights() -> None:
 
 
 def test_kv_event_payload_matches_sglang_shape() -> None:
-    from engines.kv_publisher import KvEventPublisher
-    from engines.prefix_cache import PagesRemoved, PageStored
-    from engines.sim.kv_notes import notes_to_events
+    from kvroute.engines.kv_publisher import KvEventPublisher
+    from kvroute.engines.prefix_cache import PagesRemoved, PageStored
+    from kvroute.engines.sim.kv_notes import notes_to_events
 
     ev = notes_to_events([PageStored(5, None, (1, 2, 3, 4)), PagesRemoved((5, 6))], 4, merge_chains=False)
     payload = KvEventPublisher("tcp://127.0.0.1:0").encode(ev, ts=1.0)

@@ -43,8 +43,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("ps", PAGE_SIZES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_paged_decode_matches_reference(shape: tuple[int, int, int], ps: int, dtype: str) -> None:
-    from engines.gpu import kernels
-    from engines.gpu.attention import build_meta, reference_extend
+    from kvroute.engines.gpu import kernels
+    from kvroute.engines.gpu.attention import build_meta, reference_extend
 
     nh, nkv, dim = shape
     dt = getattr(torch, dtype)
@@ -70,8 +70,8 @@ def test_paged_decode_matches_reference(shape: tuple[int, int, int], ps: int, dt
 @pytest.mark.parametrize("ps", PAGE_SIZES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_store_and_prefill_match_reference(shape: tuple[int, int, int], ps: int, dtype: str) -> None:
-    from engines.gpu import kernels
-    from engines.gpu.attention import build_meta, reference_extend
+    from kvroute.engines.gpu import kernels
+    from kvroute.engines.gpu.attention import build_meta, reference_extend
 
     nh, nkv, dim = shape
     dt = getattr(torch, dtype)
@@ -124,7 +124,7 @@ def test_store_and_prefill_match_reference(shape: tuple[int, int, int], ps: int,
 
 def test_mixed_step_backends_agree() -> None:
     """A decode + prefill step through TritonAttention equals TorchAttention (same pool, same inputs)."""
-    from engines.gpu.attention import TorchAttention, TritonAttention, build_meta
+    from kvroute.engines.gpu.attention import TorchAttention, TritonAttention, build_meta
 
     torch.manual_seed(1)
     nh, nkv, dim, ps = 32, 8, 128, 16
@@ -155,8 +155,8 @@ def test_mixed_step_backends_agree() -> None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_fused_elementwise_kernels_match_torch(dtype: str) -> None:
-    from engines.gpu import kernels
-    from engines.gpu.model import apply_rope, rms_norm
+    from kvroute.engines.gpu import kernels
+    from kvroute.engines.gpu.model import apply_rope, rms_norm
 
     dt = getattr(torch, dtype)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-5
@@ -191,10 +191,10 @@ def test_fused_model_matches_plain_torch_model() -> None:
     """Whole forward (prefill then decode) with Triton kernels vs the plain torch path, same weights."""
     import dataclasses
 
-    from engines.gpu.attention import TorchAttention, TritonAttention, build_meta
-    from engines.gpu.config import PRESETS
-    from engines.gpu.kv_pool import KVPool
-    from engines.gpu.model import LlamaModel, LlamaWeights
+    from kvroute.engines.gpu.attention import TorchAttention, TritonAttention, build_meta
+    from kvroute.engines.gpu.config import PRESETS
+    from kvroute.engines.gpu.kv_pool import KVPool
+    from kvroute.engines.gpu.model import LlamaModel, LlamaWeights
 
     cfg = dataclasses.replace(PRESETS["llama3-1b"], num_layers=2, vocab_size=1000, dtype="float32")
     w = LlamaWeights.random(cfg, "cuda", 0)

@@ -19,11 +19,11 @@ import aiohttp  # noqa: E402
 import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 
-from engines.core import BadRequest, BootstrapTimeout, EngineError, GenerateRequest, TokenChunk  # noqa: E402
-from engines.gpu.config import PRESETS, EngineConfig  # noqa: E402
-from engines.gpu.engine import GpuEngine  # noqa: E402
-from engines.gpu.kv_pool import KVPool  # noqa: E402
-from engines.gpu.transfer import PoolDirectory, SourceKv, copy_pages  # noqa: E402
+from kvroute.engines.core import BadRequest, BootstrapTimeout, EngineError, GenerateRequest, TokenChunk  # noqa: E402
+from kvroute.engines.gpu.config import PRESETS, EngineConfig  # noqa: E402
+from kvroute.engines.gpu.engine import GpuEngine  # noqa: E402
+from kvroute.engines.gpu.kv_pool import KVPool  # noqa: E402
+from kvroute.engines.gpu.transfer import PoolDirectory, SourceKv, copy_pages  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -111,7 +111,7 @@ async def test_pd_tokens_equal_aggregated_for_ragged_lengths(ps: int, device: st
     pages = 2048 // ps
     w = None
     if device == "cuda":  # one set of weights for the three engines, as the launcher shares them
-        from engines.gpu.model import LlamaWeights
+        from kvroute.engines.gpu.model import LlamaWeights
 
         w = LlamaWeights.random(GPU_MODEL, torch.device("cuda"), 0)
     agg, p, d = (make(m, ps, pools, pages, device, weights=w) for m in ("null", "prefill", "decode"))
@@ -270,7 +270,7 @@ async def test_unclaimed_room_pages_are_taken_back_and_decode_abort_while_waitin
 
 
 async def test_kv_events_from_both_sides() -> None:
-    from cache_index.events import decode_batch
+    from kvroute.cache_index.events import decode_batch
 
     pools = PoolDirectory()
     p = make("prefill", 4, pools, kv_events_endpoint="tcp://127.0.0.1:0")
@@ -336,9 +336,9 @@ async def test_pd_fleet_behind_the_router() -> None:
     """The launcher's 2 prefill + 2 decode + 1 regular engines (one process) behind kvroute's PD path."""
     from aiohttp import web
 
-    from engines.gpu import launch
-    from router.app import create_app
-    from router.config import RouterConfig
+    from kvroute.engines.gpu import launch
+    from kvroute.router.app import create_app
+    from kvroute.router.config import RouterConfig
 
     args = launch.parse_args(
         [
@@ -451,7 +451,7 @@ async def test_cuda_ipc_transfer_between_processes(tmp_path: object) -> None:
     import subprocess
     import sys
 
-    from engines.gpu.model import LlamaWeights
+    from kvroute.engines.gpu.model import LlamaWeights
 
     cfg_file = pathlib.Path(str(tmp_path)) / "model.json"
     cfg_file.write_text(json.dumps(dataclasses.asdict(GPU_MODEL)))
@@ -459,7 +459,7 @@ async def test_cuda_ipc_transfer_between_processes(tmp_path: object) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engines.gpu.launch",
+        "kvroute.engines.gpu.launch",
         "--device",
         "cuda",
         "--model-config",

@@ -3,9 +3,9 @@ sharing, eviction returning pool pages, abort, flush; pool and cache accounting 
 
 from __future__ import annotations
 
-from engines.gpu.kv_pool import PageAllocator
-from engines.gpu.scheduler import Req, Scheduler
-from engines.prefix_cache import PagesRemoved, PageStored, PrefixCache
+from kvroute.engines.gpu.kv_pool import PageAllocator
+from kvroute.engines.gpu.scheduler import Req, Scheduler
+from kvroute.engines.prefix_cache import PagesRemoved, PageStored, PrefixCache
 
 
 def make(num_pages: int = 32, ps: int = 4, max_batch_tokens: int = 16, max_running: int = 8) -> Scheduler:

@@ -13,8 +13,14 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, decode_batch
-from engines.kv_publisher import END_SEQ, KvEventPublisher, PublisherForm, sglang_page_hash, should_bind
+from kvroute.cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, decode_batch
+from kvroute.engines.kv_publisher import (
+    END_SEQ,
+    KvEventPublisher,
+    PublisherForm,
+    sglang_page_hash,
+    should_bind,
+)
 from tests.sglang_ref import load_kv_events
 
 FORMS: list[tuple[PublisherForm, str]] = [("array", "0.5.10.post1"), ("map", "0.5.23")]

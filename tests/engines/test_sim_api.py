@@ -9,8 +9,8 @@ import openai
 import orjson
 import pytest
 
-from cache_index.hashing import ByteTokenizer
-from engines.sim.fleet import SimFleet
+from kvroute.cache_index.hashing import ByteTokenizer
+from kvroute.engines.sim.fleet import SimFleet
 from tests.engines.conftest import generate, wait_for
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 bytes = 360 tokens

@@ -6,9 +6,9 @@ import aiohttp
 import msgspec
 import pytest
 
-from cache_index.hashing import ByteTokenizer
-from engines.kv_publisher import sglang_page_hash
-from engines.sim.fleet import SimFleet
+from kvroute.cache_index.hashing import ByteTokenizer
+from kvroute.engines.kv_publisher import sglang_page_hash
+from kvroute.engines.sim.fleet import SimFleet
 from tests.engines.conftest import FAST, generate, tap_events, wait_for
 from tests.sglang_ref import load_kv_events
 

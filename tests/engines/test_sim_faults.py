@@ -7,8 +7,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from engines.sim.faults import FaultConfig
-from engines.sim.fleet import SimFleet
+from kvroute.engines.sim.faults import FaultConfig
+from kvroute.engines.sim.fleet import SimFleet
 from tests.engines.conftest import FAST, generate, wait_for
 
 

@@ -1,4 +1,4 @@
-"""The fleet launcher: in-process context manager and the `python -m engines.sim.fleet` command."""
+"""The fleet launcher: in-process context manager and the `python -m kvroute.engines.sim.fleet` command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import aiohttp
 import pytest
 
-from engines.sim.fleet import SimFleet, build_parser, fleet_from_args
+from kvroute.engines.sim.fleet import SimFleet, build_parser, fleet_from_args
 
 
 async def test_fleet_of_three_has_distinct_ports_and_event_endpoints(session: aiohttp.ClientSession) -> None:
@@ -43,7 +43,8 @@ def test_cli_arguments_build_the_requested_fleet() -> None:
 @pytest.mark.slow
 async def test_module_entry_point_prints_workers_and_stops_on_sigint() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engines.sim.fleet", "--workers", "2", "--base-port", "0", "--profile", "tiny",
+        sys.executable, "-m", "kvroute.engines.sim.fleet", "--workers", "2", "--base-port", "0",
+        "--profile", "tiny",
         "--time-scale", "0.01", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -66,7 +67,7 @@ async def test_event_base_port_binds_so_a_subscriber_receives_events() -> None:
     import zmq
     import zmq.asyncio
 
-    from engines.sim.fleet import free_port
+    from kvroute.engines.sim.fleet import free_port
 
     base = free_port()
     async with SimFleet(1, event_base_port=base, time_scale=0.01) as fleet:

@@ -8,8 +8,8 @@ import random
 import aiohttp
 import pytest
 
-from engines.sim.fleet import SimFleet
-from engines.sim.pd import BootstrapRegistry, PrefilledKv
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.engines.sim.pd import BootstrapRegistry, PrefilledKv
 from tests.engines.conftest import FAST, generate, wait_for
 
 TEXT = "disaggregated serving " * 20  # 440 tokens

@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from engines.prefix_cache import CacheCleared, PagesRemoved, PageStored, PrefixCache
+from kvroute.engines.prefix_cache import CacheCleared, PagesRemoved, PageStored, PrefixCache
 
 PS = 4
 

@@ -12,12 +12,12 @@ import asyncio
 import aiohttp
 import pytest
 
-from engines.core import GenerateRequest
-from engines.prefix_cache import PrefixCache
-from engines.sim.engine import SimConfig, SimEngine
-from engines.sim.faults import FaultConfig
-from engines.sim.fleet import build_parser, fleet_from_args
-from engines.sim.schedule_policy import LPM_MAX_WAITING, SchedulePolicy
+from kvroute.engines.core import GenerateRequest
+from kvroute.engines.prefix_cache import PrefixCache
+from kvroute.engines.sim.engine import SimConfig, SimEngine
+from kvroute.engines.sim.faults import FaultConfig
+from kvroute.engines.sim.fleet import build_parser, fleet_from_args
+from kvroute.engines.sim.schedule_policy import LPM_MAX_WAITING, SchedulePolicy
 from tests.engines.conftest import FAST, wait_for
 
 

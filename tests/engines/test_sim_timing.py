@@ -7,8 +7,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from engines.sim.fleet import SimFleet
-from engines.sim.profiles import get_profile, h100_llama3_8b
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.engines.sim.profiles import get_profile, h100_llama3_8b
 from tests.engines.conftest import FAST, generate, wait_for
 
 

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from engines.sim.fleet import SimFleet
+from kvroute.engines.sim.fleet import SimFleet
 from tests.router.conftest import engines, start_router, test_config, wait_until  # noqa: F401  (fixtures)
 
 __all__ = ["engines", "fleet", "gen", "start_router", "test_config", "wait_until"]

@@ -41,7 +41,8 @@ print(json.dumps(out))
 @pytest.fixture
 async def subprocess_fleet():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engines.sim.fleet", "--workers", "2", "--base-port", "0", "--profile", "tiny",
+        sys.executable, "-m", "kvroute.engines.sim.fleet", "--workers", "2", "--base-port", "0",
+        "--profile", "tiny",
         "--time-scale", "0.001", "--no-kv-events", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip

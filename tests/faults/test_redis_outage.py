@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.app import ADMIN
+from kvroute.router.app import ADMIN
 from tests.faults.conftest import test_config, wait_until
 from tests.router.conftest import RedisServer
 

@@ -1,7 +1,7 @@
 """The router against its own contract: schemathesis generates requests for every operation in
 docs/openapi.yaml (a bounded number of examples each) and checks that none gets a 5xx and that every
 answer matches the documented schema. The router and a simulated fleet run as `kvroute serve` and
-`python -m engines.sim.fleet` child processes, as in production.
+`python -m kvroute.engines.sim.fleet` child processes, as in production.
 
 Other sessions add operations to the spec as they add routes; the test needs nothing per operation.
 `/readiness` and `/health_generate` are left out: 503 is their documented answer once generated admin
@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from engines.sim.fleet import free_port
+from kvroute.engines.sim.fleet import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,8 @@ EXAMPLES = 3  # per operation and phase: bounded, CI-sized
 @pytest.fixture
 async def served_router():
     fleet = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engines.sim.fleet", "--workers", "2", "--base-port", "0", "--profile", "tiny",
+        sys.executable, "-m", "kvroute.engines.sim.fleet", "--workers", "2", "--base-port", "0",
+        "--profile", "tiny",
         "--time-scale", "0.01", "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         cwd=REPO,
     )  # fmt: skip
@@ -42,7 +43,8 @@ async def served_router():
         urls = [json.loads(await asyncio.wait_for(fleet.stdout.readline(), 60))["url"] for _ in range(2)]
         port = free_port()
         router = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--policy", "round_robin",
+            [sys.executable, "-m", "kvroute.router.cli", "serve", "--port", str(port),
+             "--policy", "round_robin",
              "--worker-urls", *urls, "--log-level", "error"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from router.config import RouterConfig
+from kvroute.router.config import RouterConfig
 from tests.faults.conftest import gen, test_config, wait_until
 from tests.router.conftest import sse_data
 

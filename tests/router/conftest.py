@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from engines.sim.fleet import SimFleet, free_port
-from router.app import METRICS, REGISTRY, ROUTER, create_app
-from router.config import RouterConfig
-from router.server import RouterRunner
+from kvroute.engines.sim.fleet import SimFleet, free_port
+from kvroute.router.app import METRICS, REGISTRY, ROUTER, create_app
+from kvroute.router.config import RouterConfig
+from kvroute.router.server import RouterRunner
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

@@ -8,7 +8,7 @@ import random
 import aiohttp
 import pytest
 
-from engines.sim.fleet import SimFleet
+from kvroute.engines.sim.fleet import SimFleet
 from tests.router.conftest import wait_until
 
 _RNG = random.Random(7)
@@ -109,7 +109,7 @@ async def test_refusing_engine_is_routed_around_and_removal_drops_index(start_ro
 
 @pytest.mark.slow
 async def test_demo_runs_both_policies() -> None:
-    from router.demo import DemoConfig, run_demo
+    from kvroute.router.demo import DemoConfig, run_demo
 
     lines: list[str] = []
     cfg = DemoConfig(

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from engines.sim.fleet import SimFleet
-from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER
-from router.types import WorkerRole
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER
+from kvroute.router.types import WorkerRole
 from tests.router.conftest import pd_sim_fleet, sse_data, test_config, wait_until
 
 pytestmark = pytest.mark.slow

@@ -200,7 +200,7 @@ async def test_metrics_exposition(engines, start_router) -> None:
 def test_bulk_histogram_observe_matches_repeated_observe() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from router.metrics import observe_n
+    from kvroute.router.metrics import observe_n
 
     regs = (CollectorRegistry(), CollectorRegistry())
     bulk, loop = (

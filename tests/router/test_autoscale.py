@@ -14,19 +14,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from engines.sim.fleet import SimFleet
-from engines.sim.profiles import get_profile
-from router.app import ADMIN, REGISTRY, ROUTER, create_app
-from router.autoscale.base import NewWorker, ScaleRequest, ScalerError
-from router.autoscale.command import CommandScaler
-from router.autoscale.cost import CostMeter, CostModel, cost_per_million_goodput
-from router.autoscale.decide import DecisionRules, PoolLimits, PoolState, decide
-from router.autoscale.loop import Autoscaler, AutoscaleSettings
-from router.autoscale.runtime import SCALER
-from router.autoscale.sim import SimScaler
-from router.pd_metrics import WindowSummary
-from router.planner import ObservedLoad, PlanTargets, plan
-from router.types import Worker, WorkerRole, WorkerState
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.engines.sim.profiles import get_profile
+from kvroute.router.app import ADMIN, REGISTRY, ROUTER, create_app
+from kvroute.router.autoscale.base import NewWorker, ScaleRequest, ScalerError
+from kvroute.router.autoscale.command import CommandScaler
+from kvroute.router.autoscale.cost import CostMeter, CostModel, cost_per_million_goodput
+from kvroute.router.autoscale.decide import DecisionRules, PoolLimits, PoolState, decide
+from kvroute.router.autoscale.loop import Autoscaler, AutoscaleSettings
+from kvroute.router.autoscale.runtime import SCALER
+from kvroute.router.autoscale.sim import SimScaler
+from kvroute.router.pd_metrics import WindowSummary
+from kvroute.router.planner import ObservedLoad, PlanTargets, plan
+from kvroute.router.types import Worker, WorkerRole, WorkerState
 from tests.router.conftest import sse_data, test_config, wait_until
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from router.autoscale.base import ScaleRequest, ScalerError
-from router.autoscale.decide import DecisionRules, PoolLimits
-from router.autoscale.kubernetes import DELETION_COST, KubernetesScaler
-from router.autoscale.loop import Autoscaler, AutoscaleSettings
-from router.planner import ObservedLoad
-from router.types import WorkerRole
+from kvroute.router.autoscale.base import ScaleRequest, ScalerError
+from kvroute.router.autoscale.decide import DecisionRules, PoolLimits
+from kvroute.router.autoscale.kubernetes import DELETION_COST, KubernetesScaler
+from kvroute.router.autoscale.loop import Autoscaler, AutoscaleSettings
+from kvroute.router.planner import ObservedLoad
+from kvroute.router.types import WorkerRole
 from tests.router.test_autoscale import PROFILE, Clock, FakeRegistry, FakeWindow
 
 kubernetes_asyncio = pytest.importorskip("kubernetes_asyncio")

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from router.autoscale.decide import DecisionRules, PoolLimits
-from router.autoscale.lease import RedisLease
-from router.autoscale.loop import Autoscaler, AutoscaleSettings
-from router.planner import ObservedLoad
-from router.shared.common import connect
-from router.types import WorkerRole
+from kvroute.router.autoscale.decide import DecisionRules, PoolLimits
+from kvroute.router.autoscale.lease import RedisLease
+from kvroute.router.autoscale.loop import Autoscaler, AutoscaleSettings
+from kvroute.router.planner import ObservedLoad
+from kvroute.router.shared.common import connect
+from kvroute.router.types import WorkerRole
 from tests.router.conftest import refused_url
 from tests.router.test_autoscale import MOONCAKE, PROFILE, FakeRegistry, FakeWindow, RecordingScaler
 
@@ -105,7 +105,7 @@ async def test_a_leader_that_loses_redis_stops_acting() -> None:
 
 async def test_the_leader_plans_for_every_replicas_window(redis_url: str) -> None:
     """Behind a balancer each replica sees part of the demand: the acting one plans for the sum."""
-    from router.autoscale.share import ObservationShare
+    from kvroute.router.autoscale.share import ObservationShare
 
     key = f"test-{uuid.uuid4().hex}:autoscale:observations"
     lease_key = f"test-{uuid.uuid4().hex}:autoscale:leader"
@@ -151,8 +151,8 @@ async def test_two_router_replicas_one_autoscaler(redis_url: str) -> None:
     the other takes over."""
     from aiohttp import web
 
-    from router.app import ADMIN, create_app
-    from router.autoscale.runtime import SCALER
+    from kvroute.router.app import ADMIN, create_app
+    from kvroute.router.autoscale.runtime import SCALER
     from tests.router.conftest import test_config, wait_until
 
     class Quiet(RecordingScaler):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.breaker import CircuitBreaker, EjectionCap
+from kvroute.router.breaker import CircuitBreaker, EjectionCap
 
 
 class Clock:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.config import ConfigError, RouterConfig, build_config
+from kvroute.router.config import ConfigError, RouterConfig, build_config
 
 
 def test_defaults() -> None:
@@ -92,7 +92,7 @@ def test_bad_file(tmp_path) -> None:
 
 
 def test_cli_flags_and_sglang_aliases() -> None:
-    from router.cli import build_serve_parser, config_from_args
+    from kvroute.router.cli import build_serve_parser, config_from_args
 
     args = build_serve_parser().parse_args(
         [
@@ -126,7 +126,7 @@ def test_cli_flags_and_sglang_aliases() -> None:
 
 
 def test_cli_dispatch(capsys) -> None:
-    from router.cli import COMMANDS, main
+    from kvroute.router.cli import COMMANDS, main
 
     assert {"serve", "sim", "demo"} <= set(COMMANDS)
     assert main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
@@ -134,7 +134,7 @@ def test_cli_dispatch(capsys) -> None:
 
 
 def test_pd_flags_in_sglang_router_shapes() -> None:
-    from router.cli import build_serve_parser, config_from_args
+    from kvroute.router.cli import build_serve_parser, config_from_args
 
     argv = (
         "--pd-disaggregation --prefill http://p1:30001 9001 --prefill http://p2:30001 none "
@@ -193,13 +193,13 @@ def test_yaml_without_pyyaml_is_a_clear_error(tmp_path, monkeypatch) -> None:
 
 
 def test_cli_dispatches_plan_bench_and_engine(capsys, monkeypatch) -> None:
-    from router.cli import COMMANDS, main
+    from kvroute.router.cli import COMMANDS, main
 
     assert {"bench", "plan", "engine"} <= set(COMMANDS)
     rc = main(["plan", "--request-rate", "2", "--prompt-tokens", "1000", "--output-tokens", "100", "--json"])
     assert rc == 0 and '"prefill_workers": 1' in capsys.readouterr().out
 
-    import engines.gpu.launch as launch
+    import kvroute.engines.gpu.launch as launch
 
     def no_torch(argv: object) -> int:
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
@@ -207,7 +207,8 @@ def test_cli_dispatches_plan_bench_and_engine(capsys, monkeypatch) -> None:
     monkeypatch.setattr(launch, "main", no_torch)
     assert main(["engine", "--help"]) == 2 and "needs PyTorch" in capsys.readouterr().err
 
-    import bench.compare
+    import kvroute.bench.compare  # noqa: F401 (loads the submodule)
+    from kvroute import bench
 
     seen: list[list[str]] = []
     monkeypatch.setattr(bench.compare, "main", lambda argv: seen.append(list(argv)) or 0)
@@ -215,7 +216,7 @@ def test_cli_dispatches_plan_bench_and_engine(capsys, monkeypatch) -> None:
 
 
 def test_serve_reports_an_unknown_pd_policy(capsys) -> None:
-    from router.app import create_app
+    from kvroute.router.app import create_app
 
     with pytest.raises(ConfigError, match="PD policies"):
         create_app(RouterConfig(pd_disaggregation=True, decode_policy="nope"))
@@ -223,8 +224,8 @@ def test_serve_reports_an_unknown_pd_policy(capsys) -> None:
 
 def test_replica_flags_env_and_validation() -> None:
     """Redis replica settings from flags and KVROUTE_* env; what the runtime would reject fails early."""
-    from router.cli import build_serve_parser, config_from_args
-    from router.shared import ReplicaConfig
+    from kvroute.router.cli import build_serve_parser, config_from_args
+    from kvroute.router.shared import ReplicaConfig
 
     args = build_serve_parser().parse_args(
         ["--redis-url", "redis://r:6379/1", "--replica-id", "r1", "--sync-interval-s", "0.1",

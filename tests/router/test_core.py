@@ -12,11 +12,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
-from cache_index.hashing import ByteTokenizer, hash_blocks, hash_text_blocks, namespace_seed
-from router import Router
-from router.policies.base import NoWorkerAvailable
-from router.types import Worker, WorkerRole, WorkerState
+from kvroute import Router
+from kvroute.cache_index.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
+from kvroute.cache_index.hashing import ByteTokenizer, hash_blocks, hash_text_blocks, namespace_seed
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.types import Worker, WorkerRole, WorkerState
 
 BS = 16
 _engine_ids = itertools.count(1 << 40)

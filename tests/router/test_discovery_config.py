@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from router.cli import build_serve_parser, config_from_args
-from router.config import ConfigError, build_config
-from router.discovery.dns import DnsSource
-from router.discovery.file import FileSource
-from router.discovery.kubernetes import KubernetesSource
-from router.discovery.runner import build_source
-from router.types import WorkerRole
+from kvroute.router.cli import build_serve_parser, config_from_args
+from kvroute.router.config import ConfigError, build_config
+from kvroute.router.discovery.dns import DnsSource
+from kvroute.router.discovery.file import FileSource
+from kvroute.router.discovery.kubernetes import KubernetesSource
+from kvroute.router.discovery.runner import build_source
+from kvroute.router.types import WorkerRole
 
 
 def parse(argv: str, environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from router.discovery.base import Snapshot
-from router.discovery.dns import DnsSource
-from router.discovery.sync import DiscoverySync
-from router.types import WorkerRole
+from kvroute.router.discovery.base import Snapshot
+from kvroute.router.discovery.dns import DnsSource
+from kvroute.router.discovery.sync import DiscoverySync
+from kvroute.router.types import WorkerRole
 from tests.router.conftest import wait_until
 
 dns_message = pytest.importorskip("dns.message")

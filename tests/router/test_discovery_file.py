@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.app import DISCOVERY
-from router.discovery.file import DiscoveryFileError, parse_workers, read_workers
-from router.types import WorkerRole, WorkerState
+from kvroute.router.app import DISCOVERY
+from kvroute.router.discovery.file import DiscoveryFileError, parse_workers, read_workers
+from kvroute.router.types import WorkerRole, WorkerState
 from tests.router.conftest import sse_data, test_config, wait_until
 
 

@@ -15,11 +15,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from engines.sim.fleet import free_port
-from router.app import DISCOVERY_SOURCE, create_app
-from router.discovery.base import Snapshot
-from router.discovery.kubernetes import KubernetesSource
-from router.types import WorkerRole
+from kvroute.engines.sim.fleet import free_port
+from kvroute.router.app import DISCOVERY_SOURCE, create_app
+from kvroute.router.discovery.base import Snapshot
+from kvroute.router.discovery.kubernetes import KubernetesSource
+from kvroute.router.types import WorkerRole
 from tests.router.conftest import RunningRouter, sse_data, test_config, wait_until
 
 pytest.importorskip("kubernetes_asyncio")

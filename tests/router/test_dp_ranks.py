@@ -7,8 +7,8 @@ from typing import Any
 
 import aiohttp
 
-from engines.sim.fleet import SimFleet
-from router.dp import RankFoldedIndex, choose_rank, owner, rank_key
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.dp import RankFoldedIndex, choose_rank, owner, rank_key
 from tests.router.conftest import wait_until
 
 
@@ -74,8 +74,8 @@ async def test_without_dp_aware_one_stream_and_no_rank_field(start_router: Any) 
 
 
 def test_rank_keys_fold_and_choice() -> None:
-    from cache_index.hashing import BlockHash
-    from cache_index.radix import RadixIndex, StoredBlock
+    from kvroute.cache_index.hashing import BlockHash
+    from kvroute.cache_index.radix import RadixIndex, StoredBlock
 
     def chain(n: int) -> list[StoredBlock]:
         return [StoredBlock(BlockHash(i), i) for i in range(1, n + 1)]  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ from typing import Any
 
 import openai
 
-from engines.sim.fleet import SimFleet
+from kvroute.engines.sim.fleet import SimFleet
 from tests.router.conftest import wait_until
 
 KEY = "sk-engine-key"

@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from engines.sim.fleet import SimFleet
-from router.discovery.server_info import event_sources
-from router.types import EventSource
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.discovery.server_info import event_sources
+from kvroute.router.types import EventSource
 from tests.router.conftest import wait_until
 
 

@@ -7,7 +7,7 @@ import asyncio
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.wire import forward_headers
+from kvroute.router.wire import forward_headers
 from tests.router.conftest import test_config
 
 

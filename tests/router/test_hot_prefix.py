@@ -12,10 +12,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from cache_index.events import BlockStored, KvEventBatch
-from router import Router
-from router.load import Ticket
-from router.types import Worker, WorkerState
+from kvroute import Router
+from kvroute.cache_index.events import BlockStored, KvEventBatch
+from kvroute.router.load import Ticket
+from kvroute.router.types import Worker, WorkerState
 
 BS = 16
 RATE = 6.0  # blocks of prefill per worker per tick

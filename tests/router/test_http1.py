@@ -1,4 +1,5 @@
-"""`engines.http1`: the pooled HTTP/1.1 transport of the proxy's hot path, against scripted raw servers.
+"""`kvroute.engines.http1`: the pooled HTTP/1.1 transport of the proxy's hot path, against scripted raw
+servers.
 
 Each server is a plain `asyncio.start_server` on 127.0.0.1 whose per-connection handler a test writes,
 so framing, keep-alive and failure cases are exact (no HTTP framework smoothing them over).
@@ -12,8 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from engines.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from engines.http1 import MAX_HEAD_BYTES, Http1Pool, Timeouts, _Conn
+from kvroute.engines.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from kvroute.engines.http1 import MAX_HEAD_BYTES, Http1Pool, Timeouts, _Conn
 from tests.router.conftest import wait_until
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]

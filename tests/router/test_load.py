@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_index.hashing import BlockHash, hash_blocks
-from router.load import InflightIndex, LoadTracker
-from router.types import Worker, WorkerLoad, WorkerState
+from kvroute.cache_index.hashing import BlockHash, hash_blocks
+from kvroute.router.load import InflightIndex, LoadTracker
+from kvroute.router.types import Worker, WorkerLoad, WorkerState
 
 BS = 16
 

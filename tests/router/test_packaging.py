@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from engines.sim.fleet import free_port
-from router import __version__
-from router.cli import main
-from router.config import ConfigError, RouterConfig, build_config, unknown_env
+from kvroute import __version__
+from kvroute.engines.sim.fleet import free_port
+from kvroute.router.cli import main
+from kvroute.router.config import ConfigError, RouterConfig, build_config, unknown_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -34,7 +34,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 MAPPED = "package-dir" in PYPROJECT["tool"]["setuptools"]
 PREFIX = "kvroute/" if MAPPED else ""
 API = "kvroute" if MAPPED else "router"  # where `Router` is imported from
-TYPES = "kvroute.router.types" if MAPPED else "router.types"
+TYPES = "kvroute.router.types" if MAPPED else "kvroute.router.types"
 
 
 def test_version_has_one_source(capsys) -> None:
@@ -45,7 +45,7 @@ def test_version_has_one_source(capsys) -> None:
     assert getattr(importlib.import_module(module), name) == __version__
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"kvroute {__version__}"
 
-    from router.metrics import Metrics
+    from kvroute.router.metrics import Metrics
 
     text = Metrics().exposition().decode()
     assert f'kvroute_build_info{{python="{sys.version.split()[0]}",version="{__version__}"}} 1.0' in text
@@ -215,7 +215,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     out = subprocess.run([str(py), "-c", snippet], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "http://10.0.0." in out.stdout
-    cli = [str(py), "-m", API]  # `python -m kvroute` (before the rename: `python -m router`)
+    cli = [str(py), "-m", API]  # `python -m kvroute` (before the rename: `python -m kvroute`)
     out = subprocess.run([*cli, "--version"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"kvroute {__version__}", out.stderr
     plan = ["plan", "--request-rate", "2", "--prompt-tokens", "1000", "--output-tokens", "100", "--json"]
@@ -278,7 +278,7 @@ def _sim_serve_one_request(cli: list[str], cwd: Path, env: dict[str, str]) -> No
 
 def test_every_command_help_renders(capsys) -> None:
     """`kvroute COMMAND --help` prints its flags (argparse %-formats help strings: a bare % breaks it)."""
-    from router.cli import COMMANDS, build_serve_parser
+    from kvroute.router.cli import COMMANDS, build_serve_parser
 
     text = build_serve_parser().format_help()
     assert "--service-discovery" in text and "--worker-urls" in text

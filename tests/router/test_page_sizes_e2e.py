@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from engines.sim.fleet import SimFleet
+from kvroute.engines.sim.fleet import SimFleet
 from tests.router.conftest import wait_until
 from tests.router.test_app_e2e import blocks_on, generate
 

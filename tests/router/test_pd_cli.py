@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
-from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER
+from kvroute.router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER
 from tests.router.conftest import sse_data
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ async def _drain(stream: asyncio.StreamReader, lines: list[str], found: asyncio.
 
 @pytest.fixture
 async def cli() -> AsyncIterator[Cli]:
-    exe = [sys.executable, "-m", "router"]
+    exe = [sys.executable, "-m", "kvroute"]
     sim = await asyncio.create_subprocess_exec(
         *exe, "sim", "--workers", "1", "--prefill", "2", "--decode", "2", "--base-port", "0",
         "--time-scale", "0.02", "--json",

@@ -1,5 +1,5 @@
 """PD end to end over loopback: a simulated fleet (2 prefill + 2 decode, plus a regular worker for
-conditional disaggregation) behind a minimal aiohttp app that calls `router.pd.forward_pd`."""
+conditional disaggregation) behind a minimal aiohttp app that calls `kvroute.router.pd.forward_pd`."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from engines.core import GenerateRequest
-from engines.sim.fleet import SimFleet
-from engines.sim.server import SimServer
-from router.core import Router
-from router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER, PDConfig, PDContext, forward_pd
-from router.pd_metrics import PDMetrics
-from router.types import Worker, WorkerRole, WorkerState
+from kvroute.engines.core import GenerateRequest
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.engines.sim.server import SimServer
+from kvroute.router.core import Router
+from kvroute.router.pd import PREFILL_WORKER_HEADER, WORKER_HEADER, PDConfig, PDContext, forward_pd
+from kvroute.router.pd_metrics import PDMetrics
+from kvroute.router.types import Worker, WorkerRole, WorkerState
 from tests.router.conftest import pd_sim_fleet, sse_data
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 12  # ~540 byte tokens

@@ -7,8 +7,8 @@ import random
 import orjson
 import pytest
 
-from router.core import Router
-from router.pd import (
+from kvroute.router.core import Router
+from kvroute.router.pd import (
     PDConfig,
     PDError,
     PDSelector,
@@ -19,8 +19,8 @@ from router.pd import (
     insert_fields,
     rid_fields,
 )
-from router.policies.base import NoWorkerAvailable
-from router.types import Worker, WorkerRole, WorkerState
+from kvroute.router.policies.base import NoWorkerAvailable
+from kvroute.router.types import Worker, WorkerRole, WorkerState
 
 
 @pytest.mark.parametrize(
@@ -208,8 +208,8 @@ def test_unknown_policy_names_fail_at_construction() -> None:
 def test_window_summarises_the_planners_inputs() -> None:
     from prometheus_client import CollectorRegistry
 
-    from router.pd import PDRecord
-    from router.pd_metrics import PDMetrics, PDWindow
+    from kvroute.router.pd import PDRecord
+    from kvroute.router.pd_metrics import PDMetrics, PDWindow
 
     now = [100.0]
     window = PDWindow(horizon_s=10.0, clock=lambda: now[0])
@@ -233,8 +233,8 @@ def test_window_rate_counts_arrivals_and_a_shorter_horizon() -> None:
     overloaded fleet finishes; a shorter horizon reads the newest part of the window."""
     from prometheus_client import CollectorRegistry
 
-    from router.pd import PDRecord
-    from router.pd_metrics import PDMetrics, PDWindow
+    from kvroute.router.pd import PDRecord
+    from kvroute.router.pd_metrics import PDMetrics, PDWindow
 
     now = [0.0]
     window = PDWindow(horizon_s=60.0, clock=lambda: now[0])

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from router.cli import build_serve_parser, config_from_args, peer_flag_effects
-from router.config import ConfigError, RouterConfig, replace
-from router.peer_flags import PEER_FLAGS, Support, migration_table
+from kvroute.router.cli import build_serve_parser, config_from_args, peer_flag_effects
+from kvroute.router.config import ConfigError, RouterConfig, replace
+from kvroute.router.peer_flags import PEER_FLAGS, Support, migration_table
 
 DATA = Path(__file__).parent / "data" / "peer_flags.json"
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,7 +242,7 @@ def test_policy_sets_both_pd_pools_unless_named() -> None:
 
 
 def test_cache_aware_tuning_reaches_the_pd_pools() -> None:
-    from router.app import pd_config
+    from kvroute.router.app import pd_config
 
     argv = "--pd-disaggregation --prefill http://p:1 --decode http://d:1 --policy cache_aware "
     argv += "--cache-threshold 0.7"

@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from engines.sim.fleet import SimFleet, free_port
+from kvroute.engines.sim.fleet import SimFleet, free_port
 
 
 def _families(text: str) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def test_serve_with_peer_flags_has_a_metrics_listener(tmp_path: Path) -> None:
     in --log-dir as JSON lines, a warning for a flag without effect, and SIGTERM stops it."""
     port, mport = free_port(), free_port()
     cmd = [
-        sys.executable, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "kvroute", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--worker-urls", "http://127.0.0.1:9", "--policy", "cache_aware", "--cache-threshold", "0.5",
         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(mport), "--log-dir", str(tmp_path),
         "--log-json", "--tokenizer-cache-enable-l0", "--shutdown-grace-period-secs", "1",
@@ -110,7 +110,7 @@ def test_serve_https_with_the_peers_tls_flags(tmp_path: Path) -> None:
         check=True, capture_output=True,
     )  # fmt: skip
     port = free_port()
-    base = [sys.executable, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    base = [sys.executable, "-m", "kvroute", "serve", "--host", "127.0.0.1", "--port", str(port)]
     bad = subprocess.run(
         [*base, "--tls-cert-path", str(cert), "--tls-key-path", str(cert)], capture_output=True
     )

@@ -9,8 +9,8 @@ from typing import Any
 import openai
 import pytest
 
-from engines.sim.fleet import SimFleet
-from router.peer_routes import MetricsMerger, worker_id
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.peer_routes import MetricsMerger, worker_id
 from tests.router.conftest import wait_until
 
 

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from cache_index.events import BlockStored, KvEventBatch
-from router import Router
-from router.types import Worker, WorkerState
+from kvroute import Router
+from kvroute.cache_index.events import BlockStored, KvEventBatch
+from kvroute.router.types import Worker, WorkerState
 
 BS = 16
 

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from engines.sim.profiles import h100_llama3_8b
-from router import planner
-from router.planner import ObservedLoad, PlanError, PlanTargets, plan
+from kvroute.engines.sim.profiles import h100_llama3_8b
+from kvroute.router import planner
+from kvroute.router.planner import ObservedLoad, PlanError, PlanTargets, plan
 
 PROFILE = h100_llama3_8b()
 

@@ -15,12 +15,12 @@ import aiohttp
 import pytest
 import redis
 
-from cache_index.hashing import BlockHash
-from router.config import RouterConfig
-from router.core import Router
-from router.load import LoadTracker
-from router.metrics import Metrics
-from router.shared import (
+from kvroute.cache_index.hashing import BlockHash
+from kvroute.router.config import RouterConfig
+from kvroute.router.core import Router
+from kvroute.router.load import LoadTracker
+from kvroute.router.metrics import Metrics
+from kvroute.router.shared import (
     LoadVector,
     MembershipChange,
     Op,
@@ -36,10 +36,10 @@ from router.shared import (
     connect,
     replica_context,
 )
-from router.shared.inflight import inflight_sink
-from router.shared.load_sync import add_blob, encode_blob
-from router.types import RoutingRequest, Worker, WorkerState
-from router.workers import WorkerRegistry
+from kvroute.router.shared.inflight import inflight_sink
+from kvroute.router.shared.load_sync import add_blob, encode_blob
+from kvroute.router.types import RoutingRequest, Worker, WorkerState
+from kvroute.router.workers import WorkerRegistry
 from tests.router.conftest import RedisServer, free_port, refused_url, wait_until
 
 W1, W2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
@@ -566,7 +566,7 @@ async def test_two_router_apps_share_load_and_admin_changes(
     """Load routed through replica a shows in b's /get_loads (and steers b's policy) while it runs and
     leaves when it ends; an admin add/remove and a policy change on a reach b; /admin/replicas shows the
     peer."""
-    from engines.sim.fleet import SimFleet
+    from kvroute.engines.sim.fleet import SimFleet
     from tests.router.conftest import test_config
 
     async with SimFleet(3, time_scale=0.02) as fleet:
@@ -683,7 +683,7 @@ async def test_replica_app_stopped_right_after_start_ends(redis_url: str, prefix
     redis-py swallows while connecting used to leave the load sync running and shutdown hung."""
     from aiohttp import web
 
-    from router.app import create_app
+    from kvroute.router.app import create_app
 
     for _ in range(3):
         app = create_app(RouterConfig(redis_url=redis_url, redis_key_prefix=prefix, worker_urls=()))

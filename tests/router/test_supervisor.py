@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engines.sim.fleet import SimFleet
-from router.config import ConfigError, RouterConfig
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.config import ConfigError, RouterConfig
 from tests.router.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def supervisor(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., subproc
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(*args: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "router", "serve", "--log-level", "warning", *args]
+        cmd = [sys.executable, "-m", "kvroute", "serve", "--log-level", "warning", *args]
         with (tmp_path / "serve.log").open("wb") as log:  # the child keeps its own descriptor
             p = subprocess.Popen(cmd, cwd=ROOT, stderr=log, start_new_session=True)
         procs.append(p)

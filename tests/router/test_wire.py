@@ -1,12 +1,12 @@
-"""`router.wire`: routing fields read off request bodies, header filtering, the SSE side-parser."""
+"""`kvroute.router.wire`: routing fields read off request bodies, header filtering, the SSE side-parser."""
 
 from __future__ import annotations
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.errors import ApiError
-from router.wire import SseObserver, extract_fields, forward_headers, response_headers, usage_of
+from kvroute.router.errors import ApiError
+from kvroute.router.wire import SseObserver, extract_fields, forward_headers, response_headers, usage_of
 
 
 def test_sse_observer_first_token_gaps_and_split_events() -> None:

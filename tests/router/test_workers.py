@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from router.breaker import CircuitBreaker
-from router.discovery import discover_kv_events
-from router.types import WorkerState
+from kvroute.router.breaker import CircuitBreaker
+from kvroute.router.discovery import discover_kv_events
+from kvroute.router.types import WorkerState
 from tests.router.conftest import wait_until
 
 

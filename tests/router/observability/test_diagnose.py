@@ -10,8 +10,14 @@ import sys
 import orjson
 import pytest
 
-from engines.sim.fleet import SimFleet
-from router.observability.diagnose import _quantile, diagnose, fetch, fetch_status, windows_from_metrics
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.observability.diagnose import (
+    _quantile,
+    diagnose,
+    fetch,
+    fetch_status,
+    windows_from_metrics,
+)
 
 
 def _body(i: int) -> dict[str, object]:
@@ -64,7 +70,7 @@ async def test_diagnose_names_the_slow_engine_and_its_queue(start_router) -> Non
 
         # The command itself, against the live router (a subprocess: its own event loop).
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "diagnose", r.url, "--json",
+            sys.executable, "-m", "kvroute", "diagnose", r.url, "--json",
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from engines.sim.fleet import SimFleet
-from router.observability.phases import TTFT_PHASES
+from kvroute.engines.sim.fleet import SimFleet
+from kvroute.router.observability.phases import TTFT_PHASES
 from tests.router.conftest import wait_until
 
 SGLANG_TIMING_FIELDS = ("queue_time", "prefill_waiting_latency", "prefill_launch_latency",

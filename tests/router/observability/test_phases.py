@@ -7,9 +7,9 @@ import asyncio
 import orjson
 import pytest
 
-from router.observability.access_log import AccessLog
-from router.observability.phases import TTFT_PHASES, RequestPhases, engine_timings, reason_class
-from router.observability.ring import RecentQuery, RecentRequests, quantile, summarize
+from kvroute.router.observability.access_log import AccessLog
+from kvroute.router.observability.phases import TTFT_PHASES, RequestPhases, engine_timings, reason_class
+from kvroute.router.observability.ring import RecentQuery, RecentRequests, quantile, summarize
 
 
 def _req(
@@ -134,8 +134,8 @@ async def test_access_log_writes_one_json_line_per_request(tmp_path) -> None:  #
 
 def test_batched_phase_metrics_equal_direct_observations() -> None:
     """The bulk path (bucket counts added at flush) gives the histogram exactly what `observe` would."""
-    from router.metrics import Metrics
-    from router.observability.phase_metrics import PhaseMetrics
+    from kvroute.router.metrics import Metrics
+    from kvroute.router.observability.phase_metrics import PhaseMetrics
 
     batched, direct = Metrics(), Metrics()
     pm = PhaseMetrics(batched)

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from router.app import OBSERVABILITY
-from router.observability.tracing import parse_traceparent
+from kvroute.router.app import OBSERVABILITY
+from kvroute.router.observability.tracing import parse_traceparent
 from tests.router.conftest import wait_until
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"

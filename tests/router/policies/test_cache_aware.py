@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.policies import PolicyContext, make_policy
+from kvroute.router.policies import PolicyContext, make_policy
 from tests.router.policies.util import request, worker
 
 
@@ -67,8 +67,8 @@ def test_learns_only_in_on_routed_and_select_is_pure() -> None:
 
 
 def test_text_fallback_hashes_work_the_same() -> None:
-    from cache_index.hashing import hash_text_blocks
-    from router.types import RoutingRequest
+    from kvroute.cache_index.hashing import hash_text_blocks
+    from kvroute.router.types import RoutingRequest
 
     def text_req(text: str) -> RoutingRequest:
         return RoutingRequest(

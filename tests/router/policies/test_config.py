@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.policies import POLICIES, PolicyContext, make_policy
+from kvroute.router.policies import POLICIES, PolicyContext, make_policy
 from tests.router.policies.util import FakeOverlap
 
 CTX = PolicyContext(kv_index=FakeOverlap(), inflight=FakeOverlap())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.policies import make_policy
+from kvroute.router.policies import make_policy
 from tests.router.policies.util import request, worker
 
 URLS = [f"http://w{i}:30000" for i in range(5)]

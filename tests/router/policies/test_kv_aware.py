@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from router.policies import PolicyContext, make_policy
-from router.types import Worker
+from kvroute.router.policies import PolicyContext, make_policy
+from kvroute.router.types import Worker
 from tests.router.policies.util import BS, FakeOverlap, request, worker
 
 # The term-by-term tables switch off the terms they do not test, for round numbers: decode_weight 1

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from router.policies import make_policy
-from router.types import Worker
+from kvroute.router.policies import make_policy
+from kvroute.router.types import Worker
 from tests.router.policies.util import BS, request, worker
 
 

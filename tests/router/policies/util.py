@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cache_index.hashing import BlockHash, hash_blocks
-from router.types import RoutingRequest, Worker, WorkerLoad, WorkerState
+from kvroute.cache_index.hashing import BlockHash, hash_blocks
+from kvroute.router.types import RoutingRequest, Worker, WorkerLoad, WorkerState
 
 BS = 16
 

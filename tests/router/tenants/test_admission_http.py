@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from router.app import ADMIN
+from kvroute.router.app import ADMIN
 from tests.router.conftest import FakeEngine, test_config, wait_until
 
 TENANTS = {

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from router.cli import main
-from router.config import ConfigError, build_config
-from router.tenants.identity import UnknownClient, identify
+from kvroute.router.cli import main
+from kvroute.router.config import ConfigError, build_config
+from kvroute.router.tenants.identity import UnknownClient, identify
 
 GOOD = """
 port = 0

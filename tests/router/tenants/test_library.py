@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from router import Router
-from router.admission import AdmissionConfig
-from router.tenants import Rejected, TenantTable
-from router.tenants.saturation import SaturationConfig
-from router.types import Worker, WorkerState
+from kvroute import Router
+from kvroute.router.admission import AdmissionConfig
+from kvroute.router.tenants import Rejected, TenantTable
+from kvroute.router.tenants.saturation import SaturationConfig
+from kvroute.router.types import Worker, WorkerState
 
 TABLE = TenantTable.from_config(
     {"chat": {"class": "interactive"}, "docs": {"class": "batch"}},

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from router.admission import AdmissionQueue, Waiter
-from router.tenants.classes import BUILTIN_CLASSES, SlaClass
-from router.tenants.saturation import SaturationConfig, prefill_ahead, saturated
-from router.types import WorkerLoad
+from kvroute.router.admission import AdmissionQueue, Waiter
+from kvroute.router.tenants.classes import BUILTIN_CLASSES, SlaClass
+from kvroute.router.tenants.saturation import SaturationConfig, prefill_ahead, saturated
+from kvroute.router.types import WorkerLoad
 
 INTER, STD, BATCH = (BUILTIN_CLASSES[n] for n in ("interactive", "standard", "batch"))
 

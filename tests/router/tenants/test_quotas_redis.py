@@ -13,10 +13,10 @@ import aiohttp
 import orjson
 import pytest
 
-from router.shared.common import connect
-from router.tenants.errors import Rejected
-from router.tenants.quotas import RedisQuotas
-from router.tenants.table import Tenant
+from kvroute.router.shared.common import connect
+from kvroute.router.tenants.errors import Rejected
+from kvroute.router.tenants.quotas import RedisQuotas
+from kvroute.router.tenants.table import Tenant
 from tests.router.conftest import FakeEngine, RedisServer, test_config, wait_until
 
 KEY = {"Authorization": "Bearer k-team"}
