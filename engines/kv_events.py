@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from cache_index.events import KvEventBatch, KvEventDecodeError, decode_batch
+from kvroute.cache_index.events import KvEventBatch, KvEventDecodeError, decode_batch
 
 __all__ = ["KvEventSubscriber", "WorkerStreamStats", "resolve_endpoint"]
 
@@ -364,6 +364,9 @@ class KvEventSubscriber:
                 st.stats.replay_failures += 1
                 log.warning("kv events of %s: replay from %d failed (%r); resetting", st.worker, start, err)
                 break
+        # Nothing was replayed (no replay endpoint, or it failed): the stream is followed live from `seen`,
+        # so no earlier seq can legitimately arrive again; one that does is a restarted engine's.
+        st.dup_floor = None
         self._reset(st)
         return False
 
