@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvroute.bench.gpu_pd import cuda_median_ms
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
@@ -47,18 +49,8 @@ def step_costs(model_name: str, page_size: int) -> dict[str, Any]:
     pool.v.normal_()
     prof = h100_llama3_8b()
 
-    def timed(fn: Any, reps: int = 5) -> float:
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        return statistics.median(ts)
+    def timed(fn: Any) -> float:
+        return cuda_median_ms(fn, reps=5)
 
     rows: list[dict[str, Any]] = []
     pages_all = list(range(pool.num_pages))

@@ -75,7 +75,8 @@ def versions() -> dict[str, Any]:
 
 
 # ---- transfer ------------------------------------------------------------------------------------
-def _median_ms(fn: Any, reps: int = 20) -> float:
+def cuda_median_ms(fn: Any, reps: int = 20) -> float:
+    """Median CUDA-event time of `fn` in ms, after one warm-up call (also used by bench/gpu_e2e.py)."""
     import torch
 
     fn()
@@ -97,7 +98,7 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
     a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
-    ms = _median_ms(lambda: b.copy_(a))
+    ms = cuda_median_ms(lambda: b.copy_(a))
     return 2 * nbytes / (ms / 1e3) / 1e9
 
 
@@ -136,8 +137,8 @@ def _time_copy(
         with torch.cuda.graph(graph, stream=side):
             copy_kv_pages(sk, sv, dst.k, dst.v, sp_t, dp_t, ps)
     torch.cuda.current_stream().wait_stream(side)
-    kernel_ms = _median_ms(graph.replay)
-    launch_ms = _median_ms(lambda: copy_kv_pages(sk, sv, dst.k, dst.v, sp_t, dp_t, ps))
+    kernel_ms = cuda_median_ms(graph.replay)
+    launch_ms = cuda_median_ms(lambda: copy_kv_pages(sk, sv, dst.k, dst.v, sp_t, dp_t, ps))
     src = SourceKv(sk, sv, ps)
     ts = []
     for _ in range(20):

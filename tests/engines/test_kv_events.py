@@ -76,6 +76,20 @@ class Harness:
         await wait_for(lambda: self.sub.stats(worker)["last_seq"] == pub.next_seq - 1)
 
 
+async def probe_until_live(
+    h: Harness, send: Callable[[int, bytes], None], enc: KvEventPublisher, seq: int
+) -> int:
+    """Send empty batches on a raw PUB with rising seqs from `seq` until the subscriber sees one; the
+    next seq to send."""
+    deadline = time.monotonic() + 5
+    while not h.batches:
+        assert time.monotonic() < deadline, "subscription never became live"
+        send(seq, enc.encode([]))
+        seq += 1
+        await asyncio.sleep(0.01)
+    return seq
+
+
 class DroppingPublisher(KvEventPublisher):
     """Loses chosen sends, as a PUB past its high-water mark does (the replay buffer keeps them)."""
 
@@ -223,13 +237,7 @@ async def test_engine_restart_duplicates_and_decode_errors() -> None:
         def send(seq: int, payload: bytes) -> None:
             pub.send_multipart([b"", seq.to_bytes(8, "big"), payload], flags=zmq.NOBLOCK)
 
-        deadline = time.monotonic() + 5
-        s = 0
-        while not h.batches:  # probe with rising seqs until the subscription is live
-            assert time.monotonic() < deadline
-            send(s, enc.encode([]))
-            s += 1
-            await asyncio.sleep(0.01)
+        s = await probe_until_live(h, send, enc, 0)
         await wait_for(lambda: h.sub.stats("w0")["last_seq"] == s - 1)
         tokens = list(range(1, 9))
         send(s, enc.encode(page_events(tokens)))
@@ -496,15 +504,9 @@ async def test_engine_restart_whose_sequence_does_not_restart_at_zero() -> None:
         def send(seq: int, payload: bytes) -> None:
             pub.send_multipart([b"", seq.to_bytes(8, "big"), payload], flags=zmq.NOBLOCK)
 
-        deadline = time.monotonic() + 5
         # Probes start at seq 2, as when the subscriber joins late and misses the first batches (a slow
         # join on a loaded host made this test flaky): that path must not make seq 5 look like a duplicate.
-        s = 2
-        while not h.batches:  # probe with rising seqs until the subscription is live
-            assert time.monotonic() < deadline
-            send(s, enc.encode([]))
-            s += 1
-            await asyncio.sleep(0.01)
+        s = await probe_until_live(h, send, enc, 2)
         old = list(range(1, 9))
         for i in range(40):  # the old engine gets well past the new one's first seq
             send(s + i, enc.encode(page_events(old) if i == 0 else []))
