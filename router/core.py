@@ -347,7 +347,7 @@ class Router:
         if ticket.finished:
             return
         reached_first_token = ticket.state is TicketState.RUNNING
-        self.load.on_finished(ticket)
+        self.load.on_finished(ticket, output_tokens)
         for hook in self.released_hooks:
             hook(ticket)
         st = self._stats.get(ticket.url)

@@ -54,6 +54,7 @@ class Ticket:
     _pending_added: int = field(default=0, repr=False)
     _active_added: int = field(default=0, repr=False)
     _inflight_indexed: bool = field(default=False, repr=False)
+    _first_token_at: float | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -67,6 +68,14 @@ def _take_pending_by_priority(ticket: Ticket) -> None:
         by_prio[ticket.priority] = left
     else:
         by_prio.pop(ticket.priority, None)
+
+
+RECENT_S = 1.0
+"""How far back `InflightIndex.holding_before` can tell when a prompt was added (longer than a step)."""
+MIN_STREAM_STEP_S = 2e-4
+"""Time per output token below which a finished request was not streamed (its tokens came at once)."""
+STEP_EWMA = 0.2
+"""Weight of the newest stream in a worker's step-time estimate."""
 
 
 def _blocks(tokens: int, block_size: int) -> int:
@@ -92,13 +101,27 @@ class InflightIndex:
     Other router replicas' prompts (`add_for`, router/shared/inflight.py) are held for a fixed time
     instead: this replica never sees those requests finish. They share the refcounts, and expire in
     arrival order (one TTL for all: the queue stays sorted), checked at `match` and `add_for`.
+
+    A prompt whose request finished after its prefill is held `finished_grace_s` longer (`retain`): its
+    blocks are in the engine's cache, but the `BlockStored` event may not have reached the index yet, and
+    a repeat of the prompt arriving in that window would otherwise look like a miss everywhere.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_expiring: int = 200_000) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        max_expiring: int = 200_000,
+        finished_grace_s: float = 2.0,
+    ) -> None:
         self._per_worker: dict[str, Counter[BlockHash]] = {}
         self._clock = clock
         self._expiring: deque[tuple[float, str, Sequence[BlockHash]]] = deque()
         self._max_expiring = max_expiring  # bound on remote prompts held (oldest expire early)
+        self._retained: deque[tuple[float, str, Sequence[BlockHash]]] = deque()
+        self._grace_s = finished_grace_s
+        # Per worker, the prompts added in the last RECENT_S seconds with their time: whether a prefix in
+        # flight there is held by a prompt old enough to be in a running prefill step (`holding_before`).
+        self._recent: dict[str, deque[tuple[float, Sequence[BlockHash]]]] = {}
 
     def add_for(self, url: str, hashes: Sequence[BlockHash], ttl_s: float) -> None:
         """Count `hashes` as in flight on `url` for `ttl_s` seconds (a prompt another replica routed).
@@ -113,17 +136,37 @@ class InflightIndex:
         self.add(url, hashes)
         self._expiring.append((now + ttl_s, url, hashes))
 
-    def _expire(self, now: float) -> None:
-        exp = self._expiring
-        while exp and exp[0][0] <= now:
-            _, url, hashes = exp.popleft()
+    def retain(self, url: str, hashes: Sequence[BlockHash]) -> None:
+        """A finished request's prompt, already counted by `add`: keep it for the grace period, then
+        discard it (one grace for all: the queue stays sorted). No grace: discard now."""
+        if self._grace_s <= 0 or not hashes:
             self.discard(url, hashes)
+            return
+        now = self._clock()
+        self._expire(now)
+        if len(self._retained) >= self._max_expiring:
+            _, old_url, old = self._retained.popleft()
+            self.discard(old_url, old)
+        self._retained.append((now + self._grace_s, url, hashes))
 
-    def add(self, url: str, hashes: Iterable[BlockHash]) -> None:
+    def _expire(self, now: float) -> None:
+        for exp in (self._expiring, self._retained):
+            while exp and exp[0][0] <= now:
+                _, url, hashes = exp.popleft()
+                self.discard(url, hashes)
+
+    def add(self, url: str, hashes: Sequence[BlockHash]) -> None:
         cnt = self._per_worker.get(url)
         if cnt is None:
             cnt = self._per_worker[url] = Counter()
         cnt.update(hashes)
+        now = self._clock()
+        recent = self._recent.get(url)
+        if recent is None:
+            recent = self._recent[url] = deque()
+        while recent and recent[0][0] < now - RECENT_S:
+            recent.popleft()
+        recent.append((now, hashes))
 
     def discard(self, url: str, hashes: Iterable[BlockHash]) -> None:
         cnt = self._per_worker.get(url)
@@ -141,15 +184,20 @@ class InflightIndex:
 
     def remove_worker(self, url: str) -> None:
         self._per_worker.pop(url, None)
+        self._recent.pop(url, None)
         if any(e[1] == url for e in self._expiring):  # a re-added worker must not lose counts to these
             self._expiring = deque(e for e in self._expiring if e[1] != url)
+        if any(e[1] == url for e in self._retained):
+            self._retained = deque(e for e in self._retained if e[1] != url)
 
     def match(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
         """{worker: leading blocks of `hashes` in flight there}; workers with none are absent."""
         out: dict[str, int] = {}
         if not hashes:
             return out
-        if self._expiring and self._expiring[0][0] <= self._clock():
+        if (self._expiring and self._expiring[0][0] <= self._clock()) or (
+            self._retained and self._retained[0][0] <= self._clock()
+        ):
             self._expire(self._clock())
         first, n = hashes[0], len(hashes)
         for url, cnt in self._per_worker.items():
@@ -170,8 +218,22 @@ class InflightIndex:
         cnt = self._per_worker.get(url)
         return cnt.get(block, 0) if cnt is not None else 0
 
+    def holding_before(self, url: str, block: BlockHash, depth: int, since: float) -> int:
+        """Of `holding(url, block)`, the prompts added before `since` (`block` is their `depth`-th block):
+        those an engine has admitted to a prefill step if `since` is one step ago. At most RECENT_S back."""
+        total = self.holding(url, block)
+        if not total:
+            return 0
+        late = sum(
+            1
+            for at, hs in self._recent.get(url, ())
+            if at >= since and len(hs) >= depth and hs[depth - 1] == block
+        )
+        return max(0, total - late)
+
     def __len__(self) -> int:
-        """Distinct (worker, block) pairs in flight."""
+        """Distinct (worker, block) pairs in flight now (expired holds dropped first)."""
+        self._expire(self._clock())
         return sum(len(c) for c in self._per_worker.values())
 
 
@@ -183,6 +245,7 @@ class LoadTracker:
 
     def __init__(self, workers: Mapping[str, Worker], clock: Callable[[], float] = time.monotonic) -> None:
         self._workers = workers
+        self._clock = clock
         self._ids = itertools.count(1)
         self._tickets: dict[str, dict[int, Ticket]] = {}  # url -> open tickets
         self.inflight = InflightIndex(clock)
@@ -219,6 +282,7 @@ class LoadTracker:
         )
         t._load.in_flight += 1
         t._load.pending_prefill_tokens += uncached
+        t._load.last_routed_at = self._clock()
         by_prio = t._load.pending_prefill_by_priority
         by_prio[priority] = by_prio.get(priority, 0) + uncached
         t._pending_added = uncached
@@ -237,6 +301,7 @@ class LoadTracker:
         _take_pending_by_priority(ticket)
         ticket._pending_added = 0
         ticket.state = TicketState.RUNNING
+        ticket._first_token_at = self._clock()
         self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
 
     def on_tokens(self, ticket: Ticket, n: int) -> None:
@@ -251,11 +316,18 @@ class LoadTracker:
         ticket.output_tokens += n
         self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
 
-    def on_finished(self, ticket: Ticket) -> None:
-        """Release everything the ticket added. Idempotent; right for completions, aborts and errors."""
+    def on_finished(self, ticket: Ticket, output_tokens: int | None = None) -> None:
+        """Release everything the ticket added. Idempotent; right for completions, aborts and errors.
+        `output_tokens` (when the caller counted them and not `on_tokens`) times the worker's step."""
         if ticket.finished:
             return
         load = ticket._load
+        prefilled = ticket.state is TicketState.RUNNING
+        n = max(ticket.output_tokens, output_tokens or 0)
+        if prefilled and ticket._first_token_at is not None and n > 1:
+            step = (self._clock() - ticket._first_token_at) / (n - 1)
+            if step >= MIN_STREAM_STEP_S:  # a non-streamed answer has all its tokens at once: no step
+                load.step_s = step if load.step_s is None else load.step_s + STEP_EWMA * (step - load.step_s)
         load.in_flight = max(0, load.in_flight - 1)
         load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - ticket._pending_added)
         _take_pending_by_priority(ticket)
@@ -263,7 +335,10 @@ class LoadTracker:
         ticket._pending_added = ticket._active_added = 0
         ticket.state = TicketState.FINISHED
         if ticket._inflight_indexed:
-            self.inflight.discard(ticket.url, ticket.block_hashes)
+            if prefilled:  # in the engine's cache now; its BlockStored event may still be on the way
+                self.inflight.retain(ticket.url, ticket.block_hashes)
+            else:
+                self.inflight.discard(ticket.url, ticket.block_hashes)
             ticket._inflight_indexed = False
         open_ = self._tickets.get(ticket.url)
         if open_ is not None:

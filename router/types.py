@@ -39,6 +39,12 @@ class WorkerLoad:
     # This replica's share of pending_prefill_tokens by request priority (router/admission.py: with
     # engine priority scheduling, only prefill of equal or higher priority delays a request).
     pending_prefill_by_priority: dict[int, int] = field(default_factory=dict)
+    # When this replica last routed a request here (router clock), and the engine's step time as its
+    # streams show it (EWMA of time per output token; None until a stream finished). Together they say
+    # whether the prompts in flight here have been admitted to a prefill step yet (`kv_aware`).
+    # (Observations, not counters: left out of equality, which tests use for "everything released".)
+    last_routed_at: float = field(default=float("-inf"), compare=False)
+    step_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,10 @@ class SharingSource(Protocol):
 
     def holding(self, url: str, block: BlockHash) -> int: ...
 
+    def holding_before(self, url: str, block: BlockHash, depth: int, since: float) -> int:
+        """Of those, the prompts added before `since` (`block` being their `depth`-th block)."""
+        ...
+
 
 @dataclass(frozen=True)
 class PolicyContext:

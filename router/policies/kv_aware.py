@@ -23,9 +23,13 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
   a queue (Mooncake slice 0: 87% of the reuse ceiling without it, 92% with 2.5).
 - overlap(w): leading prompt blocks w holds = max(event-fed index match, in-flight match). The in-flight
   match counts prompts routed to w and not finished as held there (a burst arrives before any event);
-  off with `predict_inflight=False`. It lowers own_prefill but earns no reuse credit (not confirmed),
-  and counts only behind at least `step_tokens` of queued prefill: with less, the request would be
-  admitted in the same prefill step as the in-flight prompt and recompute its prefix (SGLang, the sim).
+  off with `predict_inflight=False`. It counts once the in-flight prompts have been admitted to a
+  prefill step: behind at least `step_tokens` of queued prefill, or when the newest was routed there at
+  least one engine step ago (the worker's step time measured from its streams, `admit_s` until then).
+  Sooner, the request would be admitted in the same prefill step and recompute the prefix (SGLang, the
+  sim). Once it counts it also earns reuse credit (`inflight_credit`): a burst on a new shared prefix
+  then queues behind its first prefill and hits, instead of copying it to every worker (shared-prefix
+  groups: 83% -> see RESULTS of requests on their group's worker).
 - Hot-spot guard: w is hot when its requests in flight exceed `guard_factor * fleet_mean +
   guard_margin_requests` (a burst of shared-prefix requests has ~0 uncached work, so only the count
   shows the pile-up), or, when `guard_margin_blocks` > 0, when its load (pending prefill + decode_weight
@@ -128,6 +132,12 @@ class KvAwareConfig:
     # flight there, and recomputes their unprefilled prefix (SGLang and the sim both do): in-flight
     # blocks count as held only behind a queue of at least this many tokens. 0: always (bursts pile up).
     step_tokens: int = 8192
+    # Seconds after which a prompt routed to a worker has been admitted to a prefill step, until the
+    # worker's streams measured its step time (then one step): SGLang on an H100 steps every 10-30 ms.
+    admit_s: float = 0.03
+    # Whether in-flight blocks that count (admitted, see above) also earn the reuse credit that
+    # event-confirmed blocks earn: the prompt will be in that worker's cache when the newcomer runs.
+    inflight_credit: bool = True
     # Cost of placing one new block on a worker whose cache is full, relative to one block of prefill:
     # each new block evicts one, whose later reuse is lost (`fill_weight * new blocks * fill(w)`, fill =
     # blocks held / KV capacity, or / the fullest worker's when capacities are unknown). It spreads new
@@ -155,6 +165,7 @@ class KvAwareConfig:
             "attention_tokens",
             "reuse_weight",
             "step_tokens",
+            "admit_s",
             "fill_weight",
             "placement_half_life_s",
         ):
@@ -223,6 +234,9 @@ class KvAwarePolicy(PolicyBase):
         now = self._clock()
         placed = self._placed
         qw = c.queue_weight
+        admit_default = c.admit_s
+        credit_inflight = c.inflight_credit
+        sharing = self._sharing
         deepest = 0  # the deepest event-confirmed prefix, and the least queue among its holders
         holders_queue = math.inf
         best_holder = ""
@@ -232,8 +246,15 @@ class KvAwarePolicy(PolicyBase):
             url = w.url
             ov_i, ov_f = indexed.get(url, 0), inflight.get(url, 0)
             if ov_f > ov_i and ld.pending_prefill_tokens < batch:
-                ov_f = ov_i  # admitted in the same step as the in-flight prompt: recomputed, not reused
+                step = ld.step_s or admit_default
+                # Something was routed here within the last step: the prefix counts only if a prompt
+                # holding it came earlier (its prefill step has started; a newcomer queues behind it).
+                if now - ld.last_routed_at < step and (
+                    sharing is None or not sharing.holding_before(url, hashes[ov_f - 1], ov_f, now - step)
+                ):
+                    ov_f = ov_i  # admitted in the same step as the in-flight prompt: recomputed, not reused
             overlap = ov_i if ov_i >= ov_f else ov_f
+            cr = overlap if credit_inflight else ov_i  # blocks earning reuse credit
             pending = ld.pending_prefill_tokens / bs
             decode = float(ld.active_blocks)
             cap = w.max_total_tokens / bs if w.max_total_tokens else 0.0
@@ -248,10 +269,10 @@ class KvAwarePolicy(PolicyBase):
                 decode *= mean_cap / cap
             raw_new = prompt_blocks - overlap if prompt_blocks > overlap else 0.0
             new_prefill = raw_new * (1.0 + (overlap + 0.5 * raw_new) * attn) if attn else raw_new
-            reuse = c.reuse_weight * (prompt_blocks - ov_i) if prompt_blocks > ov_i else 0.0
-            if ov_i >= deepest and ov_i:
-                if ov_i > deepest:
-                    deepest, holders_queue = ov_i, math.inf
+            reuse = c.reuse_weight * (prompt_blocks - cr) if prompt_blocks > cr else 0.0
+            if cr >= deepest and cr:
+                if cr > deepest:
+                    deepest, holders_queue = cr, math.inf
                 if qw * pending < holders_queue:
                     holders_queue, best_holder = qw * pending, url
             # fill: blocks held / capacity; relative to the fullest worker below when capacity is unknown

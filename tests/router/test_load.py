@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,7 +117,9 @@ ops = st.lists(
 @given(ops)
 def test_counters_never_negative_and_return_to_zero(seq: list[tuple[str, int, int, int]]) -> None:
     urls = ["a", "b", "c", "d"]
-    lt, ws = tracker(*urls)
+    now = [0.0]
+    ws = {u: Worker(url=u, state=WorkerState.HEALTHY) for u in urls}
+    lt = LoadTracker(ws, clock=lambda: now[0])
     slots: dict[int, object] = {}
     every: list[object] = []
     for op, w, slot, n in seq:
@@ -139,7 +142,46 @@ def test_counters_never_negative_and_return_to_zero(seq: list[tuple[str, int, in
         lt.on_finished(t)  # type: ignore[arg-type]
         lt.on_finished(t)  # type: ignore[arg-type]
     assert all(wk.load == WorkerLoad() for wk in ws.values())  # exactly back to zero
+    now[0] += 60.0  # past the grace that prefilled prompts are held for after their request ends
     assert len(lt.inflight) == 0 and lt.open_tickets() == 0
+
+
+def test_a_finished_prompt_is_held_for_the_grace_then_dropped_and_an_aborted_one_at_once() -> None:
+    now = [0.0]
+    ws = {u: Worker(url=u, state=WorkerState.HEALTHY) for u in ("a", "b")}
+    lt = LoadTracker(ws, clock=lambda: now[0])
+    p = hash_blocks(list(range(64)), BS)
+    q = hash_blocks(list(range(100, 164)), BS)
+    done = lt.on_routed("a", 64, 64, BS, block_hashes=p)
+    aborted = lt.on_routed("b", 64, 64, BS, block_hashes=q)
+    lt.on_first_token(done)
+    lt.on_finished(done)  # prefilled: in a's cache, its BlockStored event maybe not in the index yet
+    lt.on_finished(aborted)  # never prefilled: b holds nothing
+    assert lt.inflight.match(p) == {"a": 4} and lt.inflight.match(q) == {}
+    now[0] = 1.9
+    assert lt.inflight.match(p) == {"a": 4}
+    now[0] = 2.0  # the default grace (2 s) is over: the event-fed index is the only source again
+    assert lt.inflight.match(p) == {} and len(lt.inflight) == 0
+
+
+def test_a_streams_time_per_token_becomes_the_workers_step_estimate() -> None:
+    now = [0.0]
+    ws = {"a": Worker(url="a", state=WorkerState.HEALTHY)}
+    lt = LoadTracker(ws, clock=lambda: now[0])
+    t = lt.on_routed("a", 32, 32, BS)
+    lt.on_first_token(t)
+    now[0] = 0.9  # 10 tokens, 9 gaps after the first: 0.1 s per step
+    lt.on_finished(t, output_tokens=10)
+    assert ws["a"].load.step_s == pytest.approx(0.1)
+    t = lt.on_routed("a", 32, 32, BS)
+    lt.on_first_token(t)
+    now[0] += 0.45  # 0.05 s per step: the estimate moves a fifth of the way
+    lt.on_finished(t, output_tokens=10)
+    assert ws["a"].load.step_s == pytest.approx(0.1 + 0.2 * (0.05 - 0.1))
+    t = lt.on_routed("a", 32, 32, BS)
+    lt.on_first_token(t)  # a non-streamed answer: every token at once, no step to learn from
+    lt.on_finished(t, output_tokens=10)
+    assert ws["a"].load.step_s == pytest.approx(0.09)
 
 
 def test_inflight_prompts_of_other_replicas_expire_and_share_refcounts() -> None:

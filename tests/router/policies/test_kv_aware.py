@@ -111,8 +111,17 @@ def test_cost_terms(
             {"w0": 15.0, "w1": 25.0},
             "w0",
         ),
-        # in-flight blocks lower the own prefill but earn no reuse credit (not confirmed yet)
-        ({}, {"w1": 10}, [worker("w0"), worker("w1")], {"reuse_weight": 1.0}, {"w0": 20.0, "w1": 10.0}, "w1"),
+        # admitted in-flight blocks (routed long ago) earn reuse credit like confirmed ones by default...
+        ({}, {"w1": 10}, [worker("w0"), worker("w1")], {"reuse_weight": 1.0}, {"w0": 20.0, "w1": 0.0}, "w1"),
+        # ...and only lower the own prefill without it
+        (
+            {},
+            {"w1": 10},
+            [worker("w0"), worker("w1")],
+            {"reuse_weight": 1.0, "inflight_credit": False},
+            {"w0": 20.0, "w1": 10.0},
+            "w1",
+        ),
         # attention_tokens 160 (10 blocks): a new block costs 1 + (context before it) / 10 blocks;
         # w1 holds 6: 4 * (1 + (6 + 2) / 10) = 7.2; cold: 10 * (1 + 5 / 10) = 15
         (
@@ -139,21 +148,63 @@ def test_long_prompt_terms(
 
 
 @pytest.mark.parametrize(
-    ("pending_tokens", "expected_first", "expected_cached"),
+    ("pending_tokens", "routed_ago_s", "step_s", "expected_first", "expected_cached"),
     [
-        # w1 has the prompt in flight, 32 tokens queued < one step (64): a request sent now joins the
-        # in-flight one's step and recomputes the prefix, so no credit: the idle w0 wins (10 < 10 + 2)
-        (32, "w0", 0),
+        # w1 was given the prompt just now, 32 tokens queued < one step (64): a request sent now joins
+        # the in-flight one's step and recomputes the prefix, so no credit: the idle w0 wins (10 < 10 + 2)
+        (32, 0.0, None, "w0", 0),
         # 80 tokens queued >= one step: it is admitted after the prefix is cached: credited (0 + 5 < 10)
-        (80, "w1", 10),
+        (80, 0.0, None, "w1", 10),
+        # routed longer ago than `admit_s` (0.03 s, no step measured yet): its step has started, so a
+        # request sent now queues behind it and hits
+        (32, 0.05, None, "w1", 10),
+        # the worker's measured step (0.1 s) replaces admit_s: 0.05 s ago is still the same step
+        (32, 0.05, 0.1, "w0", 0),
     ],
 )
-def test_inflight_blocks_count_only_behind_a_full_step(
-    pending_tokens: int, expected_first: str, expected_cached: int
+def test_inflight_blocks_count_once_admitted_to_a_step(
+    pending_tokens: int, routed_ago_s: float, step_s: float | None, expected_first: str, expected_cached: int
 ) -> None:
+    now = 1000.0
     ws = [worker("w0"), worker("w1", 1, pending_tokens)]
-    d = policy({}, {"w1": 10}, decode_weight=0.0, step_tokens=64).select(request(10), ws)
+    ws[1].load.last_routed_at = now - routed_ago_s
+    ws[1].load.step_s = step_s
+    ctx = PolicyContext(kv_index=FakeOverlap({}), inflight=FakeOverlap({"w1": 10}), clock=lambda: now)
+    pol = make_policy("kv_aware", {**TABLE_PARAMS, "decode_weight": 0.0, "step_tokens": 64}, ctx)
+    d = pol.select(request(10), ws)
     assert (d.worker, d.cached_blocks) == (expected_first, expected_cached)
+
+
+@pytest.mark.parametrize(
+    ("first_routed_ago_s", "expected_first"),
+    [
+        # a prompt with the prefix went to w1 0.2 s ago (its prefill step has started) and another one
+        # just now: the newcomer queues behind the first and hits, whatever the second does
+        (0.2, "w1"),
+        # both went to w1 within the last step: the newcomer would join their step and recompute
+        (0.01, "w0"),
+    ],
+)
+def test_a_prefix_in_flight_counts_when_an_older_prompt_holds_it(
+    first_routed_ago_s: float, expected_first: str
+) -> None:
+    from kvroute.router.load import InflightIndex
+
+    now = [100.0]
+    inflight = InflightIndex(clock=lambda: now[0])
+    shared = request(10, prefix=7)  # the prefix: 10 blocks; then two prompts of 12 blocks each
+    first, second = request(12, prefix=7), request(12, prefix=7)
+    now[0] -= first_routed_ago_s
+    inflight.add("w1", first.block_hashes[:10] + (first.block_hashes[10],))
+    now[0] = 100.0 - 0.005
+    inflight.add("w1", second.block_hashes[:10])
+    now[0] = 100.0
+    ws = [worker("w0"), worker("w1", 2, 32)]
+    ws[1].load.last_routed_at = 100.0 - 0.005
+    ctx = PolicyContext(kv_index=FakeOverlap({}), inflight=inflight, clock=lambda: now[0])
+    pol = make_policy("kv_aware", {**TABLE_PARAMS, "decode_weight": 0.0, "step_tokens": 64}, ctx)
+    d = pol.select(shared, ws)
+    assert d.worker == expected_first
 
 
 def test_partial_trailing_block_counts_as_prefill_work() -> None:
