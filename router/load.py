@@ -55,6 +55,7 @@ class Ticket:
     _active_added: int = field(default=0, repr=False)
     _inflight_indexed: bool = field(default=False, repr=False)
     _first_token_at: float | None = field(default=None, repr=False)
+    _routed_at: float = field(default=0.0, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -75,6 +76,8 @@ RECENT_S = 1.0
 MIN_STREAM_STEP_S = 2e-4
 """Time per output token below which a finished request was not streamed (its tokens came at once)."""
 STEP_EWMA = 0.2
+PREFILL_DECAY = 0.8
+"""Weight kept by the older samples of a worker's prefill speed at each new one (decayed sums)."""
 """Weight of the newest stream in a worker's step-time estimate."""
 
 
@@ -248,6 +251,7 @@ class LoadTracker:
         self._clock = clock
         self._ids = itertools.count(1)
         self._tickets: dict[str, dict[int, Ticket]] = {}  # url -> open tickets
+        self._heads: dict[str, int] = {}  # url -> id of the ticket at the head of its prefill queue
         self.inflight = InflightIndex(clock)
 
     def on_routed(
@@ -280,9 +284,13 @@ class LoadTracker:
             priority=priority,
             _load=worker.load,
         )
+        now = t._routed_at = self._clock()
+        if uncached and t._load.pending_prefill_tokens == 0:  # an empty queue: it starts draining now
+            self._heads[url] = t.id
+            t._load.head_tokens, t._load.head_started_at = uncached, now
         t._load.in_flight += 1
         t._load.pending_prefill_tokens += uncached
-        t._load.last_routed_at = self._clock()
+        t._load.last_routed_at = now
         by_prio = t._load.pending_prefill_by_priority
         by_prio[priority] = by_prio.get(priority, 0) + uncached
         t._pending_added = uncached
@@ -297,11 +305,20 @@ class LoadTracker:
         if ticket.state is not TicketState.ROUTED:
             return
         load = ticket._load
+        now = ticket._first_token_at = self._clock()
+        if self._heads.get(ticket.url) == ticket.id and ticket._pending_added >= ticket.block_size:
+            took = now - load.head_started_at
+            if took > 0:  # the head's prefill: a speed sample, weighted by its tokens (decayed sums)
+                load.prefill_sample_tokens = (
+                    PREFILL_DECAY * load.prefill_sample_tokens + ticket._pending_added
+                )
+                load.prefill_sample_s = PREFILL_DECAY * load.prefill_sample_s + took
+                load.prefill_tokens_per_s = load.prefill_sample_tokens / load.prefill_sample_s
         load.pending_prefill_tokens = max(0, load.pending_prefill_tokens - ticket._pending_added)
         _take_pending_by_priority(ticket)
         ticket._pending_added = 0
         ticket.state = TicketState.RUNNING
-        ticket._first_token_at = self._clock()
+        self._next_head(ticket, now)
         self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
 
     def on_tokens(self, ticket: Ticket, n: int) -> None:
@@ -323,6 +340,7 @@ class LoadTracker:
             return
         load = ticket._load
         prefilled = ticket.state is TicketState.RUNNING
+        was_queued = ticket._pending_added > 0
         n = max(ticket.output_tokens, output_tokens or 0)
         if prefilled and ticket._first_token_at is not None and n > 1:
             step = (self._clock() - ticket._first_token_at) / (n - 1)
@@ -334,6 +352,8 @@ class LoadTracker:
         load.active_blocks = max(0, load.active_blocks - ticket._active_added)
         ticket._pending_added = ticket._active_added = 0
         ticket.state = TicketState.FINISHED
+        if was_queued:
+            self._next_head(ticket, self._clock())
         if ticket._inflight_indexed:
             if prefilled:  # in the engine's cache now; its BlockStored event may still be on the way
                 self.inflight.retain(ticket.url, ticket.block_hashes)
@@ -345,6 +365,20 @@ class LoadTracker:
             open_.pop(ticket.id, None)
             if not open_:
                 del self._tickets[ticket.url]
+
+    def _next_head(self, done: Ticket, now: float) -> None:
+        """`done` left the prefill queue of its worker: if it was the head, the oldest ticket still
+        waiting there becomes the head, started now."""
+        if self._heads.get(done.url) != done.id:
+            return
+        load = done._load
+        nxt = next((t for t in self._tickets.get(done.url, {}).values() if t._pending_added > 0), None)
+        if nxt is None or nxt._load is not load:
+            self._heads.pop(done.url, None)
+            load.head_tokens = 0
+            return
+        self._heads[done.url] = nxt.id
+        load.head_tokens, load.head_started_at = nxt._pending_added, now
 
     def update_engine_load(
         self, url: str, running: int | None, queued: int | None, token_usage: float | None
@@ -362,6 +396,7 @@ class LoadTracker:
         """Forget a removed worker's in-flight prompts; its open tickets still release (into the old load)."""
         for t in self._tickets.pop(url, {}).values():
             t._inflight_indexed = False
+        self._heads.pop(url, None)
         self.inflight.remove_worker(url)
 
     def open_tickets(self, url: str | None = None) -> int:

@@ -45,6 +45,15 @@ class WorkerLoad:
     # (Observations, not counters: left out of equality, which tests use for "everything released".)
     last_routed_at: float = field(default=float("-inf"), compare=False)
     step_s: float | None = field(default=None, compare=False)
+    # The prefill queue drains while requests wait: the oldest request here without a first token (the
+    # head) has `head_tokens` uncached tokens and is taken as started at `head_started_at`;
+    # `prefill_tokens_per_s` is the worker's prefill speed learnt from heads' first tokens (None until
+    # one came). `kv_aware` subtracts what has drained since from the queued prefill.
+    head_tokens: int = field(default=0, compare=False)
+    head_started_at: float = field(default=0.0, compare=False)
+    prefill_tokens_per_s: float | None = field(default=None, compare=False)
+    prefill_sample_tokens: float = field(default=0.0, compare=False, repr=False)
+    prefill_sample_s: float = field(default=0.0, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

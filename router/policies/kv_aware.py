@@ -13,7 +13,9 @@ linear layers; finite, lower is better), for worker w and a prompt of P blocks:
   which a token's attention costs as much as its linear layers (7k-12.5k on that profile, 8192; 0:
   ignore).
 - pending_prefill_blocks(w): the prefill queued ahead of it (uncached prompt tokens routed to w with
-  no first token yet / block_size); queue_weight 1 = the FCFS wait.
+  no first token yet / block_size), less what the oldest of them has drained since it started (at the
+  worker's prefill speed, learnt from first tokens): a worker about to finish a long prompt is nearly
+  free, one that just took a short one is not. queue_weight 1 = the FCFS wait.
 - decode_load(w): active KV blocks (router count, floored by the engine's usage). Decode only slows a
   prefill step by its attention over the running contexts (~1% per 100 active 64-token blocks on
   that profile), hence a small decode_weight (0.01).
@@ -245,7 +247,11 @@ class KvAwarePolicy(PolicyBase):
             ld = w.load
             url = w.url
             ov_i, ov_f = indexed.get(url, 0), inflight.get(url, 0)
-            if ov_f > ov_i and ld.pending_prefill_tokens < batch:
+            queued = ld.pending_prefill_tokens
+            if queued and ld.head_tokens and ld.prefill_tokens_per_s:
+                # the head of the queue has been prefilling since it started: take off what has drained
+                queued -= min(ld.head_tokens, ld.prefill_tokens_per_s * (now - ld.head_started_at))
+            if ov_f > ov_i and queued < batch:
                 step = ld.step_s or admit_default
                 # Something was routed here within the last step: the prefix counts only if a prompt
                 # holding it came earlier (its prefill step has started; a newcomer queues behind it).
@@ -255,7 +261,7 @@ class KvAwarePolicy(PolicyBase):
                     ov_f = ov_i  # admitted in the same step as the in-flight prompt: recomputed, not reused
             overlap = ov_i if ov_i >= ov_f else ov_f
             cr = overlap if credit_inflight else ov_i  # blocks earning reuse credit
-            pending = ld.pending_prefill_tokens / bs
+            pending = queued / bs
             decode = float(ld.active_blocks)
             cap = w.max_total_tokens / bs if w.max_total_tokens else 0.0
             held = float(counts(url)) if counts is not None else 0.0

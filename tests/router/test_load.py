@@ -216,3 +216,29 @@ def test_remote_prompts_are_bounded() -> None:
         idx.add_for("a", [BlockHash(10 * i + 1)], ttl_s=60)
     assert idx.match([BlockHash(1)]) == {}  # the oldest was dropped early
     assert idx.match([BlockHash(21)]) == {"a": 1}
+
+
+def test_the_prefill_queue_head_and_the_workers_prefill_speed_follow_first_tokens() -> None:
+    now = [0.0]
+    ws = {"a": Worker(url="a", state=WorkerState.HEALTHY)}
+    lt = LoadTracker(ws, clock=lambda: now[0])
+    load = ws["a"].load
+    t1 = lt.on_routed("a", 1600, 1600, BS)  # an empty queue: t1 starts now
+    now[0] = 0.1
+    t2 = lt.on_routed("a", 800, 800, BS)  # queued behind t1
+    assert (load.head_tokens, load.head_started_at, load.prefill_tokens_per_s) == (1600, 0.0, None)
+    now[0] = 1.0
+    lt.on_first_token(t1)  # 1600 tokens in 1 s; t2 starts now
+    assert load.prefill_tokens_per_s == pytest.approx(1600.0)
+    assert (load.head_tokens, load.head_started_at) == (800, 1.0)
+    now[0] = 1.2
+    lt.on_first_token(t2)  # 800 tokens in 0.2 s: decayed sums (0.8 x 1600 + 800) / (0.8 x 1 + 0.2)
+    assert load.prefill_tokens_per_s == pytest.approx(2080.0)
+    assert load.head_tokens == 0  # nothing queued
+    t3 = lt.on_routed("a", 320, 320, BS)
+    t4 = lt.on_routed("a", 320, 320, BS)
+    now[0] = 1.3
+    lt.on_finished(t3)  # the head aborted: the next one starts now
+    assert (load.head_tokens, load.head_started_at) == (320, 1.3)
+    lt.on_finished(t4)
+    assert load.head_tokens == 0 and load.pending_prefill_tokens == 0

@@ -207,6 +207,28 @@ def test_a_prefix_in_flight_counts_when_an_older_prompt_holds_it(
     assert d.worker == expected_first
 
 
+def test_the_queue_head_drains_at_the_workers_prefill_speed() -> None:
+    # w0 queues 100 blocks whose head (all of them) started 0.9 s ago at 1,600 tokens/s: 1,440 tokens
+    # (90 blocks) are done, 10 remain; w1 just took a 40-block prompt. 10 + 10 < 40 + 10: w0.
+    now = 50.0
+    ws = [worker("w0", 1, 100 * BS), worker("w1", 1, 40 * BS)]
+    ws[0].load.head_tokens, ws[0].load.head_started_at = 100 * BS, now - 0.9
+    ws[0].load.prefill_tokens_per_s = 1600.0
+    ws[1].load.head_tokens, ws[1].load.head_started_at = 40 * BS, now
+    ws[1].load.prefill_tokens_per_s = 1600.0
+    ctx = PolicyContext(kv_index=FakeOverlap({}), inflight=FakeOverlap({}), clock=lambda: now)
+    d = make_policy("kv_aware", {**TABLE_PARAMS, "decode_weight": 0.0}, ctx).select(request(10), ws)
+    assert d.worker == "w0"
+    assert {s.url: s.terms["pending_prefill_blocks"] for s in d.scores} == pytest.approx(
+        {"w0": 10.0, "w1": 40.0}
+    )
+    # never past the head: a head overdue by any time still leaves the prompts queued behind it
+    ws[0].load.head_tokens = 30 * BS
+    ws[0].load.head_started_at = now - 100.0
+    d = make_policy("kv_aware", {**TABLE_PARAMS, "decode_weight": 0.0}, ctx).select(request(10), ws)
+    assert {s.url: s.terms["pending_prefill_blocks"] for s in d.scores}["w0"] == pytest.approx(70.0)
+
+
 def test_partial_trailing_block_counts_as_prefill_work() -> None:
     req = request(2, extra_tokens=8)  # 2 full blocks + 8 tokens = 2.5 blocks
     d = policy({"w0": 2}).select(req, [worker("w0"), worker("w1")])
