@@ -214,7 +214,7 @@ def virtual_clock() -> Iterator[VirtualClockLoop]:
     """A fresh virtual-clock loop, with the simulator's wall clock (`time.monotonic`) mapped onto it."""
     loop = VirtualClockLoop()
     saved = sim_engine_module.time
-    sim_engine_module.time = types.SimpleNamespace(monotonic=loop.time)  # type: ignore[assignment]
+    sim_engine_module.time = types.SimpleNamespace(monotonic=loop.time, time=time.time)  # type: ignore[assignment]
     try:
         yield loop
     finally:
