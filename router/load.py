@@ -86,6 +86,9 @@ def _blocks(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+_Held = tuple[float, str, Sequence[BlockHash]]  # (discard at, worker, prompt blocks)
+
+
 class InflightIndex:
     """Which worker has which prompt blocks in flight: the blocks the event-fed index cannot know yet.
 
@@ -131,26 +134,31 @@ class InflightIndex:
         `hashes` is kept as given (not copied): the caller must not change it."""
         if not hashes:
             return
-        now = self._clock()
-        self._expire(now)
-        if len(self._expiring) >= self._max_expiring:
-            _, old_url, old = self._expiring.popleft()
-            self.discard(old_url, old)
+        self._hold(self._expiring, url, hashes, ttl_s)
         self.add(url, hashes)
-        self._expiring.append((now + ttl_s, url, hashes))
 
     def retain(self, url: str, hashes: Sequence[BlockHash]) -> None:
         """A finished request's prompt, already counted by `add`: keep it for the grace period, then
         discard it (one grace for all: the queue stays sorted). No grace: discard now."""
         if self._grace_s <= 0 or not hashes:
             self.discard(url, hashes)
-            return
+        else:
+            self._hold(self._retained, url, hashes, self._grace_s)
+
+    def _hold(
+        self,
+        queue: deque[tuple[float, str, Sequence[BlockHash]]],
+        url: str,
+        hashes: Sequence[BlockHash],
+        s: float,
+    ) -> None:
+        """Queue counted blocks for discarding `s` seconds from now; the oldest go early past the bound."""
         now = self._clock()
         self._expire(now)
-        if len(self._retained) >= self._max_expiring:
-            _, old_url, old = self._retained.popleft()
+        if len(queue) >= self._max_expiring:
+            _, old_url, old = queue.popleft()
             self.discard(old_url, old)
-        self._retained.append((now + self._grace_s, url, hashes))
+        queue.append((now + s, url, hashes))
 
     def _expire(self, now: float) -> None:
         for exp in (self._expiring, self._retained):

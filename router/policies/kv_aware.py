@@ -247,7 +247,7 @@ class KvAwarePolicy(PolicyBase):
             ld = w.load
             url = w.url
             ov_i, ov_f = indexed.get(url, 0), inflight.get(url, 0)
-            queued = ld.pending_prefill_tokens
+            queued: float = ld.pending_prefill_tokens
             if queued and ld.head_tokens and ld.prefill_tokens_per_s:
                 # the head of the queue has been prefilling since it started: take off what has drained
                 queued -= min(ld.head_tokens, ld.prefill_tokens_per_s * (now - ld.head_started_at))
