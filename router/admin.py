@@ -133,7 +133,8 @@ class AdminApi:
         n_decode = sum(1 for w in healthy if w.role is WorkerRole.DECODE)
         load = self.pd_metrics.window.summary(n_prefill, n_decode).load
         try:
-            out = plan_from_query(load, request.query)
+            defaults = self.autoscale.targets if self.autoscale is not None else None  # the configured
+            out = plan_from_query(load, request.query, defaults)
         except PlanError as exc:
             raise bad_request(str(exc), "invalid_plan_query") from exc
         if self.autoscale is not None:  # the autoscaler's state and decisions, and the cost so far

@@ -20,12 +20,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvroute.router.metrics import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
 from kvroute.router.pd import PDRecord
-from kvroute.router.planner import ObservedLoad
+from kvroute.router.planner import ObservedLoad, burstiness
 
 # The router's buckets; PD's TTFT phases stop at 60 s.
 _LAT = tuple(b for b in LATENCY_BUCKETS if b <= 60.0)
 _ITL = TOKEN_GAP_BUCKETS
 PROMPT_SAMPLES = 256  # newest requests whose lengths the planner models the prefill queue with
+BURST_MIN_ARRIVALS = 20  # fewer arrivals in the window: the stream is taken as Poisson
+BURST_GAP = 0.05  # arrivals closer than this share of the mean gap arrived together (Poisson: ~5% do)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -93,14 +95,19 @@ class PDWindow:
         n = len(recs)
         span = min(horizon, max(1e-9, self.clock() - recs[0].finished_at)) if recs else horizon
         rate = n / span if n else 0.0
+        bursts = 1.0
         if self._arrivals:
             now = self.clock()
-            arrived = sum(1 for t in self._arrivals if t >= now - horizon)
-            rate = arrived / max(1e-9, min(horizon, now - self._started))
+            recent = [t for t in self._arrivals if t >= now - horizon]
+            rate = len(recent) / max(1e-9, min(horizon, now - self._started))
+            if len(recent) >= BURST_MIN_ARRIVALS and rate > 0:
+                bursts = burstiness(recent, BURST_GAP / rate)
         prompt = sum(r.prompt_tokens for r in recs)
         cached = sum(min(r.cached_tokens, r.prompt_tokens) for r in recs)
         itls = [x for r in recs for x in r.itls]
         ttfts = [r.ttft_s for r in recs if r.ttft_s is not None]
+        sampled = recs[-PROMPT_SAMPLES:]
+        prefills = [r.prefill_s for r in sampled if r.prefill_s is not None]
         load = ObservedLoad(
             request_rate=rate,
             prompt_tokens=prompt / n if n else 0.0,
@@ -110,9 +117,12 @@ class PDWindow:
             measured_itl_s=sum(itls) / len(itls) if itls else None,
             current_prefill=current_prefill,
             current_decode=current_decode,
-            prompt_samples=tuple(
-                (r.prompt_tokens, min(r.cached_tokens, r.prompt_tokens)) for r in recs[-PROMPT_SAMPLES:]
-            ),
+            arrival_burstiness=bursts,
+            prompt_samples=tuple((r.prompt_tokens, min(r.cached_tokens, r.prompt_tokens)) for r in sampled),
+            # paired with the samples: only when every sampled request has its prefill measured
+            measured_prefill_s=sum(prefills) / len(prefills)
+            if prefills and len(prefills) == len(sampled)
+            else None,
         )
         local = sum(1 for r in recs if r.mode == "local")
         return WindowSummary(

@@ -3,20 +3,30 @@
 Capacity model: the simulator's GPU cost profile (`engines/sim/profiles.py`, measured on an H100).
 - Prefill: one request's service time `S` is the sum of its chunked-prefill steps over its uncached
   tokens `U = prompt x (1 - hit)`, each chunk attending over the cached prefix and earlier chunks.
-  Requests spread over `n` prefill workers form `n` M/G/1 queues at utilisation `rho = rate x E[S] / n`,
-  whose mean wait is `(rate / n) E[S^2] / (2 (1 - rho))` (Pollaczek-Khinchine); E[S] and E[S^2] come
-  from recent prompts' lengths when given (`prompt_samples`), else every prompt has the mean length
-  (M/D/1). TTFT = wait + S + KV transfer + one
-  decode step. The count is the least `n` whose TTFT meets the target and whose `rho` stays under
-  `max_utilization`.
+  kv_aware routing sends a prefill to the worker with the least queued prefill work, so the pool
+  behaves as one G/G/c queue (one FIFO line, `c` servers), not `c` separate M/G/1 queues. Its waiting
+  time has the tail P(W > t) ~= C(c, a) exp(-theta t), C the Erlang-C probability of waiting at offered
+  load `a = rate x E[S]`, theta = (c / E[S] - rate) x 2 / (ca^2 + cs^2), cs^2 = Var[S] / E[S]^2 (the
+  Allen-Cunneen correction of the M/M/c tail for the spread of service times) and ca^2 the arrivals'
+  burstiness (`arrival_burstiness`: 1 for Poisson arrivals; E[X^2] / E[X] when requests arrive in
+  bursts of X at once, as a compound Poisson stream's index of dispersion). A request meets the TTFT
+  target when its wait + its own S + KV transfer + one decode step fits it; the pool's modelled TTFT
+  attainment is that probability averaged over recent prompts (`prompt_samples`; without them every
+  prompt has the mean length). Prompts whose own unqueued prefill already misses the target can never
+  make it: the attainment target (`PlanTargets.ttft_attainment`) applies to the others, and their share
+  is reported as infeasible (planning for them would grow the pool without bound). The count is the least
+  `c` whose attainment meets the target and whose utilisation stays under `max_utilization`. Sizing for the
+  share of requests within the target, not for the mean TTFT, matters for heavy-tailed prompts: a fleet
+  whose mean TTFT is well within a 5 s target can have a fifth of its requests over it.
 - Decode: the largest batch `B` whose step (B sequences at the mean context) fits the ITL target, the
   KV pool (`B x (prompt + output) <= max_total_tokens`) and `max_running_requests`, gives a worker's
   decode rate `B / step(B)` tokens/s; the count covers `rate x output` tokens/s.
-- Feedback: when the fleet's current counts and measured TTFT/ITL are known, the model is corrected
-  by the measurement (clamped to [0.5, 4]), as Dynamo's planner corrects its profile with observed
-  latencies: decode by the ratio of measured to modelled ITL; prefill by the ratio of the service time
-  that makes the queue model give the measured TTFT at the current rate and count to the modelled one
-  (a long queue after a surge then scales the plan by what it says about capacity, not by its length).
+- Feedback: when the fleet's measurements are known, the model is corrected by them, as Dynamo's planner
+  corrects its profile with observed latencies: decode by the ratio of measured to modelled ITL (clamped
+  to [0.5, 4]); prefill by the ratio of the measured queue-free prefill time (`measured_prefill_s`, the
+  engine's queue time taken out) to the modelled service time of the same requests (clamped to
+  [0.5, 2]). The measured TTFT is reported, never used: while a surge builds a queue it measures the
+  backlog, not capacity, and correcting by it ratchets the pool up on a transient.
 
 Pure functions plus `main(argv)` for `kvroute plan`; `--scale-hook CMD` runs CMD only when given.
 """
@@ -29,13 +39,14 @@ import math
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvroute.engines.sim.profiles import GpuProfile, get_profile
 
-CORRECTION_BOUNDS = (0.5, 4.0)
+CORRECTION_BOUNDS = (0.5, 4.0)  # decode: measured / modelled ITL
+PREFILL_CORRECTION_BOUNDS = (0.5, 2.0)  # prefill: measured / modelled queue-free service time
 
 
 class PlanError(ValueError):
@@ -58,12 +69,20 @@ class ObservedLoad:
     """(prompt tokens, cached tokens) of recent requests: with them the prefill queue is modelled with the
     spread of service times (M/G/1), not as if every prompt had the mean length (M/D/1). Long prompts cost
     more than linearly (attention), so the mean prompt's cost underestimates the mean cost."""
+    arrival_burstiness: float = 1.0
+    """ca^2 of the arrival stream for the prefill queue: 1 = Poisson; E[X^2] / E[X] over the sizes X of
+    the bursts requests arrive in (`burstiness`). Bursts queue behind each other even on an idle pool."""
+    measured_prefill_s: float | None = None
+    """Mean measured prefill time of the requests in `prompt_samples`, without their queueing (the
+    engine's reported queue time taken out): corrects the modelled service time, never by the backlog."""
 
     def __post_init__(self) -> None:
         if self.request_rate < 0 or self.prompt_tokens < 0 or self.output_tokens < 0:
             raise PlanError("request rate and token lengths must be >= 0")
         if not 0.0 <= self.cache_hit_ratio <= 1.0:
             raise PlanError(f"cache_hit_ratio must be in [0, 1], got {self.cache_hit_ratio}")
+        if self.arrival_burstiness <= 0:
+            raise PlanError("arrival_burstiness must be > 0")
 
 
 @dataclass(frozen=True)
@@ -76,12 +95,17 @@ class PlanTargets:
     """Highest prefill utilisation planned for (queues grow without bound as it nears 1)."""
     max_workers: int = 1024
     """Search bound per pool; a plan needing more reports the target infeasible."""
+    ttft_attainment: float = 0.95
+    """Share of the requests that can meet the TTFT target (those whose own unqueued prefill fits it)
+    that the prefill pool is sized to bring within it, in (0, 1)."""
 
     def __post_init__(self) -> None:
         if self.ttft_slo_s <= 0 or self.itl_slo_s <= 0:
             raise PlanError("SLO targets must be positive seconds")
         if not 0.0 < self.max_utilization < 1.0:
             raise PlanError("max_utilization must be in (0, 1)")
+        if not 0.0 < self.ttft_attainment < 1.0:
+            raise PlanError("ttft_attainment must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -114,47 +138,100 @@ def prefill_service_s(profile: GpuProfile, uncached: float, cached: float) -> fl
     return ms / 1000.0
 
 
-def md1_wait_s(rate: float, service_s: float, second_moment: float | None = None) -> float:
-    """Mean wait of an M/G/1 queue (Pollaczek-Khinchine: rate x E[S^2] / (2 (1 - rho))); with no second
-    moment, E[S^2] = E[S]^2 (M/D/1). inf when saturated."""
-    rho = rate * service_s
-    if rho >= 1.0:
-        return math.inf
-    es2 = service_s * service_s if second_moment is None else second_moment
-    return rate * es2 / (2.0 * (1.0 - rho))
+def erlang_c(c: int, offered: float) -> float:
+    """P(an arrival waits) in an M/M/c queue at offered load `offered` = rate x E[S] (1 when >= c)."""
+    if offered <= 0:
+        return 0.0
+    if c <= 0 or offered >= c:
+        return 1.0
+    b = 1.0  # Erlang B by its recurrence (stable for large c)
+    for k in range(1, c + 1):
+        b = offered * b / (k + offered * b)
+    rho = offered / c
+    return b / (1.0 - rho + rho * b)
 
 
-def prefill_ttft_s(
-    rate: float, n: int, service_s: float, tail_s: float, second_moment: float | None = None
-) -> float:
-    """Modelled mean TTFT with `n` prefill workers: queue wait + service + transfer and first decode step."""
-    if n <= 0:
-        return math.inf
-    return md1_wait_s(rate / n, service_s, second_moment) + service_s + tail_s
+@dataclass(frozen=True)
+class WaitTail:
+    """An M/G/c queue's waiting time: P(W > t) ~= `p_wait` x exp(-`decay` t) (t >= 0)."""
+
+    p_wait: float
+    decay: float  # 1/s; 0 when saturated (every wait unbounded)
+
+    def within(self, t: float) -> float:
+        """P(W <= t)."""
+        if t < 0:
+            return 0.0
+        if self.decay <= 0:
+            return 1.0 - self.p_wait if self.p_wait < 1.0 else 0.0
+        return 1.0 - self.p_wait * math.exp(-self.decay * t)
+
+    @property
+    def mean_s(self) -> float:
+        return math.inf if self.decay <= 0 else self.p_wait / self.decay
 
 
-def service_moments(profile: GpuProfile, samples: Sequence[tuple[int, int]]) -> tuple[float, float]:
-    """E[S] and E[S^2] of the prefill service time over (prompt, cached) samples."""
-    times = [prefill_service_s(profile, max(0, p - c), min(c, p)) for p, c in samples]
-    return sum(times) / len(times), sum(t * t for t in times) / len(times)
+def mgc_wait_tail(rate: float, c: int, mean_s: float, scv: float, arrival_scv: float = 1.0) -> WaitTail:
+    """The waiting-time tail of `c` servers fed at `rate` with service times of mean `mean_s` and squared
+    coefficient of variation `scv`: P(wait) times an exponential of rate (c / E[S] - rate) scaled by
+    2 / (arrival_scv + scv) (Allen-Cunneen: the M/M/c wait stretched by the arrivals' burstiness and the
+    service times' spread; arrival_scv 1 = Poisson). With bursts, P(wait) stays Erlang C: for bursts
+    arriving as a Poisson stream the attainment comes out a few points high (tests/router/test_planner.py),
+    for bursts at a steady period (this trace) a few points low; the burst sizes alone cannot tell them
+    apart."""
+    if rate <= 0 or mean_s <= 0:
+        return WaitTail(0.0, math.inf)
+    offered = rate * mean_s
+    if c <= 0 or offered >= c:
+        return WaitTail(1.0, 0.0)
+    stretch = 2.0 / max(1e-9, arrival_scv + max(0.0, scv))
+    return WaitTail(erlang_c(c, offered), (c / mean_s - rate) * stretch)
 
 
-def service_for_ttft(rate: float, n: int, ttft_s: float, tail_s: float, spread: float = 1.0) -> float:
-    """The prefill service time S for which `prefill_ttft_s(rate, n, S, tail_s, spread x S^2)` equals
-    `ttft_s` (bisection: the modelled TTFT grows with S up to saturation at S = n / rate). `spread`:
-    E[S^2] / E[S]^2 of the service times (1: all alike)."""
-    hi = n / rate
-    lo = 0.0
-    want = ttft_s - tail_s
-    if want <= 0:
-        return 1e-9
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if md1_wait_s(rate / n, mid, spread * mid * mid) + mid < want:
-            lo = mid
+def burstiness(arrivals: Sequence[float], together_s: float) -> float:
+    """E[X^2] / E[X] over the bursts in sorted arrival times (a burst: arrivals less than `together_s`
+    apart): 1 when every request arrives alone (Poisson), ~X for bursts of X at once."""
+    sizes: list[int] = []
+    prev: float | None = None
+    for t in arrivals:
+        if prev is not None and t - prev < together_s:
+            sizes[-1] += 1
         else:
-            hi = mid
-    return max(lo, 1e-9)
+            sizes.append(1)
+        prev = t
+    total = sum(sizes)
+    return sum(x * x for x in sizes) / total if total else 1.0
+
+
+@dataclass(frozen=True)
+class TtftAttainment:
+    """Modelled share of requests within the TTFT target, among those that can make it unqueued."""
+
+    attainment: float
+    infeasible_share: float  # requests whose own prefill + transfer + first step exceeds the target
+    wait: WaitTail
+
+
+def ttft_attainment(
+    rate: float,
+    c: int,
+    services: Sequence[float],
+    tails: Sequence[float],
+    slo_s: float,
+    arrival_scv: float = 1.0,
+) -> TtftAttainment:
+    """P(wait <= slo - S_i - tail_i) averaged over the samples whose `S_i + tail_i` fits `slo_s`
+    (`services`: the samples' prefill service times; `tails`: their transfer + first decode step;
+    `arrival_scv`: the arrivals' burstiness, 1 = Poisson)."""
+    n = len(services)
+    mean = sum(services) / n if n else 0.0
+    scv = (sum(x * x for x in services) / n) / (mean * mean) - 1.0 if mean > 0 else 0.0
+    wait = mgc_wait_tail(rate, c, mean, scv, arrival_scv)
+    slack = [slo_s - s - t for s, t in zip(services, tails, strict=True)]
+    ok = [x for x in slack if x >= 0]
+    infeasible = (n - len(ok)) / n if n else 0.0
+    att = sum(wait.within(x) for x in ok) / len(ok) if ok else 0.0
+    return TtftAttainment(att, infeasible, wait)
 
 
 def decode_step_s(profile: GpuProfile, batch: int, context: float) -> float:
@@ -175,6 +252,27 @@ def max_decode_batch(
         else:
             hi = mid - 1
     return lo
+
+
+def least_pool(
+    model: Callable[[int], TtftAttainment], want: float, lo: int, most: int
+) -> tuple[int, TtftAttainment]:
+    """The least count in [lo, most] whose modelled attainment reaches `want` (it grows with the count:
+    doubling, then bisection), with its figures; `most` and its figures when none does."""
+    hi, at_hi = lo, model(lo)
+    while at_hi.attainment < want and hi < most:
+        lo, hi = hi + 1, min(most, hi * 2)
+        at_hi = model(hi)
+    if at_hi.attainment < want:
+        return hi, at_hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        at_mid = model(mid)
+        if at_mid.attainment >= want:
+            hi, at_hi = mid, at_mid
+        else:
+            lo = mid + 1
+    return hi, at_hi
 
 
 def _clamp_ratio(x: float) -> float:
@@ -234,79 +332,88 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
         decode_correction=d_scale,
     )
 
-    # --- prefill: service time, then the least n whose modelled TTFT meets the target
-    service = prefill_service_s(profile, uncached, cached)
-    spread = 1.0  # E[S^2] / E[S]^2
+    # --- prefill: service times, then the least n whose modelled TTFT attainment meets the target
+    slo = targets.ttft_slo_s
+    pairs: list[tuple[float, float, float]]  # (uncached, cached, prompt) tokens
     if load.prompt_samples:
-        service, second = service_moments(profile, load.prompt_samples)
-        spread = second / (service * service) if service > 0 else 1.0
+        pairs = [(max(0, p - c), min(c, p), p) for p, c in load.prompt_samples]
+    else:  # no samples: every prompt has the mean length (M/D/c)
+        pairs = [(uncached, cached, load.prompt_tokens)]
+    services = [prefill_service_s(profile, u, c) for u, c, _ in pairs]
+    modelled_mean = sum(services) / len(services)
+    p_scale = 1.0
+    if load.measured_prefill_s and load.prompt_samples and modelled_mean > 0:
+        p_scale = min(max(load.measured_prefill_s / modelled_mean, PREFILL_CORRECTION_BOUNDS[0]),
+                      PREFILL_CORRECTION_BOUNDS[1])  # fmt: skip
+        why.append(
+            f"prefill correction x{p_scale:.2f}: measured queue-free prefill "
+            f"{load.measured_prefill_s * 1e3:.0f} ms vs modelled {modelled_mean * 1e3:.0f} ms per request "
+            f"(bounds {PREFILL_CORRECTION_BOUNDS[0]:g}..{PREFILL_CORRECTION_BOUNDS[1]:g})"
+        )
+    services = [x * p_scale for x in services]
+    tails = [profile.transfer_ms(int(pt)) / 1000.0 + step_one for _, _, pt in pairs]
+    service = sum(services) / len(services)
+    spread = sum(x * x for x in services) / len(services) / (service * service) if service > 0 else 1.0
+    transfer = profile.transfer_ms(int(load.prompt_tokens)) / 1000.0
+    if load.prompt_samples:
         fig.update(prefill_service_spread=spread)
         why.append(
             f"prefill service over {len(load.prompt_samples)} recent prompts: mean {service * 1e3:.0f} ms, "
-            f"E[S^2]/E[S]^2 {spread:.2f} (M/G/1 queue)"
+            f"E[S^2]/E[S]^2 {spread:.2f}, arrival burstiness {load.arrival_burstiness:.2f} (one G/G/c "
+            "queue: requests go to the least queued prefill)"
         )
-    transfer = profile.transfer_ms(int(load.prompt_tokens)) / 1000.0
-    tail = transfer + step_one
-    p_scale = 1.0
-    if load.measured_ttft_s and load.current_prefill and load.request_rate > 0 and service > 0:
-        predicted = prefill_ttft_s(
-            load.request_rate, load.current_prefill, service, tail, spread * service * service
-        )
-        if math.isfinite(predicted) and predicted > 0:
-            # The service time that makes the queue model give the measured TTFT: a queue grown long
-            # (a surge, heavy-tailed prompts) raises the wait steeply near saturation, so this scales the
-            # service by far less than measured/modelled TTFT would (no over-reaction to a transient).
-            effective = service_for_ttft(
-                load.request_rate, load.current_prefill, load.measured_ttft_s, tail, spread
-            )
-            # Never below the model: a TTFT measured early in a surge (queue not built yet) read as
-            # "faster than modelled" halved the plan just as the load tripled.
-            p_scale = min(max(1.0, effective / service), CORRECTION_BOUNDS[1])
-            why.append(
-                f"prefill correction x{p_scale:.2f}: measured TTFT "
-                f"{load.measured_ttft_s * 1e3:.0f} ms vs modelled {predicted * 1e3:.0f} ms "
-                f"with {load.current_prefill} prefill worker(s)"
-            )
-        else:  # the load outruns the current pool: the rate already asks for more; the TTFT measured
-            # while a queue builds says nothing about the service time (scaling it 4x overshot 6-fold)
-            why.append(
-                "prefill correction: none, the model says the current prefill pool is saturated "
-                "(the plan grows it from the rate)"
-            )
-    service *= p_scale
-    second = spread * service * service
-    n_prefill = 1
-    if load.request_rate > 0 and service > 0:
-        n_prefill = max(1, math.ceil(load.request_rate * service / targets.max_utilization))
-        while (
-            prefill_ttft_s(load.request_rate, n_prefill, service, tail, second) > targets.ttft_slo_s
-            and n_prefill < targets.max_workers
-        ):
-            n_prefill += 1
-    ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail, second)
-    floor = service + tail
-    if floor > targets.ttft_slo_s:
+    fig.update(arrival_burstiness=load.arrival_burstiness)
+    rate = load.request_rate
+    ca2 = load.arrival_burstiness
+    want = targets.ttft_attainment
+    n_prefill = max(1, math.ceil(rate * service / targets.max_utilization)) if rate > 0 else 1
+    att = ttft_attainment(rate, n_prefill, services, tails, slo, ca2)
+    if att.infeasible_share >= 1.0:
         feasible = False
         why.append(
-            f"TTFT target {targets.ttft_slo_s * 1e3:.0f} ms is below an idle worker's prefill "
-            f"({service * 1e3:.0f} ms) plus transfer ({transfer * 1e3:.1f} ms): infeasible "
-            f"by adding workers; planning for utilisation <= {targets.max_utilization:.0%}"
+            f"TTFT target {slo * 1e3:.0f} ms is below every request's unqueued prefill ({service * 1e3:.0f} "
+            f"ms mean) plus transfer ({transfer * 1e3:.1f} ms): infeasible by adding workers; planning "
+            f"for utilisation <= {targets.max_utilization:.0%}"
         )
-        n_prefill = max(1, math.ceil(load.request_rate * service / targets.max_utilization))
-        ttft = prefill_ttft_s(load.request_rate, n_prefill, service, tail, second)
+    else:
+        if att.attainment < want:
+            n_prefill, att = least_pool(
+                lambda c: ttft_attainment(rate, c, services, tails, slo, ca2), want, n_prefill,
+                targets.max_workers,
+            )  # fmt: skip
+        if att.attainment < want:
+            feasible = False
+            why.append(
+                f"TTFT attainment {want:.1%} is not reached with {targets.max_workers} prefill workers: "
+                "infeasible"
+            )
+        if att.infeasible_share > 0:
+            why.append(
+                f"{att.infeasible_share:.1%} of the requests cannot meet the TTFT target even unqueued "
+                f"(own prefill + transfer > {slo * 1e3:.0f} ms): the attainment target applies to the rest"
+            )
+    ttft = att.wait.mean_s + service + transfer + step_one
+    util = rate * service / n_prefill
+    overall = att.attainment * (1.0 - att.infeasible_share)
     why.append(
         f"prefill: {uncached:.0f} uncached tokens/request (hit {hit:.0%}) take {service * 1e3:.1f} ms "
-        f"per request; at {load.request_rate:.2f} req/s, {n_prefill} prefill worker(s) run at "
-        f"{load.request_rate * service / n_prefill:.0%} with modelled TTFT {ttft * 1e3:.0f} ms "
-        f"(target {targets.ttft_slo_s * 1e3:.0f} ms)"
+        f"per request on average; at {rate:.2f} req/s, {n_prefill} prefill worker(s) run at {util:.0%}, "
+        f"P(wait) {att.wait.p_wait:.1%}, modelled {att.attainment:.1%} of the feasible requests within "
+        f"TTFT {slo * 1e3:.0f} ms (target {want:.1%}; {overall:.1%} of all), mean TTFT {ttft * 1e3:.0f} ms"
     )
     fig.update(
         prefill_service_s=service,
         transfer_s=transfer,
         modelled_ttft_s=ttft,
-        prefill_utilization=load.request_rate * service / n_prefill,
+        modelled_ttft_attainment=att.attainment,
+        modelled_ttft_attainment_all=overall,
+        ttft_infeasible_share=att.infeasible_share,
+        prefill_wait_probability=att.wait.p_wait,
+        prefill_utilization=util,
         prefill_correction=p_scale,
     )
+    if load.measured_ttft_s is not None:
+        fig.update(measured_ttft_s=load.measured_ttft_s)
     if load.current_prefill is not None and load.current_decode is not None:
         why.append(
             f"change: prefill {load.current_prefill} -> {n_prefill}, "
@@ -318,14 +425,16 @@ def plan(load: ObservedLoad, targets: PlanTargets, profile: GpuProfile) -> Plan:
 def plan_from_query(
     load: ObservedLoad, query: Mapping[str, str], defaults: PlanTargets | None = None
 ) -> dict[str, Any]:
-    """`GET /admin/plan?ttft_slo=0.5&itl_slo=0.03&profile=NAME`: the observed load, the targets and the
-    plan, JSON-ready. PlanError (a 400) on a malformed parameter."""
+    """`GET /admin/plan?ttft_slo=0.5&itl_slo=0.03&ttft_attainment=0.99&profile=NAME`: the observed load,
+    the targets and the plan, JSON-ready. PlanError (a 400) on a malformed parameter."""
     base = defaults if defaults is not None else PlanTargets()
     try:
         targets = PlanTargets(
             ttft_slo_s=float(query.get("ttft_slo", base.ttft_slo_s)),
             itl_slo_s=float(query.get("itl_slo", base.itl_slo_s)),
             max_utilization=float(query.get("max_utilization", base.max_utilization)),
+            max_workers=base.max_workers,
+            ttft_attainment=float(query.get("ttft_attainment", base.ttft_attainment)),
         )
         profile = get_profile(query.get("profile", "h100-llama3-8b"))
     except ValueError as exc:  # PlanError is a ValueError too
@@ -357,13 +466,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=float, required=True, help="mean prompt length (tokens)")
     p.add_argument("--output-tokens", type=float, required=True, help="mean output length (tokens)")
     p.add_argument("--cache-hit", type=float, default=0.0, help="fraction of prompt tokens cached, 0..1")
-    p.add_argument("--measured-ttft", type=float, default=None, help="observed mean TTFT (s)")
+    p.add_argument("--measured-ttft", type=float, default=None, help="observed mean TTFT (s), reported")
+    p.add_argument(
+        "--measured-prefill", type=float, default=None, help="observed mean prefill time without queueing (s)"
+    )
     p.add_argument("--measured-itl", type=float, default=None, help="observed mean ITL (s)")
     p.add_argument("--current-prefill", type=int, default=None, help="prefill workers serving now")
     p.add_argument("--current-decode", type=int, default=None, help="decode workers serving now")
     p.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT target (s)")
     p.add_argument("--itl-slo", type=float, default=0.05, help="inter-token latency target (s)")
     p.add_argument("--max-utilization", type=float, default=0.8, help="prefill utilisation ceiling")
+    p.add_argument(
+        "--ttft-attainment",
+        type=float,
+        default=PlanTargets.ttft_attainment,
+        help="share of requests (of those that can) to bring within the TTFT target (default 0.95)",
+    )
     p.add_argument("--profile", default="h100-llama3-8b", help="GPU cost profile name or calibration JSON")
     p.add_argument("--scale-hook", default=None, help="command run with the plan as JSON on stdin")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -384,8 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.measured_itl,
             args.current_prefill,
             args.current_decode,
+            measured_prefill_s=args.measured_prefill,
         )
-        targets = PlanTargets(args.ttft_slo, args.itl_slo, args.max_utilization)
+        targets = PlanTargets(
+            args.ttft_slo, args.itl_slo, args.max_utilization, ttft_attainment=args.ttft_attainment
+        )
         result = plan(load, targets, profile)
     except (PlanError, ValueError) as exc:
         print(f"kvroute plan: {exc}", file=sys.stderr)

@@ -22,6 +22,12 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--autoscale-max-step-down", "autoscale_max_step_down", int, "workers one shrink removes at most (1)"),
     ("--autoscale-profile", "autoscale_profile", str, "GPU cost profile of the planner"),
     ("--autoscale-max-utilization", "autoscale_max_utilization", float, "prefill utilisation planned for"),
+    (
+        "--autoscale-ttft-attainment",
+        "autoscale_ttft_attainment",
+        float,
+        "share of requests the prefill pool is sized to bring within --slo-ttft-s (default 0.95)",
+    ),
     ("--autoscale-command", "autoscale_command", str, "scaler=command: the hook (JSON on stdin)"),
     ("--autoscale-command-timeout-s", "autoscale_command_timeout_s", float, "hook time limit (s)"),
     ("--autoscale-k8s-namespace", "autoscale_k8s_namespace", str, "scaler=kubernetes: namespace"),

@@ -2,8 +2,9 @@
 
 Observe: the PD window (`kvroute.router.pd_metrics.PDWindow`) over the last `window_s` seconds: arrival rate,
 mean prompt and output lengths, cache-hit ratio, measured TTFT and ITL, and the routable workers per pool.
-The rate planned for is the larger of that window's and of the last `up_window_s` seconds' (fast up on
-a surge, slow down: the shrink must also hold with the hysteresis margin for several decisions).
+The rate planned for is the window's, or the last `up_window_s` seconds' when that is higher by more than
+the arrivals' bursts explain (fast up on a surge, slow down: the shrink must also hold with the
+hysteresis margin for several decisions).
 Plan: `kvroute.router.planner.plan` (pure) for that load, and again for the load plus the hysteresis margin.
 Decide: `kvroute.router.autoscale.decide` (min/max, cooldowns, hysteresis).
 Act, through the `Scaler` and the registry:
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -47,7 +49,9 @@ class AutoscaleSettings:
 
     interval_s: float = 10.0  # between decisions
     window_s: float = 30.0  # traffic each decision reads (the newest part of the PD window)
-    up_window_s: float = 10.0  # a shorter look at the arrival rate: growth follows the larger of the two
+    up_window_s: float = 10.0  # a shorter look at the arrival rate: growth follows it when it is higher
+    growth_sigmas: float = 2.0  # ... by more than this many standard deviations of its count, given the
+    # window's rate and burstiness (bursts of X at once: Var[N] ~= E[N] x E[X^2]/E[X]); 0 = any higher
     limits: Mapping[WorkerRole, PoolLimits] = field(
         default_factory=lambda: {WorkerRole.PREFILL: PoolLimits(), WorkerRole.DECODE: PoolLimits()}
     )
@@ -295,13 +299,15 @@ class Autoscaler:
         )
 
     def _own_window(self) -> tuple[ObservedLoad, int]:
-        """This replica's window: its load (the rate the larger of the long and the short window's) and
+        """This replica's window: its load (the rate the short window's when `surge_rate` says so) and
         the number of finished requests behind the means."""
-        s = self.window.summary(None, None, self.settings.window_s)
+        st = self.settings
+        s = self.window.summary(None, None, st.window_s)
         load: ObservedLoad = s.load
-        if 0 < self.settings.up_window_s < self.settings.window_s:
-            short = self.window.summary(None, None, self.settings.up_window_s).load.request_rate
-            if short > load.request_rate:
+        if 0 < st.up_window_s < st.window_s:
+            short = self.window.summary(None, None, st.up_window_s).load.request_rate
+            bursts = load.arrival_burstiness
+            if surge_rate(load.request_rate, short, st.up_window_s, bursts, st.growth_sigmas):
                 load = dataclasses.replace(load, request_rate=short)
         return load, int(s.requests)
 
@@ -324,6 +330,7 @@ class Autoscaler:
                 request_rate=load.request_rate * ts,
                 measured_ttft_s=None if load.measured_ttft_s is None else load.measured_ttft_s / ts,
                 measured_itl_s=None if load.measured_itl_s is None else load.measured_itl_s / ts,
+                measured_prefill_s=None if load.measured_prefill_s is None else load.measured_prefill_s / ts,
             )
         if finished:
             self._lengths = (load.prompt_tokens, load.output_tokens)
@@ -510,6 +517,7 @@ class Autoscaler:
                 "cache_hit_ratio": round(load.cache_hit_ratio, 4),
                 "measured_ttft_s": load.measured_ttft_s,
                 "measured_itl_s": load.measured_itl_s,
+                "measured_prefill_s": load.measured_prefill_s,
             },
             "planned": planned,
         }
@@ -571,6 +579,14 @@ class Autoscaler:
             "decisions": [{**d, "s_ago": round(now - d["at"], 3)} for d in self.decisions],
             "failures": [{**f, "s_ago": round(now - f["at"], 3)} for f in self.failures],
         }
+
+
+def surge_rate(long_rate: float, short_rate: float, short_s: float, burstiness: float, sigmas: float) -> bool:
+    """Whether the short window's rate is a surge, not the long window's rate seen through bursts: its
+    count exceeds the long rate's expectation `m` by more than `sigmas` x sqrt(burstiness x m). With
+    requests arriving ~10 at a time, a 10 s window holding two bursts reads 2x the rate."""
+    expected = long_rate * short_s
+    return short_rate * short_s > expected + sigmas * math.sqrt(max(1.0, burstiness) * expected)
 
 
 def paid_workers(platform: Mapping[WorkerRole, int] | None, workers: list[Worker]) -> dict[str, int]:

@@ -44,9 +44,16 @@ def settings_from_config(c: RouterConfig) -> AutoscaleSettings:
             down_intervals=c.autoscale_down_intervals,
             max_step_down=c.autoscale_max_step_down,
         ),
-        targets=PlanTargets(c.slo_ttft_s, c.slo_itl_s, c.autoscale_max_utilization),
+        targets=plan_targets(c),
         drain_settle_s=2 * c.replica_ttl_s if c.redis_url else 0.0,
         time_scale=c.autoscale_sim_time_scale if c.autoscale_scaler == "sim" else 1.0,
+    )
+
+
+def plan_targets(c: RouterConfig) -> PlanTargets:
+    """The planner's targets from the configuration (the autoscaler's, and `GET /admin/plan`'s defaults)."""
+    return PlanTargets(
+        c.slo_ttft_s, c.slo_itl_s, c.autoscale_max_utilization, ttft_attainment=c.autoscale_ttft_attainment
     )
 
 
@@ -92,10 +99,17 @@ def build_scaler(c: RouterConfig) -> Scaler:
 class AutoscaleRuntime:
     """The cost meter (always, in PD mode) and the autoscaler (with `--autoscale`) of one app."""
 
-    def __init__(self, meter: CostMeter, autoscaler: Autoscaler | None, metrics: AutoscaleMetrics) -> None:
+    def __init__(
+        self,
+        meter: CostMeter,
+        autoscaler: Autoscaler | None,
+        metrics: AutoscaleMetrics,
+        targets: PlanTargets | None = None,
+    ) -> None:
         self.meter = meter
         self.autoscaler = autoscaler
         self.metrics = metrics
+        self.targets = targets if targets is not None else PlanTargets()
 
     def cost(self, workers: list[Any]) -> dict[str, Any]:
         """The cost report now; without the autoscaler the registered workers are the paid ones."""
@@ -132,7 +146,7 @@ async def autoscale_context(
     if not config.autoscale:
         metrics.leader.set(0)
         try:
-            yield AutoscaleRuntime(meter, None, metrics)
+            yield AutoscaleRuntime(meter, None, metrics, plan_targets(config))
         finally:
             pd_metrics.listeners.remove(on_record)
         return
@@ -181,7 +195,7 @@ async def autoscale_context(
         config.autoscale_max_decode,
     )
     try:
-        yield AutoscaleRuntime(meter, loop, metrics)
+        yield AutoscaleRuntime(meter, loop, metrics, plan_targets(config))
     finally:
         pd_metrics.listeners.remove(on_record)
         await loop.close()

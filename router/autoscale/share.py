@@ -67,9 +67,13 @@ def combine(
         cache_hit_ratio=min(1.0, max(0.0, hit or 0.0)),
         measured_ttft_s=_weighted([(p.load.measured_ttft_s, w) for p, w in zip(parts, n, strict=True)]),
         measured_itl_s=_weighted([(p.load.measured_itl_s, w) for p, w in zip(parts, n, strict=True)]),
+        arrival_burstiness=_weighted([(p.load.arrival_burstiness, p.load.request_rate) for p in parts])
+        or 1.0,
         current_prefill=current_prefill,
         current_decode=current_decode,
         prompt_samples=parts[0].load.prompt_samples if parts else (),
+        # paired with those samples (the same requests): this replica's own measurement
+        measured_prefill_s=parts[0].load.measured_prefill_s if parts else None,
     )
 
 

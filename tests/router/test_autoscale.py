@@ -469,3 +469,14 @@ async def test_a_failing_hook_is_reported_and_the_router_keeps_serving(pd_app: A
         text = await r.text()
     assert 'kvroute_autoscale_scaler_failures_total{pool="decode",scaler="command"}' in text
     assert len(fleet.decode_urls) == 1  # nothing started behind the router's back
+
+
+def test_a_short_window_counts_as_a_surge_only_beyond_what_bursts_explain() -> None:
+    from kvroute.router.autoscale.loop import surge_rate
+
+    # 1.5 req/s in bursts of 10: a 10 s window holding two bursts (2.0/s) is noise, a tripled rate is not
+    assert not surge_rate(1.5, 2.0, 10.0, 10.0, 2.0)
+    assert surge_rate(1.5, 4.5, 10.0, 10.0, 2.0)
+    # Poisson arrivals: the same excess is significant
+    assert surge_rate(1.5, 3.0, 10.0, 1.0, 2.0)
+    assert not surge_rate(1.5, 1.4, 10.0, 1.0, 0.0)

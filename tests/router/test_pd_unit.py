@@ -225,7 +225,34 @@ def test_window_summarises_the_planners_inputs() -> None:
     assert s.load.cache_hit_ratio == pytest.approx(500 / 1200)
     assert s.load.measured_ttft_s == pytest.approx(0.15) and s.load.measured_itl_s == pytest.approx(0.02)
     assert (s.load.current_prefill, s.load.current_decode) == (2, 3)
+    assert s.load.measured_prefill_s is None  # the local request has no prefill measured: no pairing
     assert m.requests.labels("disaggregated", "upstream_error")._value.get() == 1
+
+
+def test_window_pairs_the_measured_prefill_with_the_samples_and_reads_bursts() -> None:
+    """The planner corrects its service time by the prefill measured without queueing, over the same
+    requests as its prompt samples; arrivals in bursts read as burstiness ~ the burst size."""
+    from prometheus_client import CollectorRegistry
+
+    from kvroute.router.pd import PDRecord
+    from kvroute.router.pd_metrics import PDMetrics, PDWindow
+
+    now = [0.0]
+    window = PDWindow(horizon_s=60.0, clock=lambda: now[0])
+    m = PDMetrics(CollectorRegistry(), window)
+    for burst in range(5):  # 8 at one instant every 6 s
+        now[0] = burst * 6.0
+        for _ in range(8):
+            window.arrive()
+    for i in range(4):
+        rec = PDRecord("disaggregated", "ok", 1000, 0, 10, ttft_s=9.0, finished_at=25.0)
+        rec.prefill_queue_s, rec.prefill_s = 8.0, 0.1 * (i + 1)
+        m.observe(rec)
+    now[0] = 30.0
+    load = window.summary().load
+    assert load.measured_prefill_s == pytest.approx(0.25)  # the queue is not in it
+    assert load.measured_ttft_s == pytest.approx(9.0)
+    assert load.arrival_burstiness == pytest.approx(8.0)
 
 
 def test_window_rate_counts_arrivals_and_a_shorter_horizon() -> None:
