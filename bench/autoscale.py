@@ -78,9 +78,9 @@ class AutoscaleBenchConfig:
     window_s: float = 30.0
     up_window_s: float = 10.0
     up_cooldown_s: float = 10.0
-    down_cooldown_s: float = 30.0
-    down_intervals: int = 3
-    max_step_down: int = 2
+    down_cooldown_s: float = 15.0  # shrink promptly after a surge: the pool paid for it costs GPU-seconds
+    down_intervals: int = 2
+    max_step_down: int = 3
     hysteresis: float = 0.2
     max_prefill: int = 12
     max_decode: int = 4
@@ -310,6 +310,13 @@ async def poll_plan(
             async with http.get(url + "/admin/plan", timeout=aiohttp.ClientTimeout(total=5)) as r:
                 body = await r.json()
             pools = body["autoscale"]["pools"]
+            last = body["autoscale"].get("last") or {}
+            planned = last.get("plan") or {}
+            observed = last.get("observed") or {}
+            figures = {
+                k: planned.get("figures", {}).get(k)
+                for k in ("modelled_ttft_attainment", "arrival_burstiness", "prefill_correction")
+            }
             async with http.get(url + "/bench/loop", timeout=aiohttp.ClientTimeout(total=5)) as r:
                 probe = await r.json()
             out.append(
@@ -320,6 +327,9 @@ async def poll_plan(
                     "prefill_routable": pools["prefill"]["routable"],
                     "decode_routable": pools["decode"]["routable"],
                     **probe,
+                    "planned_prefill": planned.get("prefill_workers"),
+                    "planned_rate": observed.get("request_rate"),
+                    **figures,
                 }
             )
             last = body["autoscale"]["decisions"]

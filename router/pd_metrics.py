@@ -25,7 +25,9 @@ from kvroute.router.planner import ObservedLoad, burstiness
 # The router's buckets; PD's TTFT phases stop at 60 s.
 _LAT = tuple(b for b in LATENCY_BUCKETS if b <= 60.0)
 _ITL = TOKEN_GAP_BUCKETS
-PROMPT_SAMPLES = 256  # newest requests whose lengths the planner models the prefill queue with
+PROMPT_SAMPLES = 512  # newest requests (over the whole window, whatever the horizon asked) whose lengths
+# the planner models the prefill queue with: the prompt mix changes slowly, and a 30 s horizon's hundred
+# heavy-tailed samples moved the modelled tail (and the plan) by +-2 workers between decisions
 BURST_MIN_ARRIVALS = 20  # fewer arrivals in the window: the stream is taken as Poisson
 BURST_GAP = 0.05  # arrivals closer than this share of the mean gap arrived together (Poisson: ~5% do)
 
@@ -106,7 +108,7 @@ class PDWindow:
         cached = sum(min(r.cached_tokens, r.prompt_tokens) for r in recs)
         itls = [x for r in recs for x in r.itls]
         ttfts = [r.ttft_s for r in recs if r.ttft_s is not None]
-        sampled = recs[-PROMPT_SAMPLES:]
+        sampled = self._live(self.horizon_s)[-PROMPT_SAMPLES:]
         prefills = [r.prefill_s for r in sampled if r.prefill_s is not None]
         load = ObservedLoad(
             request_rate=rate,

@@ -50,7 +50,7 @@ class AutoscaleSettings:
     interval_s: float = 10.0  # between decisions
     window_s: float = 30.0  # traffic each decision reads (the newest part of the PD window)
     up_window_s: float = 10.0  # a shorter look at the arrival rate: growth follows it when it is higher
-    growth_sigmas: float = 2.0  # ... by more than this many standard deviations of its count, given the
+    growth_sigmas: float = 1.0  # ... by more than this many standard deviations of its count, given the
     # window's rate and burstiness (bursts of X at once: Var[N] ~= E[N] x E[X^2]/E[X]); 0 = any higher
     limits: Mapping[WorkerRole, PoolLimits] = field(
         default_factory=lambda: {WorkerRole.PREFILL: PoolLimits(), WorkerRole.DECODE: PoolLimits()}
@@ -246,7 +246,7 @@ class Autoscaler:
                     reason=f"{d.reason}; retrying the scaler in {retry_at - now:.1f}s",
                 )
             outcome = await self._apply(d, now_plan) if d.action != "hold" else "held"
-            self._record(d, load, wanted, routable[pool], outcome)
+            self._record(d, load, wanted, routable[pool], outcome, now_plan)
             out.append(d)
         self.last = {
             "at": now,
@@ -501,8 +501,15 @@ class Autoscaler:
         )
 
     def _record(
-        self, d: Decision, load: ObservedLoad | None, planned: int, routable: int, outcome: str
+        self,
+        d: Decision,
+        load: ObservedLoad | None,
+        planned: int,
+        routable: int,
+        outcome: str,
+        p: Plan | None = None,
     ) -> None:
+        figures = {} if p is None else {k: round(p.figures[k], 4) for k in _LOGGED if k in p.figures}
         entry = {
             **d.as_dict(),
             "at": d.at,
@@ -520,6 +527,7 @@ class Autoscaler:
                 "measured_prefill_s": load.measured_prefill_s,
             },
             "planned": planned,
+            "figures": figures,
         }
         self.decisions.append(entry)
         if self.metrics is not None:
@@ -533,7 +541,7 @@ class Autoscaler:
             f"itl {_fmt(load.measured_itl_s)}"
         )
         logf(
-            "autoscale %s: %s %d -> %d (%s) [%s] %s",
+            "autoscale %s: %s %d -> %d (%s) [%s] %s %s",
             d.pool.value,
             d.action,
             d.current,
@@ -541,6 +549,7 @@ class Autoscaler:
             d.reason,
             inputs,
             outcome,
+            " ".join(f"{k}={v:g}" for k, v in figures.items()),
         )
 
     def _update_meter(self, platform: Mapping[WorkerRole, int] | None, workers: list[Worker]) -> None:
@@ -600,6 +609,19 @@ def paid_workers(platform: Mapping[WorkerRole, int] | None, workers: list[Worker
         for pool, n in platform.items():
             counts[pool.value] = n
     return counts
+
+
+# plan figures kept with each decision (log, GET /admin/plan): what the prefill count was made of
+_LOGGED = (
+    "modelled_ttft_attainment",
+    "ttft_infeasible_share",
+    "prefill_service_s",
+    "prefill_service_spread",
+    "arrival_burstiness",
+    "prefill_correction",
+    "prefill_utilization",
+    "decode_correction",
+)
 
 
 def _count(p: Plan, pool: WorkerRole) -> int:

@@ -166,8 +166,8 @@ def test_measured_latency_above_model_scales_the_plan_up() -> None:
     base = ObservedLoad(10.0, 4000, 300, 0.3, current_prefill=2, current_decode=2, prompt_samples=samples)
     modelled = plan(base, targets, PROFILE)
     service = modelled.figures["prefill_service_s"]
-    slow = plan(replace(base, measured_prefill_s=1.5 * service, measured_itl_s=0.045), targets, PROFILE)
-    assert slow.figures["prefill_correction"] == pytest.approx(1.5)
+    slow = plan(replace(base, measured_prefill_s=2.25 * service, measured_itl_s=0.045), targets, PROFILE)
+    assert slow.figures["prefill_correction"] == pytest.approx(2.25 / planner.PREFILL_AGREEMENT[1])
     assert slow.figures["decode_correction"] > 1.0
     assert slow.prefill_workers > modelled.prefill_workers
     assert slow.decode_workers > modelled.decode_workers
@@ -186,9 +186,13 @@ def test_a_backlog_in_the_measured_ttft_does_not_grow_the_plan() -> None:
     assert backlog.prefill_workers == calm.prefill_workers
     assert backlog.figures["prefill_correction"] == pytest.approx(1.0)
     assert backlog.figures["measured_ttft_s"] == 40.0  # reported
-    # a wildly slow measurement is bounded
+    # shared steps under load read ~1.3x: agreement, no correction; a wildly slow measurement is bounded
+    shared = plan(replace(base, measured_prefill_s=1.35 * service), targets, PROFILE)
+    assert shared.figures["prefill_correction"] == 1.0 and shared.prefill_workers == calm.prefill_workers
     slow = plan(replace(base, measured_prefill_s=50 * service), targets, PROFILE)
     assert slow.figures["prefill_correction"] == planner.PREFILL_CORRECTION_BOUNDS[1]
+    fast = plan(replace(base, measured_prefill_s=0.5 * service), targets, PROFILE)
+    assert fast.figures["prefill_correction"] == pytest.approx(0.5 / planner.PREFILL_AGREEMENT[0])
 
 
 def test_correction_is_clamped() -> None:
