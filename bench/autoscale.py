@@ -66,9 +66,10 @@ class AutoscaleBenchConfig:
     time_scale: float = 1.0
     sla_ttft_s: float = 5.0  # long prompts (mean 14k tokens, p99 100k): 2.3% cannot make 5 s even unqueued
     sla_itl_s: float = 0.1
-    ttft_attainment: float = 0.98  # the planner's target share, among the requests that can make
+    ttft_attainment: float = 0.99  # the planner's target share, among the requests that can make
     # sla_ttft_s at all, of those within it: 3.5% of these prompts cannot (cold prefill > 5 s), so 95% of
-    # all requests within the SLA needs ~98% of the rest
+    # all needs ~98.5% of the rest, and the surge's first seconds (engines boot 15 s) eat into it; at 0.98
+    # the plan at the base rate sat on the 3/4-worker boundary and flapped with the prompt samples
     gpu_hour_cost: float = (
         2.5  # per H100-hour (an on-demand cloud price; the ratio between runs is what counts)
     )
@@ -77,10 +78,10 @@ class AutoscaleBenchConfig:
     interval_s: float = 5.0
     window_s: float = 30.0
     up_window_s: float = 10.0
-    up_cooldown_s: float = 10.0
-    down_cooldown_s: float = 15.0  # shrink promptly after a surge: the pool paid for it costs GPU-seconds
-    down_intervals: int = 2
-    max_step_down: int = 3
+    up_cooldown_s: float = 5.0  # the plan follows the rate, not the TTFT: growing again needs no wait
+    down_cooldown_s: float = 30.0
+    down_intervals: int = 3
+    max_step_down: int = 3  # after a surge, down to the plan in one step (the floor: what 3 decisions asked)
     hysteresis: float = 0.2
     max_prefill: int = 12
     max_decode: int = 4

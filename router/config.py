@@ -178,6 +178,7 @@ class RouterConfig:
     autoscale_profile: str = "h100-llama3-8b"  # GPU cost profile the planner models the engines with
     autoscale_max_utilization: float = 0.8  # prefill utilisation planned for, (0, 1)
     autoscale_ttft_attainment: float = 0.95  # share of requests (of those that can) sized to meet slo_ttft_s
+    autoscale_shrink_min_samples: int = 200  # prompt samples the planner needs before a pool may shrink
     autoscale_command: str | None = None  # scaler=command: the hook (JSON on stdin; docs/autoscale.md)
     autoscale_command_timeout_s: float = 60.0  # seconds the hook may run before it is killed (a failure)
     autoscale_k8s_namespace: str = "default"  # scaler=kubernetes: the Deployments' namespace
@@ -384,6 +385,8 @@ def _check_autoscale(c: RouterConfig) -> None:
         raise ConfigError("autoscale_down_intervals and autoscale_max_step_down must be >= 1")
     if not 0.0 < c.autoscale_max_utilization < 1.0:
         raise ConfigError("autoscale_max_utilization must be in (0, 1)")
+    if c.autoscale_shrink_min_samples < 0:
+        raise ConfigError("autoscale_shrink_min_samples must be >= 0")
     if not 0.0 < c.autoscale_ttft_attainment < 1.0:
         raise ConfigError("autoscale_ttft_attainment must be in (0, 1)")
     if c.autoscale_scaler not in ("sim", "command", "kubernetes"):

@@ -28,6 +28,12 @@ FLAGS: list[tuple[str, str, Any, str]] = [
         float,
         "share of requests the prefill pool is sized to bring within --slo-ttft-s (default 0.95)",
     ),
+    (
+        "--autoscale-shrink-min-samples",
+        "autoscale_shrink_min_samples",
+        int,
+        "prompt samples needed before a pool shrinks (default 200; 0 = none)",
+    ),
     ("--autoscale-command", "autoscale_command", str, "scaler=command: the hook (JSON on stdin)"),
     ("--autoscale-command-timeout-s", "autoscale_command_timeout_s", float, "hook time limit (s)"),
     ("--autoscale-k8s-namespace", "autoscale_k8s_namespace", str, "scaler=kubernetes: namespace"),

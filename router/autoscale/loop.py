@@ -52,6 +52,8 @@ class AutoscaleSettings:
     up_window_s: float = 10.0  # a shorter look at the arrival rate: growth follows it when it is higher
     growth_sigmas: float = 1.0  # ... by more than this many standard deviations of its count, given the
     # window's rate and burstiness (bursts of X at once: Var[N] ~= E[N] x E[X^2]/E[X]); 0 = any higher
+    shrink_min_samples: int = 200  # prompt samples a shrink needs: with heavy-tailed prompts (a few in a
+    # hundred beyond 100k tokens), fewer may hold none of the tail and plan a pool too small for it
     limits: Mapping[WorkerRole, PoolLimits] = field(
         default_factory=lambda: {WorkerRole.PREFILL: PoolLimits(), WorkerRole.DECODE: PoolLimits()}
     )
@@ -227,6 +229,9 @@ class Autoscaler:
                 wanted = with_margin = current[pool]
             else:
                 wanted, with_margin = _count(now_plan, pool), _count(margin_plan, pool)
+            thin = load is not None and 0 < len(load.prompt_samples) < self.settings.shrink_min_samples
+            if thin:  # grow on a thin sample, never shrink on one
+                with_margin = max(with_margin, current[pool])
             d = decide(
                 pool,
                 current[pool],
@@ -237,6 +242,12 @@ class Autoscaler:
                 self.pools[pool],
                 now,
             )
+            if thin and d.action == "hold" and wanted < d.current and load is not None:
+                d = dataclasses.replace(
+                    d,
+                    reason=f"{d.reason}; only {len(load.prompt_samples)} prompt samples "
+                    f"(< {self.settings.shrink_min_samples}): no shrink on a thin tail estimate",
+                )
             retry_at = self._retry_at.get(pool)
             if d.action != "hold" and retry_at is not None and now < retry_at:
                 d = dataclasses.replace(

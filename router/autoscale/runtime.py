@@ -33,6 +33,7 @@ def settings_from_config(c: RouterConfig) -> AutoscaleSettings:
         interval_s=c.autoscale_interval_s,
         window_s=c.autoscale_window_s,
         up_window_s=c.autoscale_up_window_s,
+        shrink_min_samples=c.autoscale_shrink_min_samples,
         limits={
             WorkerRole.PREFILL: PoolLimits(c.autoscale_min_prefill, c.autoscale_max_prefill),
             WorkerRole.DECODE: PoolLimits(c.autoscale_min_decode, c.autoscale_max_decode),

@@ -480,3 +480,20 @@ def test_a_short_window_counts_as_a_surge_only_beyond_what_bursts_explain() -> N
     # Poisson arrivals: the same excess is significant
     assert surge_rate(1.5, 3.0, 10.0, 1.0, 2.0)
     assert not surge_rate(1.5, 1.4, 10.0, 1.0, 0.0)
+
+
+async def test_no_shrink_on_too_few_prompt_samples() -> None:
+    """A light first minute of traffic plans a small pool; its tail is not known yet: growth is allowed on
+    a thin sample, shrinking waits for `shrink_min_samples`."""
+    rules = DecisionRules(up_cooldown_s=0, down_cooldown_s=0, hysteresis=0.2, down_intervals=1)
+    for samples, shrinks in ((50, False), (300, True)):
+        clock, reg, scaler = Clock(), FakeRegistry(), RecordingScaler()
+        _fleet(reg, 4, 1)
+        scaler.size = {P: 4, D: 1}
+        load = ObservedLoad(0.2, 2000.0, 100.0, prompt_samples=((2000, 0),) * samples)
+        loop = _loop(load, scaler, reg, clock, rules=rules, shrink_min_samples=200)
+        decisions = await loop.step()
+        prefill = next(d for d in decisions if d.pool is P)
+        assert (prefill.action == "down") is shrinks
+        if not shrinks:
+            assert "prompt samples" in prefill.reason
