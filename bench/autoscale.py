@@ -3,13 +3,15 @@
 Workload: a slice of the Mooncake conversation trace (`bench/workloads/mooncake.py`) replayed in order,
 its arrival rate `surge_factor` times higher for `surge_s` seconds after `warmup_s` seconds, then back
 to the trace's own rate for `tail_s` seconds. Three runs on that same load:
-- `static-mean`: a fixed fleet sized by the planner for the run's mean arrival rate;
-- `static-peak`: a fixed fleet sized for the surge's rate;
+- `static-mean`: a fixed fleet sized by the planner for the run's mean arrival rate (for `ttft_attainment`
+  of the requests that can make the TTFT target, over the workload's prompts and arrival burstiness);
+- `static-peak`: a fixed fleet sized the same way for the surge's rate;
 - `autoscaled`: starts at the mean size; kvroute's autoscaler (`--autoscale`, sim scaler) grows and
   shrinks the prefill and decode pools; a new engine answers 503 for `startup_s` seconds (model load).
 Each run: the router (the real app, PD mode) and its simulated engines share one child process (the sim
-scaler starts and stops engines in-process); the load generator runs in this one. The static fleets run
-the same loop with min = max, so every run takes the same code path.
+scaler starts and stops engines in-process); the load generator runs in this one. The child reports its
+event-loop lag and CPU share (`LoopProbe`): a saturated harness would cap the engines' capacity. The
+static fleets run the same loop with min = max, so every run takes the same code path.
 
 Per run: TTFT and ITL SLA attainment (a request meets the SLA when its TTFT <= `sla_ttft_s` and its mean
 inter-token gap <= `sla_itl_s`; failed requests miss it), GPU-seconds (workers of each pool x GPUs per
@@ -79,7 +81,8 @@ class AutoscaleBenchConfig:
     window_s: float = 30.0
     up_window_s: float = 10.0
     up_cooldown_s: float = 5.0  # the plan follows the rate, not the TTFT: growing again needs no wait
-    down_cooldown_s: float = 30.0
+    down_cooldown_s: float = 30.0  # 10 s (--down-cooldown 10) shrank sooner after the surge: 2 points fewer
+    # GPU-seconds, 0.5 points less attainment (bench/RESULTS.md, issue 13)
     down_intervals: int = 3
     max_step_down: int = 3  # after a surge, down to the plan in one step (the floor: what 3 decisions asked)
     hysteresis: float = 0.2
@@ -592,6 +595,7 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     p.add_argument("--ttft-attainment", type=float, default=d.ttft_attainment, help="the planner's target")
     p.add_argument("--gpu-hour-cost", type=float, default=d.gpu_hour_cost)
     p.add_argument("--interval", type=float, default=d.interval_s)
+    p.add_argument("--down-cooldown", type=float, default=d.down_cooldown_s, help="seconds between shrinks")
     p.add_argument(
         "--time-scale", type=float, default=d.time_scale, help="wall s per engine s (1 = real time)"
     )
@@ -616,6 +620,7 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
         ttft_attainment=a.ttft_attainment,
         gpu_hour_cost=a.gpu_hour_cost,
         interval_s=a.interval,
+        down_cooldown_s=a.down_cooldown,
         time_scale=a.time_scale,
         configs=tuple(c for c in a.configs.split(",") if c),
         out_dir=a.out,
