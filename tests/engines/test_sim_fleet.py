@@ -77,8 +77,9 @@ async def test_event_base_port_binds_so_a_subscriber_receives_events() -> None:
         sub.connect(f"tcp://127.0.0.1:{base}")
         try:
             async with aiohttp.ClientSession() as s:
-                for _ in range(50):  # until the subscription is live (a slow joiner misses the first ones)
-                    body = {"text": "x" * 64, "sampling_params": {"max_new_tokens": 1}}
+                for i in range(50):  # until the subscription is live (a slow joiner misses the first ones)
+                    # a new prompt each time: a repeat is a cache hit and stores no block, so no event
+                    body = {"text": f"{i:04d}" + "x" * 64, "sampling_params": {"max_new_tokens": 1}}
                     async with s.post(fleet.urls[0] + "/generate", json=body) as r:
                         assert r.status == 200
                     if await sub.poll(100):
