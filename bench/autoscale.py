@@ -8,6 +8,9 @@ to the trace's own rate for `tail_s` seconds. Three runs on that same load:
 - `static-peak`: a fixed fleet sized the same way for the surge's rate;
 - `autoscaled`: starts at the mean size; kvroute's autoscaler (`--autoscale`, sim scaler) grows and
   shrinks the prefill and decode pools; a new engine answers 503 for `startup_s` seconds (model load).
+Every fleet's router binds prefill late (`late_binding_prefill_tokens`: admission in PD mode): a request
+waits in the router while every prefill worker's queue is full and gets its pair when it leaves, so an
+engine started in the surge serves the backlog, not only later arrivals.
 Each run: the router (the real app, PD mode) and its simulated engines share one child process (the sim
 scaler starts and stops engines in-process); the load generator runs in this one. The child reports its
 event-loop lag and CPU share (`LoopProbe`): a saturated harness would cap the engines' capacity. The
@@ -88,6 +91,12 @@ class AutoscaleBenchConfig:
     hysteresis: float = 0.2
     max_prefill: int = 12
     max_decode: int = 4
+    # Late binding (router admission in PD mode): a request waits in the router while every prefill
+    # worker holds more than this many queued prefill tokens (~1.9 s of H100 prefill: each engine
+    # always has its next prefill queued), and the pair is chosen when it leaves, so an engine that
+    # boots mid-surge takes the backlog. Every fleet runs with the same router settings. 0: early
+    # binding (a request is sent to a prefill engine as it arrives).
+    late_binding_prefill_tokens: int = 65536
     configs: tuple[str, ...] = CONFIGS
     out_dir: Path = REPO / "bench" / "report" / "autoscale"
     reuse: tuple[str, ...] = ()  # configs loaded from reuse_dir (an earlier run of the same load) instead
@@ -277,6 +286,9 @@ def child_spec(cfg: AutoscaleBenchConfig, name: str, size: tuple[int, int]) -> d
         "gpus_per_prefill_worker": cfg.gpus_per_worker,
         "gpus_per_decode_worker": cfg.gpus_per_worker,
     }
+    if cfg.late_binding_prefill_tokens > 0:
+        router["admission"] = True
+        router["admission_max_queued_prefill_tokens"] = cfg.late_binding_prefill_tokens
     return {
         "prefill": p,
         "decode": d,
@@ -538,7 +550,14 @@ async def main_async(cfg: AutoscaleBenchConfig) -> list[dict[str, Any]]:
         f"({peak_rate:.2f}/s). SLA: TTFT <= {cfg.sla_ttft_s:g} s and mean ITL <= "
         f"{cfg.sla_itl_s * 1e3:.0f} ms. "
         f"{cfg.gpu_hour_cost:g} per GPU-hour, {cfg.gpus_per_worker} GPU per worker. New engines boot "
-        f"{cfg.startup_s:g} s. Load average before: {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}."
+        f"{cfg.startup_s:g} s. "
+        + (
+            f"Late binding of prefill: requests wait in the router while every prefill worker holds "
+            f"> {cfg.late_binding_prefill_tokens} queued prefill tokens. "
+            if cfg.late_binding_prefill_tokens > 0
+            else "Early binding (each request sent to a prefill engine as it arrives). "
+        )
+        + f"Load average before: {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}."
     )
     (cfg.out_dir / "results.md").write_text(f"{header}\n\n{text}\n\n" + "\n".join(lines) + "\n")
     (cfg.out_dir / "summary.json").write_text(
@@ -599,6 +618,12 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     p.add_argument(
         "--time-scale", type=float, default=d.time_scale, help="wall s per engine s (1 = real time)"
     )
+    p.add_argument(
+        "--late-binding-prefill-tokens",
+        type=int,
+        default=d.late_binding_prefill_tokens,
+        help="queued prefill tokens per prefill worker past which requests wait in the router (0: off)",
+    )
     p.add_argument("--configs", default=",".join(d.configs))
     p.add_argument("--out", type=Path, default=d.out_dir)
     p.add_argument(
@@ -621,6 +646,7 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
         gpu_hour_cost=a.gpu_hour_cost,
         interval_s=a.interval,
         down_cooldown_s=a.down_cooldown,
+        late_binding_prefill_tokens=a.late_binding_prefill_tokens,
         time_scale=a.time_scale,
         configs=tuple(c for c in a.configs.split(",") if c),
         out_dir=a.out,

@@ -5,10 +5,13 @@ A request is routed at once when some candidate worker is not saturated for it
 it waits in `AdmissionQueue`: ordered by class priority, then within a priority level by weighted
 fair queueing over tenants (self-clocked: a tenant's tag grows by cost / weight per request served;
 ties go to the earlier deadline), FIFO within a tenant. Capacity frees when a ticket reaches its first
-token or finishes (`Router.released_hooks`), and on a short tick while the queue is not empty (engine
+token or finishes (`Router.released_hooks`), when a worker joins or turns healthy (`Router.ready_hooks`:
+a new engine takes the backlog at once), and on a short tick while the queue is not empty (engine
 load polls, other replicas' load); the queue is then pumped: a waiter is routed when it is released,
-on the load as it is then. Past its class's `max_queue_wait_s` (or with the queue full) a waiter
-gets `Rejected` (the HTTP layer's 429 + Retry-After); a cancelled waiter (client gone) leaves at once.
+on the load as it is then. In PD mode (a `Chooser`, `pd.fanout.admission_chooser`) the saturation is
+judged on the prefill pool and the (prefill, decode) pair is chosen at release: late binding.
+Past its class's `max_queue_wait_s` (or with the queue full) a waiter gets `Rejected` (the HTTP
+layer's 429 + Retry-After); a cancelled waiter (client gone) leaves at once.
 
 Invariants: every waiter ends exactly one way (routed, rejected, cancelled); a pump grants one waiter
 per loop iteration, so the granted request reserves its load (`Router.on_routed`, synchronous after
@@ -34,7 +37,7 @@ from kvroute.router.tenants.identity import Identity
 from kvroute.router.tenants.saturation import SaturationConfig, saturated
 from kvroute.router.tenants.table import Tenant, TenantTable
 from kvroute.router.tenants.usage import Outcome, UsageBook
-from kvroute.router.types import Decision, RoutingRequest
+from kvroute.router.types import Decision, RoutingRequest, Worker
 
 log = logging.getLogger("kvroute.admission")
 
@@ -58,6 +61,16 @@ class AdmissionConfig:
     tick_s: float = 0.05  # seconds between queue re-checks while it is not empty (load polls, peers)
 
 
+Full = Callable[[Worker], bool]
+"""Whether a worker is saturated for the request being judged (`saturation.saturated` bound to it)."""
+Chooser = Callable[[RoutingRequest, Full, bool], Any]
+"""A route for the request among the workers not `Full`, or None when every one it needs is full;
+the flag `behind`: requests of its priority are already waiting, so only a route that takes nothing
+they wait for may go (PD: a prompt served locally). PD mode plugs `pd.fanout.admission_chooser` in
+(the PREFILL pool is judged and the pair re-selected at release); without one, admission picks a
+regular worker with the router's policy."""
+
+
 @dataclass(eq=False)
 class Waiter:
     """One queued request. `cost`: prompt + max_tokens tokens (the fair-queueing unit)."""
@@ -70,7 +83,7 @@ class Waiter:
     enqueued_at: float
     deadline: float
     request: Any = None  # the RoutingRequest (opaque to the queue)
-    future: asyncio.Future[Decision] | None = None
+    future: asyncio.Future[Any] | None = None  # a Decision, or the chooser's route
     granted: bool = False  # set by the pump; until its task resumes no other waiter is granted
 
 
@@ -203,6 +216,7 @@ class Grant:
     queue_wait_s: float  # seconds in the admission queue (0: routed at once); a request phase
     tokens: int  # prompt + max_tokens, as charged to the tenant's token quota
     lease: QuotaLease | None = None
+    route: Any = None  # with a chooser (PD): its route (a `PDRoute`); `decision` is then its prefill's
     ttft_s: float | None = None
     itl_s: list[tuple[float, int]] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -228,7 +242,7 @@ class Grant:
         self.output_tokens = output_tokens or 0
 
 
-def _granted(fut: asyncio.Future[Decision]) -> bool:
+def _granted(fut: asyncio.Future[Any]) -> bool:
     return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
@@ -243,8 +257,10 @@ class Admission:
         quotas: QuotaGate | None = None,
         usage: UsageBook | None = None,
         clock: Callable[[], float] = time.monotonic,
+        chooser: Chooser | None = None,
     ) -> None:
         self.router = router
+        self.chooser = chooser
         self.table = table
         self.config = config or AdmissionConfig()
         self.quotas = quotas
@@ -258,6 +274,10 @@ class Admission:
         self._grant_rate = 0.0  # grants per second out of the queue (EWMA), for Retry-After
         self._last_grant = clock()
         router.released_hooks.append(self._on_released)
+        # A worker that joins (registered, healthy again) takes waiters at once: an event, not the tick.
+        self._ready_hooks: list[Callable[[Worker], None]] | None = getattr(router, "ready_hooks", None)
+        if self._ready_hooks is not None:
+            self._ready_hooks.append(self._on_ready)
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -300,6 +320,8 @@ class Admission:
             decision = None
             if not self.queue.waiting_at_or_above(cls.priority):
                 decision = self._try_route(request, cls)
+            elif self.chooser is not None:  # PD: a prompt served locally does not queue behind
+                decision = self._try_route(request, cls, behind=True)
             wait = 0.0
             if decision is None:
                 decision = await self._wait(request, tenant, cls, tokens, t0, usage)
@@ -309,7 +331,11 @@ class Admission:
                 lease.release()
             raise
         usage.admitted(wait)
-        return Grant(tenant, cls, decision, wait, tokens, lease)
+        if isinstance(decision, Decision):
+            return Grant(tenant, cls, decision, wait, tokens, lease)
+        route = decision  # the chooser's (PD): the prefill side's decision, else the local worker's
+        first = route.prefill_decision if route.prefill_decision is not None else route.decode_decision
+        return Grant(tenant, cls, first, wait, tokens, lease, route=route)
 
     def release(self, grant: Grant) -> None:
         """The request ended (any way): give back its quota and record its outcome."""
@@ -323,7 +349,7 @@ class Admission:
 
     async def _wait(
         self, request: RoutingRequest, tenant: Tenant, cls: SlaClass, tokens: int, t0: float, usage: Any
-    ) -> Decision:
+    ) -> Any:
         cap = self.config.max_queue
         if cls.max_queue_wait_s <= 0 or not cap:
             usage.count(Outcome.REJECTED, "no_queue")
@@ -338,7 +364,7 @@ class Admission:
                 f"the router queue is full ({cap} requests waiting)", "queue_full", self._retry_after(cls)
             )
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Decision] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         w = Waiter(next(self._seq), tenant.name, tenant.weight, cls, float(max(1, tokens)), t0,
                    t0 + cls.max_queue_wait_s, request, fut)  # fmt: skip
         self.queue.push(w)
@@ -372,18 +398,20 @@ class Admission:
             # routes it before its next await), a request that left hands its turn on.
             self.kick()
 
-    def _try_route(self, request: RoutingRequest, cls: SlaClass) -> Decision | None:
-        """A decision among the workers not saturated for this request, or None if all are.
-        NoWorkerAvailable (no routable worker at all) propagates: waiting would not help."""
-        cands = self.router.candidates(request)
-        if not cands:
-            return self.router.select(request)  # type: ignore[no-any-return]  # raises NoWorkerAvailable
+    def _try_route(self, request: RoutingRequest, cls: SlaClass, behind: bool = False) -> Any:
+        """A decision among the workers not saturated for this request, or None if all are (with a
+        chooser: its route, or None). NoWorkerAvailable (no routable worker at all) propagates."""
         cfg = self.config.saturation
         own = request.prompt_tokens
+        if self.chooser is not None:
+            return self.chooser(request, lambda w: saturated(w.load, own, cls, cfg), behind)
+        cands = self.router.candidates(request)
+        if not cands:
+            return self.router.select(request)  # raises NoWorkerAvailable
         full = [w.url for w in cands if saturated(w.load, own, cls, cfg)]
         if len(full) == len(cands):
             return None
-        return self.router.select(request, exclude=full)  # type: ignore[no-any-return]
+        return self.router.select(request, exclude=full)
 
     def _retry_after(self, cls: SlaClass) -> float:
         """Seconds until a retry has a fair chance: the queue ahead at the recent grant rate."""
@@ -395,6 +423,10 @@ class Admission:
     # --- releasing ------------------------------------------------------------------------------
 
     def _on_released(self, ticket: Any) -> None:
+        if len(self.queue):
+            self.kick()
+
+    def _on_ready(self, worker: Worker) -> None:
         if len(self.queue):
             self.kick()
 
@@ -460,6 +492,8 @@ class Admission:
                 await self._ticker
         if self._on_released in self.router.released_hooks:
             self.router.released_hooks.remove(self._on_released)
+        if self._ready_hooks is not None and self._on_ready in self._ready_hooks:
+            self._ready_hooks.remove(self._on_ready)
 
     def status(self) -> dict[str, Any]:
         return {

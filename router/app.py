@@ -34,6 +34,7 @@ from kvroute.router.metrics import Metrics
 from kvroute.router.observability import Observability
 from kvroute.router.observability.http import ObservabilityApi
 from kvroute.router.pd import PDConfig, PDContext, PDSelector
+from kvroute.router.pd.fanout import admission_chooser
 from kvroute.router.pd_metrics import PDMetrics
 from kvroute.router.peer_routes import PeerRoutes
 from kvroute.router.proxy import CHAT, COMPLETIONS, GENERATE, PLAIN_ROUTES, RID_KEY, Proxy, RouteSpec
@@ -159,7 +160,7 @@ def create_app(config: RouterConfig, router: Router | None = None) -> web.Applic
     registry = WorkerRegistry(core, config, metrics)
     registry.instance_id = os.urandom(8).hex()  # named on /health and in the hop header (loop detection)
     admin = AdminApi(core, registry, config.admin_token)
-    if config.admission_enabled and not config.pd_disaggregation:
+    if config.admission_enabled:  # PD mode too: late binding of prefill (router/pd/fanout.py)
         admin.tenants = TenantRuntime(core, config, metrics)
     app = web.Application(
         middlewares=[error_middleware],
@@ -263,6 +264,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 sock_read=config.stream_idle_timeout_s or None,
             ),
         )
+    if pd is not None and app[ADMIN].tenants is not None:  # admission judges and picks the PD pair
+        app[ADMIN].tenants.admission.chooser = admission_chooser(pd)
     app[PROXY] = Proxy(app[ROUTER], app[REGISTRY], app[METRICS], config, session, pd=pd, obs=obs)
     await app[REGISTRY].start(session, pool)
     try:

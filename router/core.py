@@ -104,6 +104,8 @@ class Router:
         self.routed_hooks: list[Callable[[RoutingRequest, Worker], None]] = []
         # Called when a ticket frees capacity (first token, finish): the admission queue's wake-up.
         self.released_hooks: list[Callable[[Ticket], None]] = []
+        # Called when a worker becomes routable (registered, healthy again): queued requests go to it.
+        self.ready_hooks: list[Callable[[Worker], None]] = []
         self.admission: Any = None  # router.admission.Admission once `enable_admission` ran
 
     # --- workers -------------------------------------------------------------------------------
@@ -118,7 +120,14 @@ class Router:
             raise ValueError(err)
         self._workers[worker.url] = worker
         self._stats[worker.url] = WorkerStats()
+        if worker.routable:
+            self.worker_ready(worker)
         return worker
+
+    def worker_ready(self, worker: Worker) -> None:
+        """`worker` can take requests now (the registry calls it when a worker turns healthy)."""
+        for hook in self.ready_hooks:
+            hook(worker)
 
     def page_size_error(self, worker: Worker) -> str | None:
         """Why `worker` cannot be routed with this block size, or None (also for an unknown page size).

@@ -175,10 +175,13 @@ class PDMetrics:
             registry=r,
         )
 
+    def arrive(self) -> None:
+        """One request arrived, counted before the router's queue (admission) and once, not per
+        attempt: the demand the planner reads is what arrives, not what the fleet takes in."""
+        self.window.arrive()
+
     def pool_enter(self, pool: str) -> None:
         self.queue_depth.labels(pool).inc()
-        if pool != "prefill":  # one decode/local entry per attempt: the demand the planner reads
-            self.window.arrive()
 
     def pool_leave(self, pool: str) -> None:
         self.queue_depth.labels(pool).dec()

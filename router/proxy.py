@@ -438,9 +438,23 @@ class Proxy:
         if self.config.engine_api_key:  # the client's credentials were for the router
             headers["Authorization"] = f"Bearer {self.config.engine_api_key}"
         request[RID_KEY] = (self.config.request_id_header, rid_header)
-        resp = await forward_pd(
-            self.pd, request, spec.path, body, data, rr, openai=spec.openai, headers=headers
-        )
+        if self.tenants is None:
+            resp = await forward_pd(
+                self.pd, request, spec.path, body, data, rr, openai=spec.openai, headers=headers
+            )
+        else:  # late binding: wait while the prefill pool is full; the pair is chosen at release
+            if self.pd.observer is not None:
+                self.pd.observer.arrive()  # demand counts at arrival, not when the queue lets it go
+            async with self.tenants.admit(request.headers, rr, rid_header) as grant:
+                ph = request.get(PHASES)
+                if ph is not None:
+                    ph.admission_s = grant.queue_wait_s
+                prio = grant.priority if self.config.engine_priority else None
+                resp = await forward_pd(
+                    self.pd, request, spec.path, body, data, rr, openai=spec.openai, headers=headers,
+                    route=grant.route, priority=prio, arrived=True,
+                )  # fmt: skip
+                grant.observe(resp.status, None)
         worker = resp.headers.get(WORKER_HEADER, "none")
         status = resp.status
         ph = request.get(PHASES)

@@ -408,9 +408,14 @@ class WorkerRegistry:
     # ---- background work
 
     def _set_state(self, e: _Entry, state: WorkerState, reason: str | None) -> None:
+        was = e.worker.state
         e.worker.state = state
         e.worker.reason = reason
         self._update_ready()
+        if state is WorkerState.HEALTHY and was is not WorkerState.HEALTHY:
+            ready = getattr(self.router, "worker_ready", None)  # admission's queue drains into it
+            if ready is not None and self.router.get_worker(e.worker.url) is e.worker:
+                ready(e.worker)
 
     def _update_ready(self) -> None:
         if self.ready():

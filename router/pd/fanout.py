@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,9 +24,9 @@ from kvroute.router.errors import ApiError, bad_request, error_response, from_up
 from kvroute.router.load import Ticket
 from kvroute.router.pd.bootstrap import bootstrap_fields, bootstrap_host_of, insert_fields, rid_fields
 from kvroute.router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
-from kvroute.router.pd.selection import PDSelector, choose_route
+from kvroute.router.pd.selection import PDSelector, choose_admitted_route, choose_route
 from kvroute.router.policies.base import NoWorkerAvailable
-from kvroute.router.types import RoutingRequest, WorkerRole
+from kvroute.router.types import RoutingRequest, Worker, WorkerRole
 
 HOP_BY_HOP = frozenset(
     {
@@ -142,8 +142,10 @@ class _Attempt:
         rids: list[str],
         routing: RoutingRequest,
         openai: bool,
+        priority: int = 0,
     ) -> None:
         self.ctx = ctx
+        self.priority = priority
         self.route = route
         self.path = path
         self.body = body
@@ -226,12 +228,16 @@ class _Attempt:
         sel, obs = ctx.selector, ctx.observer
         decode_role = WorkerRole.DECODE if route.prefill is not None else ctx.config.local_role
         try:
-            self.decode_ticket = sel.on_routed(route.decode_decision, self.routing, decode_role)
+            self.decode_ticket = sel.on_routed(
+                route.decode_decision, self.routing, decode_role, self.priority
+            )
             if obs is not None:
                 obs.pool_enter(self.decode_pool)
             if route.prefill is not None:
                 assert route.prefill_decision is not None
-                self.prefill_ticket = sel.on_routed(route.prefill_decision, self.routing, WorkerRole.PREFILL)
+                self.prefill_ticket = sel.on_routed(
+                    route.prefill_decision, self.routing, WorkerRole.PREFILL, self.priority
+                )
                 if obs is not None:
                     obs.pool_enter("prefill")
                 p_url = route.prefill.url + self.path
@@ -473,6 +479,31 @@ def _client_error(failed: _SideFailed, openai: bool) -> web.Response:
     return error_response(api, openai=openai)
 
 
+def _breaker_excluded(ctx: PDContext) -> set[str]:
+    """Workers whose circuit breaker admits nothing now."""
+    if ctx.health is None:
+        return set()
+    return {w.url for w in ctx.selector.workers() if not ctx.health.breaker_allows(w.url)}
+
+
+def admission_chooser(
+    ctx: PDContext,
+) -> Callable[[RoutingRequest, Callable[[Worker], bool], bool], PDRoute | None]:
+    """Admission's chooser in PD mode (`Admission.chooser`): the pair chosen when a request is released
+    from the router's queue, on the load as it is then, with prefill saturation judged by admission."""
+
+    def choose(routing: RoutingRequest, full: Callable[[Worker], bool], behind: bool) -> PDRoute | None:
+        excl = _breaker_excluded(ctx)
+        return choose_admitted_route(ctx.selector, routing, ctx.config, excl, full, behind)
+
+    return choose
+
+
+def _arrived(ctx: PDContext) -> None:
+    if ctx.observer is not None:
+        ctx.observer.arrive()
+
+
 async def forward_pd(
     ctx: PDContext,
     request: web.Request,
@@ -483,24 +514,36 @@ async def forward_pd(
     *,
     openai: bool | None = None,
     headers: Mapping[str, str] | None = None,
+    route: PDRoute | None = None,
+    priority: int | None = None,
+    arrived: bool = False,
 ) -> web.StreamResponse:
     """Serve one generation request through a prefill/decode pair (or a local worker).
 
     `path` is the engine path (`/generate`, `/v1/completions`, `/v1/chat/completions`); `parsed` the
     body the proxy already decoded; `routing` its RoutingRequest (chat: the whole templated prompt);
     `headers` the end-to-end headers to forward (default: the client's minus hop-by-hop ones).
+    `route`: the first attempt's pair, chosen by admission at release (call before any await, so its
+    load is reserved before another request is judged); retries choose again. `priority`: the class
+    priority, set in the body (SGLang's `priority`) and on the load tickets. `arrived`: the caller
+    already counted the request's arrival (before it queued).
     Returns the decode server's response, or an error response when no attempt could start one.
     """
     cfg = ctx.config
+    if not arrived:
+        _arrived(ctx)
     is_openai = path.startswith("/v1/") if openai is None else openai
     fwd = forward_headers(headers if headers is not None else request.headers)
-    exclude: set[str] = set()
-    if ctx.health is not None:
-        exclude.update(w.url for w in ctx.selector.workers() if not ctx.health.breaker_allows(w.url))
+    exclude: set[str] = _breaker_excluded(ctx)
+    given = route
     last: _SideFailed | None = None
     for attempt_no in range(1, max(cfg.max_attempts, 1) + 1):
         try:
-            route = choose_route(ctx.selector, routing, cfg, exclude)
+            pair = (
+                given
+                if given is not None and attempt_no == 1
+                else choose_route(ctx.selector, routing, cfg, exclude)
+            )
         except NoWorkerAvailable as exc:
             if last is not None:
                 break
@@ -510,17 +553,19 @@ async def forward_pd(
             )
         extra_rid, rids = rid_fields(parsed, path)
         extra: dict[str, Any] = dict(extra_rid)
-        if route.prefill is not None:
+        if priority is not None:
+            extra["priority"] = priority
+        if pair.prefill is not None:
             extra.update(
                 bootstrap_fields(
-                    parsed, path, bootstrap_host_of(route.prefill.url), route.prefill.bootstrap_port, ctx.rng
+                    parsed, path, bootstrap_host_of(pair.prefill.url), pair.prefill.bootstrap_port, ctx.rng
                 )
             )
         try:
             out_body = insert_fields(body, parsed, extra)
         except PDError as exc:
             return error_response(bad_request(str(exc)), openai=is_openai)
-        attempt = _Attempt(ctx, route, path, out_body, fwd, rids, routing, is_openai)
+        attempt = _Attempt(ctx, pair, path, out_body, fwd, rids, routing, is_openai, priority or 0)
         attempt.record.attempts = attempt_no
         try:
             resp = await attempt.run(request)

@@ -78,6 +78,10 @@ class PDHealth(Protocol):
 class PDObserver(Protocol):
     """Receives per-request PD timings (`kvroute.router.pd_metrics.PDMetrics` implements it)."""
 
+    def arrive(self) -> None:
+        """A request arrived (once per request, before any queueing): the demand the planner reads."""
+        ...
+
     def pool_enter(self, pool: str) -> None: ...
 
     def pool_leave(self, pool: str) -> None: ...

@@ -3,7 +3,7 @@ or whether a short uncached prompt skips the prefill pool and is served by one l
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from kvroute.router.core import Router
 from kvroute.router.load import Ticket
@@ -51,8 +51,11 @@ class PDSelector:
             raise NoWorkerAvailable(f"no healthy {role.value} worker available")
         return policy.select(request, cands)
 
-    def on_routed(self, decision: Decision, request: RoutingRequest, role: WorkerRole) -> Ticket:
-        ticket = self.router.on_routed(decision, request)
+    def on_routed(
+        self, decision: Decision, request: RoutingRequest, role: WorkerRole, priority: int = 0
+    ) -> Ticket:
+        """Reserve the request's load (`priority`: its class's, which admission's saturation reads)."""
+        ticket = self.router.on_routed(decision, request, priority=priority)
         policy = self.policies.get(role)
         worker = self.router.get_worker(decision.worker)
         if policy is not None and worker is not None:
@@ -104,3 +107,34 @@ def choose_route(
         threshold,
         f"prefill {prefill.worker} ({prefill.reason}); decode {decode.worker} ({decode.reason})",
     )
+
+
+def choose_admitted_route(
+    selector: PDSelector,
+    routing: RoutingRequest,
+    config: PDConfig,
+    exclude: Collection[str],
+    full: Callable[[Worker], bool],
+    behind: bool = False,
+) -> PDRoute | None:
+    """`choose_route` for admission (late binding): None while every routable prefill worker is `full`
+    for a request that would be disaggregated, so it waits in the router instead of an engine's queue.
+
+    A request conditional disaggregation serves locally goes at once, even `behind` requests already
+    waiting (it takes nothing from the prefill pool they wait for); else the prefill policy picks among
+    the prefill workers with room (None when `behind`: it queues after them). Raises
+    `NoWorkerAvailable` when nothing could serve it even unloaded.
+    """
+    route = choose_route(selector, routing, config, exclude)
+    if route.prefill is None:
+        return route
+    if behind:
+        return None
+    if not full(route.prefill):
+        return route
+    busy = {w.url for w in selector.router.candidates(routing, WorkerRole.PREFILL, exclude) if full(w)}
+    room = [w for w in selector.router.candidates(routing, WorkerRole.PREFILL, exclude) if w.url not in busy]
+    if not room:
+        return None
+    route = choose_route(selector, routing, config, {*exclude, *busy})
+    return route if route.prefill is None or not full(route.prefill) else None

@@ -256,8 +256,8 @@ def test_window_pairs_the_measured_prefill_with_the_samples_and_reads_bursts() -
 
 
 def test_window_rate_counts_arrivals_and_a_shorter_horizon() -> None:
-    """The planner's rate is what arrives (counted as requests enter the decode pool), not what an
-    overloaded fleet finishes; a shorter horizon reads the newest part of the window."""
+    """The planner's rate is what arrives (counted once per request as it arrives, before admission's
+    queue), not what an overloaded fleet finishes or lets in; a shorter horizon reads the newest part."""
     from prometheus_client import CollectorRegistry
 
     from kvroute.router.pd import PDRecord
@@ -269,8 +269,9 @@ def test_window_rate_counts_arrivals_and_a_shorter_horizon() -> None:
     for t in range(60):  # 1 request/s for 50 s, then 5/s for 10 s; only 3 ever finish
         now[0] = float(t)
         for _ in range(1 if t < 50 else 5):
-            m.pool_enter("decode")
-            m.pool_enter("prefill")  # the prefill side of the same request: not demand twice
+            m.arrive()
+            m.pool_enter("decode")  # entering a pool (each attempt, each side) is not demand again
+            m.pool_enter("prefill")
     now[0] = 60.0
     for t in (58.0, 59.0, 59.5):
         m.observe(PDRecord("disaggregated", "ok", 1000, 0, 10, ttft_s=3.0, finished_at=t))
