@@ -33,8 +33,7 @@ from kvroute.router.errors import ApiError, error_response, json_object
 from kvroute.router.metrics import Metrics
 from kvroute.router.observability import Observability
 from kvroute.router.observability.http import ObservabilityApi
-from kvroute.router.pd import PDConfig, PDContext, PDSelector
-from kvroute.router.pd.fanout import admission_chooser
+from kvroute.router.pd import PDConfig, PDContext, PDSelector, admission_chooser
 from kvroute.router.pd_metrics import PDMetrics
 from kvroute.router.peer_routes import PeerRoutes
 from kvroute.router.proxy import CHAT, COMPLETIONS, GENERATE, PLAIN_ROUTES, RID_KEY, Proxy, RouteSpec

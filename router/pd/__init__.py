@@ -33,11 +33,17 @@ from kvroute.router.pd.fanout import (
     PREFILL_WORKER_HEADER,
     WORKER_HEADER,
     PDContext,
+    admission_chooser,
     forward_headers,
     forward_pd,
 )
 from kvroute.router.pd.model import PDConfig, PDError, PDHealth, PDObserver, PDRecord, PDRoute
-from kvroute.router.pd.selection import PDSelector, choose_route, prefill_queue_tokens
+from kvroute.router.pd.selection import (
+    PDSelector,
+    choose_admitted_route,
+    choose_route,
+    prefill_queue_tokens,
+)
 
 __all__ = [
     "BOOTSTRAP_KEYS",
@@ -53,9 +59,11 @@ __all__ = [
     "PDRecord",
     "PDRoute",
     "PDSelector",
+    "admission_chooser",
     "batch_size",
     "bootstrap_fields",
     "bootstrap_host_of",
+    "choose_admitted_route",
     "choose_route",
     "forward_headers",
     "forward_pd",
