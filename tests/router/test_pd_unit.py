@@ -15,6 +15,7 @@ from kvroute.router.pd import (
     batch_size,
     bootstrap_fields,
     bootstrap_host_of,
+    choose_admitted_route,
     choose_route,
     insert_fields,
     rid_fields,
@@ -191,6 +192,27 @@ def test_conditional_threshold_grows_with_the_prefill_queue() -> None:
     for i in range(2):  # both prefill workers backed up by 3000 tokens: threshold 64 * 4 = 256
         router.get_worker(f"http://p{i}:1").load.pending_prefill_tokens = 3000  # type: ignore[union-attr]
     assert choose_route(sel, req, cfg).mode == "local"
+
+
+def test_admitted_route_waits_while_every_prefill_worker_is_full() -> None:
+    """Late binding: the prefill policy picks among the workers with room; none with room -> None;
+    a prompt served locally goes even while the prefill pool is full and others wait."""
+    router = _router(regular=1)
+    cfg = PDConfig(local_prefill_max_tokens=64)
+    sel = PDSelector(router, cfg)
+    router.get_worker("http://p1:1").load.pending_prefill_tokens = 100  # type: ignore[union-attr]
+    long = router.routing_request(text="l" * 500)
+    full: set[str] = {"http://p0:1"}  # the policy's pick (least queued) is full: the other one has room
+    route = choose_admitted_route(sel, long, cfg, (), lambda w: w.url in full)
+    assert route is not None and route.prefill is not None and route.prefill.url == "http://p1:1"
+    full.add("http://p1:1")
+    assert choose_admitted_route(sel, long, cfg, (), lambda w: w.url in full) is None
+    full.clear()  # room again, but requests of its priority already wait: it queues behind them
+    assert choose_admitted_route(sel, long, cfg, (), lambda w: w.url in full, behind=True) is None
+    short = router.routing_request(text="s" * 50)
+    for behind in (False, True):
+        local = choose_admitted_route(sel, short, cfg, (), lambda w: True, behind=behind)
+        assert local is not None and local.mode == "local" and local.decode.url == "http://r0:1"
 
 
 def test_conditional_without_a_local_pool_disaggregates() -> None:
