@@ -87,6 +87,9 @@ class AutoscaleBenchConfig:
     down_cooldown_s: float = 30.0  # 10 s (--down-cooldown 10) shrank sooner after the surge: 2 points fewer
     # GPU-seconds, 0.5 points less attainment (bench/RESULTS.md, issue 13)
     down_intervals: int = 3
+    # Prompt samples a shrink needs (the router's default, 200): early binding met the surge at 88.8%
+    # from a 3-worker start, which this rule prevents; late binding absorbs the surge's first seconds.
+    shrink_min_samples: int = 200
     max_step_down: int = 3  # after a surge, down to the plan in one step (the floor: what 3 decisions asked)
     hysteresis: float = 0.2
     max_prefill: int = 12
@@ -276,6 +279,7 @@ def child_spec(cfg: AutoscaleBenchConfig, name: str, size: tuple[int, int]) -> d
         "autoscale_up_cooldown_s": cfg.up_cooldown_s * cfg.time_scale,
         "autoscale_down_cooldown_s": cfg.down_cooldown_s * cfg.time_scale,
         "autoscale_down_intervals": cfg.down_intervals,
+        "autoscale_shrink_min_samples": cfg.shrink_min_samples,
         "autoscale_max_step_down": cfg.max_step_down,
         "autoscale_hysteresis": cfg.hysteresis,
         "autoscale_profile": cfg.profile,
@@ -616,6 +620,9 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
     p.add_argument("--interval", type=float, default=d.interval_s)
     p.add_argument("--down-cooldown", type=float, default=d.down_cooldown_s, help="seconds between shrinks")
     p.add_argument(
+        "--shrink-min-samples", type=int, default=d.shrink_min_samples, help="prompt samples a shrink needs"
+    )
+    p.add_argument(
         "--time-scale", type=float, default=d.time_scale, help="wall s per engine s (1 = real time)"
     )
     p.add_argument(
@@ -646,6 +653,7 @@ def parse_args(argv: Sequence[str] | None) -> AutoscaleBenchConfig:
         gpu_hour_cost=a.gpu_hour_cost,
         interval_s=a.interval,
         down_cooldown_s=a.down_cooldown,
+        shrink_min_samples=a.shrink_min_samples,
         late_binding_prefill_tokens=a.late_binding_prefill_tokens,
         time_scale=a.time_scale,
         configs=tuple(c for c in a.configs.split(",") if c),
