@@ -259,7 +259,9 @@ class LoadTracker:
         self._clock = clock
         self._ids = itertools.count(1)
         self._tickets: dict[str, dict[int, Ticket]] = {}  # url -> open tickets
-        self._heads: dict[str, int] = {}  # url -> id of the ticket at the head of its prefill queue
+        # url -> its tickets waiting for a first token, in routing order; the first with pending prefill
+        # is the queue's head (finished ones are dropped lazily from the left: O(1) amortised)
+        self._queued: dict[str, deque[Ticket]] = {}
         self.inflight = InflightIndex(clock)
 
     def on_routed(
@@ -293,9 +295,12 @@ class LoadTracker:
             _load=worker.load,
         )
         now = t._routed_at = self._clock()
-        if uncached and t._load.pending_prefill_tokens == 0:  # an empty queue: it starts draining now
-            self._heads[url] = t.id
-            t._load.head_tokens, t._load.head_started_at = uncached, now
+        if uncached:
+            queue = self._queued.setdefault(url, deque())
+            if t._load.pending_prefill_tokens == 0:  # an empty queue: it starts draining now
+                queue.clear()
+                t._load.head_tokens, t._load.head_started_at = uncached, now
+            queue.append(t)
         t._load.in_flight += 1
         t._load.pending_prefill_tokens += uncached
         t._load.last_routed_at = now
@@ -314,7 +319,8 @@ class LoadTracker:
             return
         load = ticket._load
         now = ticket._first_token_at = self._clock()
-        if self._heads.get(ticket.url) == ticket.id and ticket._pending_added >= ticket.block_size:
+        head = self._is_head(ticket)
+        if head and ticket._pending_added >= ticket.block_size:
             took = now - load.head_started_at
             if took > 0:  # the head's prefill: a speed sample, weighted by its tokens (decayed sums)
                 load.prefill_sample_tokens = (
@@ -326,7 +332,8 @@ class LoadTracker:
         _take_pending_by_priority(ticket)
         ticket._pending_added = 0
         ticket.state = TicketState.RUNNING
-        self._next_head(ticket, now)
+        if head:
+            self._next_head(ticket, now)
         self._set_active(ticket, _blocks(ticket.prompt_tokens + ticket.output_tokens, ticket.block_size))
 
     def on_tokens(self, ticket: Ticket, n: int) -> None:
@@ -348,7 +355,7 @@ class LoadTracker:
             return
         load = ticket._load
         prefilled = ticket.state is TicketState.RUNNING
-        was_queued = ticket._pending_added > 0
+        was_head = self._is_head(ticket)
         n = max(ticket.output_tokens, output_tokens or 0)
         if prefilled and ticket._first_token_at is not None and n > 1:
             step = (self._clock() - ticket._first_token_at) / (n - 1)
@@ -360,7 +367,7 @@ class LoadTracker:
         load.active_blocks = max(0, load.active_blocks - ticket._active_added)
         ticket._pending_added = ticket._active_added = 0
         ticket.state = TicketState.FINISHED
-        if was_queued:
+        if was_head:
             self._next_head(ticket, self._clock())
         if ticket._inflight_indexed:
             if prefilled:  # in the engine's cache now; its BlockStored event may still be on the way
@@ -374,19 +381,27 @@ class LoadTracker:
             if not open_:
                 del self._tickets[ticket.url]
 
+    def _is_head(self, ticket: Ticket) -> bool:
+        """Whether `ticket` is at the head of its worker's prefill queue (oldest with pending prefill)."""
+        if ticket._pending_added <= 0:
+            return False
+        queue = self._queued.get(ticket.url)
+        while queue and queue[0]._pending_added <= 0:
+            queue.popleft()
+        return queue is not None and bool(queue) and queue[0] is ticket
+
     def _next_head(self, done: Ticket, now: float) -> None:
-        """`done` left the prefill queue of its worker: if it was the head, the oldest ticket still
-        waiting there becomes the head, started now."""
-        if self._heads.get(done.url) != done.id:
-            return
+        """`done`, the head, left its worker's prefill queue: the next waiting ticket starts now."""
+        queue = self._queued[done.url]
+        queue.popleft()
+        while queue and queue[0]._pending_added <= 0:
+            queue.popleft()
         load = done._load
-        nxt = next((t for t in self._tickets.get(done.url, {}).values() if t._pending_added > 0), None)
-        if nxt is None or nxt._load is not load:
-            self._heads.pop(done.url, None)
+        if queue:
+            load.head_tokens, load.head_started_at = queue[0]._pending_added, now
+        else:
             load.head_tokens = 0
-            return
-        self._heads[done.url] = nxt.id
-        load.head_tokens, load.head_started_at = nxt._pending_added, now
+            del self._queued[done.url]
 
     def update_engine_load(
         self, url: str, running: int | None, queued: int | None, token_usage: float | None
@@ -404,7 +419,7 @@ class LoadTracker:
         """Forget a removed worker's in-flight prompts; its open tickets still release (into the old load)."""
         for t in self._tickets.pop(url, {}).values():
             t._inflight_indexed = False
-        self._heads.pop(url, None)
+        self._queued.pop(url, None)
         self.inflight.remove_worker(url)
 
     def open_tickets(self, url: str | None = None) -> int:

@@ -39,7 +39,7 @@ from kvroute.router.errors import (
 )
 from kvroute.router.metrics import Metrics
 from kvroute.router.observability import PHASES, Observability
-from kvroute.router.pd import PDContext, forward_pd
+from kvroute.router.pd import PDContext, count_arrival, forward_pd
 from kvroute.router.policies.base import NoWorkerAvailable
 from kvroute.router.prompt_parse import Parsed, helper_pool, parse, parse_in_helper, spec_of, unwrap
 from kvroute.router.retry import RetryBackoff
@@ -443,8 +443,7 @@ class Proxy:
                 self.pd, request, spec.path, body, data, rr, openai=spec.openai, headers=headers
             )
         else:  # late binding: wait while the prefill pool is full; the pair is chosen at release
-            if self.pd.observer is not None:
-                self.pd.observer.arrive()  # demand counts at arrival, not when the queue lets it go
+            count_arrival(self.pd)  # demand counts at arrival, not when the queue lets it go
             async with self.tenants.admit(request.headers, rr, rid_header) as grant:
                 ph = request.get(PHASES)
                 if ph is not None:

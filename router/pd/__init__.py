@@ -34,6 +34,7 @@ from kvroute.router.pd.fanout import (
     WORKER_HEADER,
     PDContext,
     admission_chooser,
+    count_arrival,
     forward_headers,
     forward_pd,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "bootstrap_host_of",
     "choose_admitted_route",
     "choose_route",
+    "count_arrival",
     "forward_headers",
     "forward_pd",
     "insert_fields",

@@ -499,7 +499,8 @@ def admission_chooser(
     return choose
 
 
-def _arrived(ctx: PDContext) -> None:
+def count_arrival(ctx: PDContext) -> None:
+    """One request arrived: the demand the planner reads (counted once, before any router queue)."""
     if ctx.observer is not None:
         ctx.observer.arrive()
 
@@ -531,7 +532,7 @@ async def forward_pd(
     """
     cfg = ctx.config
     if not arrived:
-        _arrived(ctx)
+        count_arrival(ctx)
     is_openai = path.startswith("/v1/") if openai is None else openai
     fwd = forward_headers(headers if headers is not None else request.headers)
     exclude: set[str] = _breaker_excluded(ctx)

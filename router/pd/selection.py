@@ -132,9 +132,9 @@ def choose_admitted_route(
         return None
     if not full(route.prefill):
         return route
-    busy = {w.url for w in selector.router.candidates(routing, WorkerRole.PREFILL, exclude) if full(w)}
-    room = [w for w in selector.router.candidates(routing, WorkerRole.PREFILL, exclude) if w.url not in busy]
-    if not room:
+    cands = selector.router.candidates(routing, WorkerRole.PREFILL, exclude)
+    busy = {w.url for w in cands if full(w)}
+    if len(busy) == len(cands):
         return None
     route = choose_route(selector, routing, config, {*exclude, *busy})
     return route if route.prefill is None or not full(route.prefill) else None
